@@ -1,0 +1,244 @@
+"""Biome x year balanced sampling of global grid tiles, with reserves to backfill failures.
+
+Data flow: world (biome map, land frame) + grid -> ``sample_plan`` -> a GeoDataFrame of planned tiles ->
+the flow's shard plan -> sources.
+
+Balance: the N primary tiles are split over the 14 biomes x the chosen years so that stratum counts
+differ by at most one; a stratum whose land cannot hold its share (rare biomes at large N) is capped at
+what it holds and the rest is spread over the others, still differing by at most one among uncapped
+strata. Draws are area-uniform within a biome (cells weighted by cos(latitude)), the tile centre must
+fall on the biome's own land, and every tile is used at most once (one year per location). Each primary
+tile gets ``reserve`` alternates from its own stratum, tried in order when a source fails on it.
+Everything is a pure function of (n_tiles, years, seed, tile size, reserve).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+
+from mmearth_data.grid import MAX_LAT, MIN_LAT, GlobalGrid, footprints, tile_transforms, utm_epsg
+from mmearth_data.registry import BIOME_CLASSES
+from mmearth_data.world import CELL, World, get_world
+
+log = logging.getLogger(__name__)
+BIOMES = tuple(BIOME_CLASSES)
+SPLITS = (("train", 0.90), ("val", 0.05), ("test", 0.05))
+
+
+class SamplingError(ValueError):
+    """The request cannot be sampled (bad counts, no land for a stratum)."""
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    n_tiles: int
+    years: tuple[int, ...] = (2017, 2018, 2019, 2020)
+    seed: int = 0
+    tile_size: int = 128
+    reserve: int = 2
+
+    def __post_init__(self):
+        if not isinstance(self.n_tiles, int) or self.n_tiles <= 0:
+            raise SamplingError(f"number of tiles must be a positive integer, got {self.n_tiles!r}")
+        if not self.years:
+            raise SamplingError("at least one year is needed")
+        if self.reserve < 0:
+            raise SamplingError(f"reserve must be >= 0, got {self.reserve}")
+
+
+def allocate(n: int, strata: list[tuple[int, int]], capacity: dict[tuple[int, int], int]) -> dict:
+    """Split ``n`` over ``strata`` as evenly as possible under per-stratum ``capacity``.
+
+    Uncapped strata differ by at most one; the remainder goes to the first strata in the given order.
+    Raises :class:`SamplingError` when the total capacity is below ``n``.
+    """
+    total = sum(min(capacity[s], n) for s in strata)
+    if total < n:
+        raise SamplingError(f"only {total} tiles fit the requested strata, {n} were asked for")
+    alloc = dict.fromkeys(strata, 0)
+    open_ = list(strata)
+    left = n
+    while left > 0:
+        share, extra = divmod(left, len(open_))
+        capped = [s for s in open_ if capacity[s] - alloc[s] < share + (1 if extra else 0)]
+        if not capped:
+            for k, s in enumerate(open_):
+                alloc[s] += share + (1 if k < extra else 0)
+            left = 0
+        else:
+            for s in capped:
+                left -= capacity[s] - alloc[s]
+                alloc[s] = capacity[s]
+            open_ = [s for s in open_ if s not in capped]
+    return alloc
+
+
+def split_of(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """Train / val / test by a stable hash of the 1-degree block (no seed: same for every corpus)."""
+    out = []
+    for la, lo in zip(np.floor(lat).astype(int), np.floor(lon).astype(int), strict=True):
+        u = int.from_bytes(hashlib.sha1(f"{la},{lo}".encode()).digest()[:8], "big") / 2**64
+        acc = 0.0
+        for name, p in SPLITS:
+            acc += p
+            if u < acc:
+                out.append(name)
+                break
+    return np.array(out, dtype=object)
+
+
+class _BiomeStream:
+    """Deterministic stream of accepted, unique grid cells inside one biome."""
+
+    def __init__(self, world: World, grid: GlobalGrid, biome: int, seed: int):
+        self.world, self.grid, self.biome = world, grid, biome
+        cells = world.sampling_cells[biome]
+        lat = 90 - (cells // 7200 + 0.5) * CELL
+        w = np.cos(np.radians(lat))
+        self.cells, self.p = cells, w / w.sum() if len(cells) else w
+        self.rng = np.random.default_rng([seed, biome, 7])
+        self.seen: set[tuple[int, int]] = set()
+        self.rows: list[int] = []
+        self.cols: list[int] = []
+        self.exhausted = len(cells) == 0
+
+    def take(self, k: int, max_rounds: int = 200) -> tuple[np.ndarray, np.ndarray]:
+        rounds = 0
+        while len(self.rows) < k and not self.exhausted:
+            batch = max(256, 2 * (k - len(self.rows)))
+            pick = self.rng.choice(len(self.cells), size=batch, p=self.p)
+            c = self.cells[pick]
+            lat = 90 - (c // 7200 + self.rng.random(batch)) * CELL
+            lon = -180 + (c % 7200 + self.rng.random(batch)) * CELL
+            rows, cols = self.grid.cell_of(lat, lon)
+            clat, clon = self.grid.center(rows, cols)
+            ok = (
+                (self.world.biome(clat, clon) == self.biome)
+                & (self.world.land_pct(clat, clon) >= 50)
+                & (clat <= MAX_LAT)
+                & (clat >= MIN_LAT)
+            )
+            before = len(self.rows)
+            for r, cc in zip(rows[ok], cols[ok], strict=True):
+                key = (int(r), int(cc))
+                if key not in self.seen:
+                    self.seen.add(key)
+                    self.rows.append(key[0])
+                    self.cols.append(key[1])
+            rounds += 1
+            if len(self.rows) == before and rounds > 3 or rounds >= max_rounds:
+                self.exhausted = True
+        n = min(k, len(self.rows))
+        return np.array(self.rows[:n], np.int64), np.array(self.cols[:n], np.int64)
+
+
+def biome_capacity(world: World, grid: GlobalGrid) -> dict[int, int]:
+    """Conservative number of distinct grid tiles each biome can supply."""
+    cap = {}
+    for b, cells in world.sampling_cells.items():
+        lat = 90 - (cells // 7200 + 0.5) * CELL
+        area = np.sum(np.cos(np.radians(lat))) * (CELL * 111_195.0) ** 2
+        cap[b] = int(0.3 * area / grid.spacing_m**2)
+    return cap
+
+
+def sample_plan(cfg: SampleConfig, world: World | None = None) -> gpd.GeoDataFrame:
+    """Plan ``cfg.n_tiles`` primary tiles plus ``cfg.reserve`` alternates each.
+
+    Returns one row per candidate: ``slot`` (store index of the primary it stands for), ``rank`` (0 for
+    the primary, 1.. for alternates), ``tile_id``, ``row``, ``col``, ``lat``, ``lon``, ``epsg``,
+    ``transform`` (6 numbers), ``biome``, ``ecoregion``, ``year``, ``split`` and the WGS84 footprint.
+    """
+    world = world or get_world()
+    grid = GlobalGrid(cfg.tile_size)
+    years = tuple(sorted(set(cfg.years)))
+    ny = len(years)
+    per = 1 + cfg.reserve
+    cap_biome = biome_capacity(world, grid)
+    streams = {b: _BiomeStream(world, grid, b, cfg.seed) for b in BIOMES}
+    # strata in a seeded order so that remainders do not always favour the same biomes
+    order = np.random.default_rng([cfg.seed, 11]).permutation(len(BIOMES) * ny)
+    strata = [(BIOMES[k // ny], years[k % ny]) for k in order]
+    while True:
+        capacity = {(b, y): cap_biome[b] // (ny * per) for b, y in strata}
+        alloc = allocate(cfg.n_tiles, strata, capacity)
+        short = False
+        for b in BIOMES:
+            need = sum(alloc[(b, y)] for y in years) * per
+            rows, _ = streams[b].take(need)
+            if len(rows) < need:
+                cap_biome[b] = len(rows)
+                short = True
+                log.info("biome %d holds only %d candidate tiles; rebalancing", b, len(rows))
+        if not short:
+            break
+
+    records = []
+    for b in BIOMES:
+        counts = {y: alloc[(b, y)] for y in years}
+        total = sum(counts.values())
+        rows, cols = streams[b].take(total * per)
+        # primaries round-robin over years, then alternates the same way
+        yr_seq = []
+        for phase_count in (counts, {y: c * cfg.reserve for y, c in counts.items()}):
+            left = dict(phase_count)
+            while any(left.values()):
+                for y in years:
+                    if left[y]:
+                        yr_seq.append(y)
+                        left[y] -= 1
+        for k, (r, c, y) in enumerate(zip(rows, cols, yr_seq, strict=True)):
+            records.append((b, y, int(r), int(c), k < total))
+    df = pd.DataFrame(records, columns=["biome", "year", "row", "col", "primary"])
+
+    # store slots: primaries in a seeded random order, so every shard mixes strata
+    prim = df.index[df.primary].to_numpy()
+    perm = np.random.default_rng([cfg.seed, 13]).permutation(len(prim))
+    df["slot"] = -1
+    df["rank"] = 0
+    df.loc[prim[perm], "slot"] = np.arange(len(prim))
+    # alternates: the j-th primary of a stratum gets the stratum's alternates j*reserve .. +reserve
+    for (b, y), g in df.groupby(["biome", "year"], sort=False):
+        p = g[g.primary].index.to_numpy()
+        alts = g[~g.primary].index.to_numpy()
+        for j, pi in enumerate(p):
+            mine = alts[j * cfg.reserve : (j + 1) * cfg.reserve]
+            df.loc[mine, "slot"] = df.at[pi, "slot"]
+            df.loc[mine, "rank"] = np.arange(1, len(mine) + 1)
+    df = df.sort_values(["slot", "rank"]).reset_index(drop=True)
+
+    lat, lon = grid.center(df["row"].to_numpy(), df["col"].to_numpy())
+    epsg = utm_epsg(lat, lon)
+    transforms = tile_transforms(lat, lon, epsg, cfg.tile_size)
+    df["tile_id"] = grid.tile_ids(df["row"].to_numpy(), df["col"].to_numpy())
+    df["lat"], df["lon"], df["epsg"] = lat, lon, epsg
+    df["transform"] = list(transforms)
+    df["ecoregion"] = world.ecoregion(lat, lon)
+    df["split"] = split_of(lat, lon)
+    df = df.drop(columns=["primary"])
+    cols = ["slot", "rank", "tile_id", "row", "col", "lat", "lon", "epsg", "transform", "biome",
+            "ecoregion", "year", "split"]
+    gdf = gpd.GeoDataFrame(
+        df[cols], geometry=footprints(transforms, epsg, cfg.tile_size), crs="EPSG:4326"
+    )
+    gdf.attrs.update(
+        n_tiles=cfg.n_tiles, years=list(years), seed=cfg.seed, tile_size=cfg.tile_size,
+        reserve=cfg.reserve, grid_spacing_m=grid.spacing_m,
+    )
+    return gdf
+
+
+def primaries(plan: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    return plan[plan["rank"] == 0]
+
+
+def stratum_counts(plan: gpd.GeoDataFrame) -> pd.DataFrame:
+    """Primary tiles per biome (rows) x year (columns)."""
+    p = primaries(plan)
+    return pd.crosstab(p["biome"], p["year"]).reindex(BIOMES, fill_value=0)
