@@ -1,0 +1,296 @@
+"""Plain functions behind the corpus build: check the request, plan, export one shard, finish.
+
+Data flow: :class:`BuildConfig` -> :func:`prepare` (checks, sample plan, store created or resumed,
+plan artifacts) -> :func:`export_shard` per incomplete shard (source -> store) -> :func:`finish`
+(statistics, summary). ``flows/build_corpus.py`` wraps these as Prefect tasks; tests call them
+directly.
+
+Artifacts beside the store, in ``<store without .zarr>.build/``: ``plan.parquet`` (the GeoParquet of
+planned tiles and alternates), ``sample_map.png``, ``strata.png`` and ``failures.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from typing import Any
+
+import fsspec
+import geopandas as gpd
+import numpy as np
+
+from mmearth_data import registry
+from mmearth_data.grid import GridError, check_tile_size
+from mmearth_data.sampling import SampleConfig, SamplingError, sample_plan
+from mmearth_data.sources import SourceError, TileFailure, TileRequest, make_source, source_years
+from mmearth_data.store import StoreError, StoreWriter, _exists, config_hash, create_store
+from mmearth_data.world import World
+
+log = logging.getLogger(__name__)
+DEFAULT_MODALITIES = tuple(m.name for m in registry.MODALITIES if m.stored)
+
+
+class BuildInputError(ValueError):
+    """A build request that cannot be carried out as given; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    store: str
+    n_tiles: int
+    source: str = "offline"
+    seed: int = 0
+    tile_size: int = 128
+    years: tuple[int, ...] = (2017, 2018, 2019, 2020)
+    modalities: tuple[str, ...] = DEFAULT_MODALITIES
+    reserve: int = 2
+    chunk_tiles: int = 4
+    shard_tiles: int = 0  # 0: chosen from n_tiles (64 .. 1024 tiles, at most ~1000 shards)
+    source_options: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    def resolved_shard_tiles(self) -> int:
+        if self.shard_tiles:
+            return self.shard_tiles
+        want = max(64, 2 ** math.ceil(math.log2(max(self.n_tiles, 1) / 1000))) if self.n_tiles > 0 else 64
+        return int(min(1024, want))
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for a re-run to resume this store (credentials and paths excluded)."""
+        return {
+            "source": self.source,
+            "n_tiles": self.n_tiles,
+            "seed": self.seed,
+            "tile_size": self.tile_size,
+            "years": list(self.years),
+            "modalities": list(self.modalities),
+            "reserve": self.reserve,
+            "chunk_tiles": self.chunk_tiles,
+            "shard_tiles": self.resolved_shard_tiles(),
+        }
+
+
+def check_config(cfg: BuildConfig) -> None:
+    """Raise :class:`BuildInputError` naming the problem; touches nothing."""
+    if not isinstance(cfg.n_tiles, int) or cfg.n_tiles <= 0:
+        raise BuildInputError(f"--tiles must be a positive number of tiles, got {cfg.n_tiles}")
+    try:
+        check_tile_size(cfg.tile_size)
+    except GridError as err:
+        raise BuildInputError(str(err)) from None
+    try:
+        years_ok = source_years(cfg.source)
+    except SourceError as err:
+        raise BuildInputError(str(err)) from None
+    bad = [y for y in cfg.years if y not in years_ok]
+    if not cfg.years or bad:
+        raise BuildInputError(
+            f"years {bad or '(none)'} are outside what the {cfg.source} source covers "
+            f"({years_ok.start}-{years_ok.stop - 1}); pick --years within that range, e.g. 2017-2020"
+        )
+    for name in cfg.modalities:
+        try:
+            m = registry.get(name)
+        except registry.RegistryError as err:
+            raise BuildInputError(str(err.args[0])) from None
+        if not m.stored:
+            raise BuildInputError(f"modality {name!r} is derived from tile metadata and is not exported")
+    if "sentinel2" not in cfg.modalities:
+        raise BuildInputError("sentinel2 must be among --modalities: its scene defines every tile")
+    if cfg.chunk_tiles <= 0 or cfg.resolved_shard_tiles() % cfg.chunk_tiles:
+        raise BuildInputError(
+            f"shard size {cfg.resolved_shard_tiles()} must be a positive multiple of the chunk size "
+            f"{cfg.chunk_tiles}"
+        )
+
+
+def build_dir(store: str) -> str:
+    """Folder (path or URL) for the build's artifacts: the store's name without .zarr, plus .build."""
+    base = store.rstrip("/")
+    return (base[: -len(".zarr")] if base.endswith(".zarr") else base) + ".build"
+
+
+@dataclass
+class Prepared:
+    config: BuildConfig
+    shards: list[int]  # shards still to export
+    n_shards: int
+    candidates: dict[int, list[list[dict[str, Any]]]]  # shard -> slot -> candidate rows by rank
+    resumed: bool
+    plan_path: str
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return [float(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
+    """Check the request, plan the sample, create or resume the store, write the plan artifacts."""
+    check_config(cfg)
+    exists, is_group = _exists(cfg.store)
+    ident = cfg.identity()
+    chash = config_hash(ident)
+    resumed = False
+    if exists and not is_group:
+        raise BuildInputError(
+            f"{cfg.store} already holds something that is not a corpus store; choose another --store path "
+            "(nothing was changed)"
+        )
+    if is_group:
+        import zarr
+
+        attrs = dict(zarr.open_group(cfg.store, mode="r").attrs)
+        if "schema_version" not in attrs:
+            raise BuildInputError(f"{cfg.store} is a zarr group but not a corpus store; choose another --store")
+        if attrs.get("build", {}).get("config_hash") != chash:
+            old = attrs.get("build", {}).get("config", {})
+            diff = {k: (old.get(k), v) for k, v in ident.items() if old.get(k) != v}
+            raise BuildInputError(
+                f"{cfg.store} holds a corpus built with another configuration (stored vs asked: {diff}); "
+                "re-run with the same options to resume it, or choose another --store (nothing was changed)"
+            )
+        resumed = True
+    try:
+        plan = sample_plan(
+            SampleConfig(cfg.n_tiles, tuple(cfg.years), cfg.seed, cfg.tile_size, cfg.reserve), world
+        )
+    except SamplingError as err:
+        raise BuildInputError(str(err)) from None
+    shard_tiles = cfg.resolved_shard_tiles()
+    mods = registry.stored_modalities(cfg.modalities)
+    if not resumed:
+        source = make_source(cfg.source, seed=cfg.seed, **cfg.source_options)
+        create_store(
+            cfg.store,
+            n_tiles=cfg.n_tiles,
+            tile_size=cfg.tile_size,
+            modalities=mods,
+            chunk_tiles=cfg.chunk_tiles,
+            shard_tiles=shard_tiles,
+            attrs={
+                "build": {
+                    "config": ident,
+                    "config_hash": chash,
+                    "source": source.describe(),
+                    "versions": {p: version(p) for p in ("mmearth-corpus", "numpy", "zarr", "xarray")},
+                },
+                "grid": {"spacing_m": int(plan.attrs["grid_spacing_m"]), "layout": "Major TOM-like rows/cols"},
+            },
+        )
+    writer = StoreWriter(cfg.store)
+    todo = writer.incomplete_shards()
+    cand: dict[int, list[list[dict[str, Any]]]] = {}
+    cols = ["tile_id", "lat", "lon", "epsg", "transform", "biome", "ecoregion", "year", "split", "rank"]
+    by_slot = {slot: g for slot, g in plan.groupby("slot", sort=True)}
+    for k in todo:
+        s0, s1 = writer.shard_range(k)
+        cand[k] = [
+            [{c: _plain(r[c]) for c in cols} for _, r in by_slot[s].sort_values("rank").iterrows()]
+            for s in range(s0, s1)
+        ]
+    out = build_dir(cfg.store)
+    plan_path = f"{out}/plan.parquet"
+    fs, path = fsspec.core.url_to_fs(plan_path)
+    if not fs.exists(path):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        buf = io.BytesIO()
+        plan.to_parquet(buf)
+        fs.pipe_file(path, buf.getvalue())
+        _write_plots(plan, out)
+    return Prepared(cfg, todo, -(-cfg.n_tiles // shard_tiles), cand, resumed, plan_path)
+
+
+def _write_plots(plan: gpd.GeoDataFrame, out: str) -> None:
+    from mmearth_data.plots import sample_map, strata_plot
+
+    fs, path = fsspec.core.url_to_fs(out)
+    for name, fig_fn in (("sample_map.png", sample_map), ("strata.png", strata_plot)):
+        buf = io.BytesIO()
+        fig_fn(plan, buf)
+        fs.pipe_file(f"{path}/{name}", buf.getvalue())
+
+
+@dataclass
+class ShardReport:
+    shard: int
+    complete: int
+    slots: int
+    failures: list[dict[str, str]]
+    backfilled: int
+    seconds: float
+
+
+def export_shard(cfg: BuildConfig, shard: int, candidates: list[list[dict[str, Any]]]) -> ShardReport:
+    """Fetch every slot of one shard (trying alternates on failure) and write the shard."""
+    t0 = time.perf_counter()
+    source = make_source(cfg.source, seed=cfg.seed, **cfg.source_options)
+    mods = registry.stored_modalities(cfg.modalities)
+    n = len(candidates)
+    attempt = [0] * n
+    rows: list[dict[str, Any] | None] = [None] * n
+    results: list[Any] = [None] * n
+    failures: list[dict[str, str]] = []
+    todo = [i for i in range(n) if candidates[i]]
+    while todo:
+        reqs = [TileRequest.from_row(candidates[i][attempt[i]], cfg.tile_size) for i in todo]
+        got = source.fetch(reqs, mods)
+        if len(got) != len(reqs):
+            raise RuntimeError(f"source {cfg.source} returned {len(got)} results for {len(reqs)} tiles")
+        nxt = []
+        for i, res in zip(todo, got, strict=True):
+            if isinstance(res, TileFailure):
+                failures.append({"tile_id": res.tile_id, "stage": res.stage, "reason": res.reason})
+                attempt[i] += 1
+                if attempt[i] < len(candidates[i]):
+                    nxt.append(i)
+            else:
+                rows[i] = candidates[i][attempt[i]]
+                results[i] = res
+        todo = nxt
+    written = StoreWriter(cfg.store).write_shard(shard, rows, results)
+    backfilled = sum(1 for i in range(n) if results[i] is not None and attempt[i] > 0)
+    return ShardReport(shard, written, n, failures, backfilled, time.perf_counter() - t0)
+
+
+def finish(cfg: BuildConfig, reports: list[ShardReport], seconds: float) -> dict[str, Any]:
+    """Statistics into the store, failures into the artifacts; returns the build summary."""
+    import zarr
+
+    from mmearth_data.stats import write_statistics
+
+    write_statistics(cfg.store)
+    group = zarr.open_group(cfg.store, mode="r+")
+    complete = int(np.asarray(group["complete"][:]).sum())
+    failures = [f for r in reports for f in r.failures]
+    reasons: dict[str, int] = {}
+    for f in failures:
+        reasons[f"{f['stage']}: {f['reason']}"] = reasons.get(f"{f['stage']}: {f['reason']}", 0) + 1
+    fs, path = fsspec.core.url_to_fs(build_dir(cfg.store))
+    fs.makedirs(path, exist_ok=True)
+    prior = []
+    if fs.exists(f"{path}/failures.json"):
+        prior = json.loads(fs.cat_file(f"{path}/failures.json"))
+    fs.pipe_file(f"{path}/failures.json", json.dumps(prior + failures, indent=1).encode())
+    tiles_done = sum(r.slots for r in reports)
+    return {
+        "store": cfg.store,
+        "artifacts": build_dir(cfg.store),
+        "n_tiles": cfg.n_tiles,
+        "complete": complete,
+        "shards_exported": len(reports),
+        "tiles_exported": tiles_done,
+        "backfilled": sum(r.backfilled for r in reports),
+        "failed_attempts": len(failures),
+        "failure_reasons": reasons,
+        "seconds": round(seconds, 2),
+        "tiles_per_s": round(tiles_done / seconds, 2) if seconds > 0 else None,
+        "config": asdict(cfg) | {"source_options": "<hidden>"},
+    }

@@ -1,0 +1,90 @@
+"""The source interface: (planned tiles, modalities) -> arrays on each tile's own grid.
+
+Data flow: sampling plan -> ``Source.fetch`` -> :class:`TileResult` per tile -> store writer.
+
+A source receives a batch (one shard's tiles) so that it can overlap requests; it returns, in order,
+one :class:`TileResult` or one :class:`TileFailure` per tile and never raises for a single tile's
+problem. A result holds every requested stored modality in its registry dtype and shape; a modality the
+archive lacks for that tile is all fill with ``present[name] = False``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from mmearth_data.registry import Modality
+
+
+@dataclass(frozen=True)
+class TileRequest:
+    """One planned tile, as the plan describes it."""
+
+    tile_id: str
+    lat: float
+    lon: float
+    epsg: int
+    transform: tuple[float, ...]
+    size: int
+    year: int
+    biome: int
+    ecoregion: int
+
+    @classmethod
+    def from_row(cls, row: Any, size: int) -> TileRequest:
+        return cls(
+            tile_id=str(row["tile_id"]),
+            lat=float(row["lat"]),
+            lon=float(row["lon"]),
+            epsg=int(row["epsg"]),
+            transform=tuple(float(v) for v in row["transform"]),
+            size=size,
+            year=int(row["year"]),
+            biome=int(row["biome"]),
+            ecoregion=int(row["ecoregion"]),
+        )
+
+
+@dataclass
+class TileResult:
+    """Arrays of one tile. ``s2_date`` is a numpy datetime64[D]; ``s2_product`` 'L1C' or 'L2A'."""
+
+    tile_id: str
+    arrays: dict[str, np.ndarray]
+    present: dict[str, bool]
+    s2_date: np.datetime64
+    s2_product: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TileFailure:
+    """A tile the source could not deliver: ``stage`` (e.g. 'sentinel2', 'request'), a ``reason``."""
+
+    tile_id: str
+    stage: str
+    reason: str
+
+
+class Source(Protocol):
+    name: str
+    years: range
+
+    def fetch(
+        self, tiles: list[TileRequest], modalities: tuple[Modality, ...]
+    ) -> list[TileResult | TileFailure]: ...
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance written into the store (no secrets)."""
+        ...
+
+
+class SourceError(ValueError):
+    """A source cannot serve the request as configured (bad years, unknown source)."""
+
+
+def empty_arrays(modalities: tuple[Modality, ...], size: int) -> dict[str, np.ndarray]:
+    """All-fill arrays of one tile for each modality (no tile axis)."""
+    return {m.name: np.full(m.shape(1, size)[1:], m.fill, dtype=m.np_dtype) for m in modalities}

@@ -1,0 +1,491 @@
+"""The offline source: a deterministic, physically plausible world that needs no account or network.
+
+Data flow: world layers (land, Koppen, MODIS IGBP, ERA5 climatology, elevation proxy) + a planned tile
+-> every modality of the registry on the tile's 10 m grid -> store.
+
+Each tile is a pure function of (tile id, build seed); arrays are byte-identical across runs and
+machines with the same numpy. What is grounded in real layers and what is modelled:
+
+- **Scene date**: eight candidate days of the tile's year; the least cloudy one wins (expected cloud
+  from the month's precipitation, low sun penalised), as MMEarth's documented least-cloudy choice.
+- **Terrain**: mean elevation from the world's lapse-rate proxy; relief grows with elevation and the
+  proxy's local gradient (x1.5 in montane grasslands); fractal (power-law) surface (spectral slope 4); slope from its
+  gradient at 10 m, so slope and elevation agree exactly.
+- **Land cover**: the MODIS IGBP mix of the surrounding 0.05 deg cells -> fractions of 11 surface
+  classes (a fixed IGBP -> class table, :data:`IGBP_TO_CLASS`), perturbed per tile (Dirichlet), then
+  placed with spatially smooth fields so that water sits in low terrain, crops on flat land in parcels,
+  snow high, bare rock on steep slopes. Dynamic World and WorldCover are two encodings of that map
+  (they disagree where a product has no matching class: mangroves, moss, flooded vegetation).
+- **Sentinel-2**: class spectra (water dark in NIR and SWIR, vegetation red edge, snow bright in the
+  visible and dark in SWIR) mixed by a greenness that follows the month's temperature and rain,
+  seasonal snow below -1 C (lapse-corrected per pixel), Lambertian terrain illumination for the scene's
+  sun position, sensor noise; clouds with soft edges and offset shadows on about a third of tiles, cirrus
+  in B10. L2A (surface reflectance) from 2019, L1C (with path radiance and transmittance) before, as
+  the global L2A archive. Masks: SCL and MSK_CLDPRB (L2A only) and QA60 (60 m blocks) from the same
+  clouds.
+- **Sentinel-1**: per-class VV backscatter and VV-VH ratio (VV above VH), soil moisture from the
+  month's rain, vegetation volume scattering from greenness, local incidence angle from terrain and the
+  orbit's look direction, gamma speckle (ENL 4.4). Ascending / descending scenes are each missing on
+  some tiles, HH/HV replace VV/VH near the poles, as in the real archive.
+- **Canopy height**: from tree cover with a biome-typical height, shrubs a few metres, water no data.
+- **ERA5**: the climatology for the S2 month, the month before and the 12 months ending with it,
+  plus a year anomaly shared by all tiles of a 5 deg block; monthly min/max from a diurnal range that
+  widens with aridity.
+- **Biome and ecoregion**: from the world's biome map and ecoregion proxy (see make_world.py).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import zlib
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+from mmearth_data.registry import Modality
+from mmearth_data.sources.base import TileFailure, TileRequest, TileResult, empty_arrays
+from mmearth_data.world import World, get_world
+
+# surface classes of the generator
+CLASSES = ("water", "trees", "grass", "flooded", "crops", "shrub", "built", "bare", "snow", "mangrove", "moss")
+C = {n: i for i, n in enumerate(CLASSES)}
+TO_DYNAMIC_WORLD = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 2, 3], np.uint8)
+TO_WORLDCOVER = np.array([80, 10, 30, 90, 40, 20, 50, 60, 70, 95, 100], np.uint8)
+
+# IGBP class (row) -> fractions of surface classes
+IGBP_TO_CLASS = np.zeros((17, len(CLASSES)))
+for _igbp, _fr in {
+    0: {"water": 1.0},
+    1: {"trees": 0.85, "grass": 0.05, "shrub": 0.05, "bare": 0.02, "water": 0.03},
+    2: {"trees": 0.9, "grass": 0.03, "shrub": 0.03, "water": 0.04},
+    3: {"trees": 0.8, "shrub": 0.1, "grass": 0.05, "water": 0.05},
+    4: {"trees": 0.8, "grass": 0.08, "crops": 0.05, "shrub": 0.04, "water": 0.03},
+    5: {"trees": 0.8, "grass": 0.07, "shrub": 0.06, "crops": 0.04, "water": 0.03},
+    6: {"shrub": 0.7, "grass": 0.15, "trees": 0.1, "bare": 0.05},
+    7: {"shrub": 0.45, "bare": 0.3, "grass": 0.25},
+    8: {"trees": 0.45, "grass": 0.3, "shrub": 0.2, "crops": 0.05},
+    9: {"grass": 0.55, "trees": 0.2, "shrub": 0.2, "crops": 0.05},
+    10: {"grass": 0.8, "shrub": 0.08, "bare": 0.07, "crops": 0.05},
+    11: {"flooded": 0.55, "water": 0.25, "grass": 0.1, "trees": 0.1},
+    12: {"crops": 0.8, "grass": 0.08, "trees": 0.05, "built": 0.04, "water": 0.03},
+    13: {"built": 0.65, "trees": 0.12, "grass": 0.13, "crops": 0.05, "water": 0.05},
+    14: {"crops": 0.45, "trees": 0.25, "grass": 0.2, "built": 0.05, "shrub": 0.05},
+    15: {"snow": 0.85, "bare": 0.15},
+    16: {"bare": 0.92, "shrub": 0.05, "grass": 0.03},
+}.items():
+    for _name, _v in _fr.items():
+        IGBP_TO_CLASS[_igbp, C[_name]] = _v
+
+# reflectance spectra, bands B1 B2 B3 B4 B5 B6 B7 B8 B8A B9 B10 B11 B12
+SPEC = {
+    "water": [0.070, 0.060, 0.050, 0.035, 0.025, 0.018, 0.015, 0.012, 0.010, 0.006, 0.001, 0.004, 0.003],
+    "green": [0.030, 0.035, 0.065, 0.035, 0.100, 0.260, 0.320, 0.360, 0.380, 0.330, 0.001, 0.190, 0.090],
+    "dryveg": [0.060, 0.075, 0.100, 0.130, 0.170, 0.210, 0.230, 0.250, 0.265, 0.220, 0.001, 0.320, 0.230],
+    "soil": [0.080, 0.100, 0.140, 0.180, 0.210, 0.240, 0.260, 0.280, 0.290, 0.250, 0.001, 0.360, 0.300],
+    "sand": [0.140, 0.180, 0.240, 0.320, 0.360, 0.380, 0.400, 0.410, 0.420, 0.380, 0.002, 0.480, 0.420],
+    "built": [0.110, 0.120, 0.130, 0.140, 0.150, 0.160, 0.170, 0.180, 0.185, 0.160, 0.001, 0.210, 0.190],
+    "snow": [0.900, 0.920, 0.900, 0.880, 0.860, 0.840, 0.820, 0.800, 0.780, 0.600, 0.005, 0.090, 0.060],
+    "cloud": [0.550, 0.560, 0.570, 0.580, 0.590, 0.600, 0.600, 0.600, 0.600, 0.500, 0.050, 0.450, 0.350],
+}
+SPEC = {k: np.array(v, np.float32) for k, v in SPEC.items()}
+CANOPY_SHADE = np.array([0.7, 0.7, 0.7, 0.7, 0.8, 0.9, 0.92, 0.92, 0.92, 0.9, 1.0, 0.75, 0.7], np.float32)
+# L1C: atmospheric path reflectance and two-way transmittance per band
+PATH = np.array([0.09, 0.07, 0.05, 0.035, 0.03, 0.025, 0.022, 0.02, 0.018, 0.01, 0.0, 0.005, 0.002], np.float32)
+TRANS = np.array([0.75, 0.8, 0.85, 0.9, 0.92, 0.93, 0.94, 0.95, 0.95, 0.5, 0.05, 0.95, 0.92], np.float32)
+
+# Sentinel-1 VV backscatter (dB) and VV - VH (dB) per surface class
+S1_VV = np.array([-21, -7.5, -11, -6, -10, -10.5, -4, -15, -12, -6.5, -12], np.float32)
+S1_RATIO = np.array([8.5, 5.5, 7, 7.5, 6.5, 6.5, 6.5, 8, 7, 5.5, 7], np.float32)
+S1_LOOK_AZIMUTH = {"asc": 80.0, "desc": 280.0}
+S1_INCIDENCE = 37.0
+S1_ENL = 4.4
+
+# canopy height (m) of trees by biome
+TREE_HEIGHT = {1: 32, 2: 20, 3: 24, 4: 24, 5: 30, 6: 15, 7: 12, 8: 10, 9: 10, 10: 8, 11: 5, 12: 10, 13: 6, 14: 14}
+VEG_CLASSES = np.array([c in ("trees", "grass", "flooded", "shrub", "mangrove", "moss") for c in CLASSES])
+
+L2A_FROM = np.datetime64("2019-01-01")
+YEARS = range(2016, 2026)  # S2 from mid-2015; the climatology covers 2000-2025
+
+
+def tile_seed(tile_id: str, seed: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence([seed, zlib.crc32(tile_id.encode())])
+
+
+@cache
+def _kgrid(size: int) -> np.ndarray:
+    ky = np.fft.fftfreq(size)[:, None]
+    kx = np.fft.rfftfreq(size)[None, :]
+    return np.sqrt(kx**2 + ky**2).astype(np.float32)
+
+
+def smooth_fields(rng: np.random.Generator, size: int, scales_px: list[float]) -> np.ndarray:
+    """Zero-mean unit-variance Gaussian random fields, one per correlation length (pixels)."""
+    k = _kgrid(size)
+    noise = rng.standard_normal((len(scales_px), size, size), dtype=np.float32)
+    filt = np.exp(-2 * np.pi**2 * (np.asarray(scales_px, np.float32)[:, None, None] * k) ** 2)
+    f = np.fft.irfft2(np.fft.rfft2(noise) * filt, s=(size, size)).astype(np.float32)
+    f -= f.mean(axis=(1, 2), keepdims=True)
+    f /= f.std(axis=(1, 2), keepdims=True) + 1e-6
+    return f
+
+
+def fractal_field(rng: np.random.Generator, size: int, beta: float) -> np.ndarray:
+    """Unit-variance surface with power spectrum ~ k^-beta (beta 3 is typical terrain)."""
+    k = _kgrid(size).copy()
+    k[0, 0] = np.inf
+    noise = rng.standard_normal((size, size), dtype=np.float32)
+    f = np.fft.irfft2(np.fft.rfft2(noise) * k ** (-beta / 2), s=(size, size)).astype(np.float32)
+    f -= f.mean()
+    return f / (f.std() + 1e-6)
+
+
+def sun_position(lat: float, day_of_year: int, local_hour: float = 10.5) -> tuple[float, float]:
+    """Solar zenith and azimuth (degrees from north, clockwise) at the S2 overpass."""
+    decl = np.radians(23.44) * np.sin(2 * np.pi * (day_of_year - 81) / 365.0)
+    phi = np.radians(lat)
+    h = np.radians(15.0 * (local_hour - 12.0))
+    cos_z = np.sin(phi) * np.sin(decl) + np.cos(phi) * np.cos(decl) * np.cos(h)
+    zen = np.degrees(np.arccos(np.clip(cos_z, -1, 1)))
+    az = np.degrees(np.arctan2(np.sin(h), np.cos(h) * np.sin(phi) - np.tan(decl) * np.cos(phi))) + 180.0
+    return float(zen), float(az % 360)
+
+
+def _cos_incidence(dzdx: np.ndarray, dzdy: np.ndarray, zenith: float, azimuth: float) -> np.ndarray:
+    """Cosine of the angle between the surface normal and a direction (zenith, azimuth) in degrees."""
+    z, a = np.radians(zenith), np.radians(azimuth)
+    norm = np.sqrt(dzdx**2 + dzdy**2 + 1)
+    return (-dzdx * np.sin(a) * np.sin(z) - dzdy * np.cos(a) * np.sin(z) + np.cos(z)) / norm
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def slope_degrees(elevation: np.ndarray, resolution: float = 10.0) -> np.ndarray:
+    """Slope (degrees) of an elevation grid by central differences (one-sided at edges)."""
+    dzdy, dzdx = np.gradient(elevation.astype(np.float64), resolution)
+    return np.degrees(np.arctan(np.hypot(dzdx, dzdy))).astype(np.float32)
+
+
+class OfflineSource:
+    """Deterministic synthetic corpus grounded in real global layers (the default source)."""
+
+    name = "offline"
+    years = YEARS
+
+    def __init__(self, seed: int = 0, world: World | None = None, l2a_from: str = "2019-01-01"):
+        self.seed = int(seed)
+        self._world = world
+        self.l2a_from = np.datetime64(l2a_from)
+
+    @property
+    def world(self) -> World:
+        if self._world is None:
+            self._world = get_world()
+        return self._world
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": self.name,
+            "seed": self.seed,
+            "l2a_from": str(self.l2a_from),
+            "world_inputs": {k: v["version"] for k, v in self.world.provenance["inputs"].items()},
+        }
+
+    def fetch(self, tiles: list[TileRequest], modalities: tuple[Modality, ...]) -> list[TileResult | TileFailure]:
+        out: list[TileResult | TileFailure] = []
+        for t in tiles:
+            if t.year not in self.years:
+                out.append(TileFailure(t.tile_id, "sentinel2", f"no offline scene for year {t.year}"))
+                continue
+            out.append(self.generate(t, modalities))
+        return out
+
+    # ------------------------------------------------------------------------------------------------
+    def generate(self, t: TileRequest, modalities: tuple[Modality, ...]) -> TileResult:
+        """All modalities of one tile."""
+        w = self.world
+        S = t.size
+        rng = np.random.default_rng(tile_seed(t.tile_id, self.seed))
+        T12, P12 = (a.astype(np.float32) for a in w.climate(t.lat, t.lon))
+        elev0 = float(w.elevation(t.lat, t.lon))
+        relief0 = float(w.relief(t.lat, t.lon))
+        mix = w.igbp_mix(t.lat, t.lon)
+        p_ann = float(P12.sum())
+
+        # --- scene date: least cloudy of eight candidate days ---------------------------------------
+        year_start = np.datetime64(f"{t.year}-01-01")
+        n_days = int((np.datetime64(f"{t.year + 1}-01-01") - year_start).astype(int))
+        days = np.sort(rng.choice(n_days, size=8, replace=False))
+        months = np.array([(year_start + int(d)).astype(object).month - 1 for d in days])
+        sun_cos = np.array([np.cos(np.radians(sun_position(t.lat, int(d) + 1)[0])) for d in days])
+        expected_cloud = np.clip(P12[months] / 200.0, 0.05, 0.9) + np.where(sun_cos < 0.25, 2.0, 0.0)
+        pick = int(np.argmin(expected_cloud + 0.05 * rng.random(8)))
+        doy = int(days[pick])
+        s2_date = year_start + doy
+        m = int(months[pick])
+        product = "L2A" if s2_date >= self.l2a_from else "L1C"
+        zen, az = sun_position(t.lat, doy + 1)
+        T_m, P_m, P_prev = float(T12[m]), float(P12[m]), float(P12[m - 1])
+
+        # --- terrain ---------------------------------------------------------------------------------
+        relief = np.clip(3 + 0.03 * elev0 + 0.3 * relief0, 2, 300) * float(rng.lognormal(0, 0.35))
+        if t.biome == 10:
+            relief *= 1.5
+        z = (elev0 + relief * fractal_field(rng, S, 4.0)).astype(np.float32)
+        dzdy_rows, dzdx = np.gradient(z.astype(np.float64), 10.0)
+        dzdy = -dzdy_rows  # rows run south
+        slope = np.degrees(np.arctan(np.hypot(dzdx, dzdy))).astype(np.float32)
+        zn = (z - z.mean()) / (z.std() + 1e-6)
+        slope_n = (slope - slope.mean()) / (slope.std() + 1e-6)
+
+        # --- land cover ------------------------------------------------------------------------------
+        frac = mix @ IGBP_TO_CLASS
+        if t.biome == 14:
+            frac[C["mangrove"]] += 0.7 * frac[C["trees"]] + 0.1
+            frac[C["trees"]] *= 0.3
+        if t.biome == 11:
+            frac[C["moss"]] += 0.5 * frac[C["grass"]] + 0.3 * frac[C["shrub"]]
+            frac[C["grass"]] *= 0.5
+            frac[C["shrub"]] *= 0.7
+        if t.biome == 13:
+            frac[C["bare"]] += 0.5 * frac[C["grass"]]
+            frac[C["grass"]] *= 0.5
+        frac = rng.dirichlet(frac / frac.sum() * 25 + 0.02)
+        fields = smooth_fields(rng, S, [25, 3, 10, 10, 8, 8, 6, 5, 5, 6, 1.0])
+        parcels = np.kron(smooth_fields(rng, max(S // 8, 4), [1.5])[0], np.ones((8, 8), np.float32))[:S, :S]
+        scores = {
+            "water": -1.5 * zn + fields[0],
+            "built": fields[1],
+            "crops": parcels + 0.3 * fields[2] - 0.5 * slope_n,
+            "flooded": -zn + fields[3],
+            "mangrove": -zn + fields[4],
+            "trees": fields[5] + 0.3 * zn,
+            "snow": 2 * zn + fields[6],
+            "bare": slope_n + fields[7],
+            "shrub": fields[8],
+            "moss": fields[9],
+        }
+        cls = np.full((S, S), C["grass"], np.uint8)
+        free = np.ones(S * S, bool)
+        n_px = S * S
+        for name, score in scores.items():
+            n = int(round(frac[C[name]] * n_px))
+            n = min(n, int(free.sum()))
+            if n <= 0:
+                continue
+            s = np.where(free, score.ravel(), -np.inf)
+            idx = np.argpartition(-s, n - 1)[:n]
+            cls.ravel()[idx] = C[name]
+            free[idx] = False
+        texture = fields[10]
+
+        # --- vegetation state and snow -------------------------------------------------------------------
+        g = float(_sigmoid((T_m - 5) / 2.5) * np.clip((P_m + P_prev) / 100.0, 0.15, 1.0))
+        forest_mix = mix[1:6].sum()
+        evergreen = float((mix[1] + mix[2]) / forest_mix) if forest_mix > 0 else 0.5
+        g_tree = evergreen * (0.75 + 0.25 * g) + (1 - evergreen) * g
+        crop_state = np.clip(g * (0.4 + 0.6 * _sigmoid(2 * parcels)), 0, 1)
+        t_pix = T_m - 0.0065 * (z - elev0)
+        snow = _sigmoid((-t_pix - 1.0) / 1.5).astype(np.float32)
+        snow = np.where(cls == C["water"], 0.0, snow)
+        snow = np.where(np.isin(cls, [C["trees"], C["mangrove"]]), 0.5 * snow, snow)
+        snow = np.where(cls == C["snow"], 1.0, snow).astype(np.float32)
+
+        # --- Sentinel-2 -----------------------------------------------------------------------------------
+        aridity = float(np.clip(1 - p_ann / 600.0, 0, 1))
+        veg = lambda gg: gg * SPEC["green"] + (1 - gg) * SPEC["dryveg"]  # noqa: E731
+        bare = aridity * SPEC["sand"] + (1 - aridity) * SPEC["soil"]
+        water = SPEC["water"].copy()
+        water[1:4] += rng.uniform(0, 0.03)  # turbidity
+        spectra = np.stack(
+            [
+                water,
+                veg(g_tree) * CANOPY_SHADE,
+                veg(g),
+                0.5 * veg(g) + 0.5 * SPEC["water"],
+                veg(g),  # crops: replaced per pixel below
+                0.5 * veg(g) + 0.5 * bare,
+                SPEC["built"],
+                bare,
+                SPEC["snow"],
+                0.85 * veg(max(g_tree, 0.8)) * CANOPY_SHADE + 0.15 * SPEC["water"],
+                0.4 * veg(g) + 0.6 * SPEC["soil"] * 0.8,
+            ]
+        ).astype(np.float32)
+        refl = spectra[cls]  # (S, S, 13)
+        crop = cls == C["crops"]
+        cs = crop_state[crop][:, None]
+        refl[crop] = cs * SPEC["green"] + (1 - cs) * SPEC["soil"]
+        refl *= (1 + 0.06 * texture)[..., None]
+        refl = refl * (1 - snow[..., None]) + snow[..., None] * SPEC["snow"]
+        cos_i = _cos_incidence(dzdx, dzdy, zen, az)
+        illum = np.clip(cos_i / max(np.cos(np.radians(zen)), 0.05), 0.1, 3.0) ** 0.6
+        illum = np.where(cls == C["water"], 1.0, illum).astype(np.float32)
+        refl *= illum[..., None]
+
+        # clouds and shadows
+        cloudy = rng.random() < 0.35
+        cirrus_on = rng.random() < 0.15
+        cf = smooth_fields(rng, S, [12.0, 20.0])
+        alpha = np.zeros((S, S), np.float32)
+        if cloudy:
+            cover = float(rng.beta(0.8, 4))
+            thr = np.quantile(cf[0], 1 - cover)
+            alpha = np.clip((cf[0] - thr) / 0.6, 0, 1).astype(np.float32)
+        shift = int(np.clip(rng.uniform(300, 1000) * np.tan(np.radians(min(zen, 75))) / 10, 0, S // 2))
+        dy = int(round(shift * np.cos(np.radians(az))))  # shadows fall away from the sun
+        dx = int(round(-shift * np.sin(np.radians(az))))
+        shadow = np.roll(alpha, (dy, dx), axis=(0, 1)) * (1 - alpha)
+        cirrus = np.zeros((S, S), np.float32)
+        if cirrus_on:
+            cirrus = (np.clip(cf[1] - 0.5, 0, None) * 0.05).astype(np.float32)
+        refl *= (1 - 0.6 * shadow)[..., None]
+        refl = refl * (1 - alpha[..., None]) + alpha[..., None] * SPEC["cloud"]
+        refl += cirrus[..., None] * 0.5
+        if product == "L1C":
+            aerosol = float(rng.uniform(0.6, 1.4))
+            refl = refl * TRANS + PATH * aerosol
+            refl[..., 10] = 0.002 + cirrus * 2 + 0.02 * alpha
+        refl += rng.normal(0, 0.003, refl.shape).astype(np.float32)
+        s2 = np.clip(np.rint(refl * 10000), 1, 65535).astype(np.uint16).transpose(2, 0, 1)
+        if product == "L2A":
+            s2[10] = 0  # no B10 in L2A
+
+        # masks
+        qa_opaque = _block_max(alpha > 0.5, 6)
+        qa_cirrus = _block_max(cirrus > 0.01, 6)
+        qa60 = np.where(qa_opaque, 1, np.where(qa_cirrus, 2, 0)).astype(np.uint8)
+        if product == "L2A":
+            scl = np.where(VEG_CLASSES[cls] | (crop & (crop_state > 0.4)), 4, 5).astype(np.uint8)
+            scl[cls == C["water"]] = 6
+            scl[snow > 0.5] = 11
+            scl[illum < 0.35] = 2
+            scl[shadow > 0.3] = 3
+            scl[cirrus > 0.01] = 10
+            scl[alpha > 0.25] = 8
+            scl[alpha > 0.6] = 9
+            prob = alpha * 100 + rng.normal(0, 3, alpha.shape)
+            cldprb = np.where(alpha > 0.02, np.clip(np.rint(prob), 0, 100), 0).astype(np.uint8)
+        else:
+            scl = np.full((S, S), 255, np.uint8)
+            cldprb = np.full((S, S), 255, np.uint8)
+        masks = np.stack([scl, cldprb, qa60])
+
+        # --- Sentinel-1 -----------------------------------------------------------------------------------
+        smi = float(np.clip((P_m + P_prev) / 240.0, 0, 1))
+        vv = S1_VV[cls] + np.where(cls == C["bare"], -3.0 * aridity, 0.0)
+        moist = ~np.isin(cls, [C["water"], C["built"], C["snow"]])
+        vv = vv + np.where(moist, 2.5 * (smi - 0.4), 0.0)
+        vh = vv - S1_RATIO[cls] + np.where(VEG_CLASSES[cls] | crop, 2.0 * g, 0.0)
+        s1 = np.full((8, S, S), np.nan, np.float32)
+        polar = rng.random() < (0.7 if abs(t.lat) >= 70 else 0.02)
+        orbits_present = {}
+        for k, orbit in enumerate(("asc", "desc")):
+            present = rng.random() < (0.85 if orbit == "asc" else 0.88)
+            orbits_present[orbit] = present
+            speckle = 10 * np.log10(rng.gamma(S1_ENL, 1 / S1_ENL, (2, S, S)).astype(np.float32) + 1e-6)
+            if not present:
+                continue
+            cos_loc = _cos_incidence(dzdx, dzdy, S1_INCIDENCE, (S1_LOOK_AZIMUTH[orbit] + 180) % 360)
+            terr = 10 * np.log10(np.clip(cos_loc / np.cos(np.radians(S1_INCIDENCE)), 0.05, 4.0))
+            wind = np.where(cls == C["water"], rng.normal(0, 2), 0.0)
+            co = vv + terr + wind + speckle[0]
+            cross = vh + terr + wind + speckle[1]
+            base = 4 * k + (2 if polar else 0)
+            s1[base] = co + (0.5 if polar else 0.0)
+            s1[base + 1] = cross
+        s1 = s1.astype(np.float16)
+        s1_present = any(orbits_present.values())
+
+        # --- canopy height --------------------------------------------------------------------------------
+        h_tree = TREE_HEIGHT.get(t.biome, 12) * (0.75 + 0.25 * fields[5]) * (0.8 + 0.2 * g_tree)
+        height = np.zeros((S, S), np.float32)
+        treeish = np.isin(cls, [C["trees"], C["mangrove"]])
+        height[treeish] = h_tree[treeish]
+        shrub = cls == C["shrub"]
+        height[shrub] = 1.5 + 0.8 * np.abs(fields[8][shrub])
+        height = np.clip(height + rng.normal(0, 1.0, height.shape) * treeish, 0, 254)
+        std = np.clip(2 + 0.25 * height + 0.5 * np.abs(texture), 0, 254)
+        canopy = np.stack([np.rint(height), np.rint(std)]).astype(np.uint8)
+        canopy[:, cls == C["water"]] = 255
+
+        # --- ERA5 ----------------------------------------------------------------------------------------------
+        era5 = self._era5(t, s2_date, T12, P12)
+
+        arrays = {
+            "sentinel2": s2,
+            "sentinel2_masks": masks,
+            "sentinel1": s1,
+            "dem": np.stack([z, slope]).astype(np.float32),
+            "era5": era5,
+            "dynamic_world": TO_DYNAMIC_WORLD[cls][None],
+            "esa_worldcover": TO_WORLDCOVER[cls][None],
+            "canopy_height": canopy,
+            "biome": np.uint8(t.biome),
+            "ecoregion": np.uint16(t.ecoregion),
+        }
+        present = {name: True for name in arrays}
+        present["sentinel1"] = s1_present
+        wanted = {mm.name for mm in modalities}
+        base = empty_arrays(modalities, S)
+        arrays = {k: np.asarray(v, dtype=base[k].dtype) for k, v in arrays.items() if k in wanted}
+        return TileResult(
+            tile_id=t.tile_id,
+            arrays=arrays,
+            present={k: v for k, v in present.items() if k in wanted},
+            s2_date=s2_date,
+            s2_product=product,
+            extra={
+                "cloud_fraction": float((alpha > 0.5).mean()),
+                "s1_orbits": orbits_present,
+                "class_fractions": np.bincount(cls.ravel(), minlength=len(CLASSES)) / cls.size,
+            },
+        )
+
+    def _era5(self, t: TileRequest, date: np.datetime64, T12: np.ndarray, P12: np.ndarray) -> np.ndarray:
+        d = date.astype(object)
+        bi, bj = int((90 - t.lat) // 5), int((t.lon + 180) // 5)
+
+        def month_values(year: int, month0: int) -> tuple[float, float, float, float]:
+            r = np.random.default_rng([self.seed, 101, year, month0, bi, bj])
+            temp = float(T12[month0]) + r.normal(0, 0.9)
+            prec = float(P12[month0]) * float(r.lognormal(0, 0.35))
+            dtr = 6 + 8 * float(np.clip(1 - prec / 120.0, 0, 1))
+            spread = 3 + 0.1 * abs(t.lat)
+            return temp, temp - dtr / 2 - spread, temp + dtr / 2 + spread, prec
+
+        seq = []
+        y, mo = d.year, d.month - 1
+        for _ in range(13):  # S2 month and the 12 before it
+            seq.append(month_values(y, mo))
+            mo -= 1
+            if mo < 0:
+                y, mo = y - 1, 11
+        cur, prev, window = seq[0], seq[1], seq[:12]
+        year_vals = (
+            float(np.mean([v[0] for v in window])),
+            min(v[1] for v in window),
+            max(v[2] for v in window),
+            sum(v[3] for v in window),
+        )
+        out = []
+        for tm, tmin, tmax, pr in (prev, cur, year_vals):
+            out += [tm + 273.15, tmin + 273.15, tmax + 273.15, pr / 1000.0]
+        return np.array(out, np.float32)
+
+
+def _block_max(mask: np.ndarray, k: int) -> np.ndarray:
+    """Max over k x k blocks, broadcast back to full resolution (e.g. QA60's 60 m pixels)."""
+    S = mask.shape[0]
+    n = -(-S // k) * k
+    pad = np.zeros((n, n), bool)
+    pad[:S, :S] = mask
+    blocks = pad.reshape(n // k, k, n // k, k).any(axis=(1, 3))
+    return np.repeat(np.repeat(blocks, k, 0), k, 1)[:S, :S]
+
+
+def month_of(date: dt.date | np.datetime64) -> int:
+    return np.datetime64(date, "D").astype(object).month

@@ -1,0 +1,340 @@
+"""The Zarr v3 corpus store: schema, whole-shard writer, completeness, and the public reader.
+
+Data flow: source results -> :class:`StoreWriter` (one region write per array per shard) -> the store
+-> :class:`CorpusReader` (statistics, catalog, model). See shared/DESIGN.md for the contract.
+
+Layout: every variable has the leading dimension ``tile``; pixel modalities are
+``(tile, <modality>_band, y, x)``, tile-level ones ``(tile, <modality>_band)`` or ``(tile,)``. Chunks
+hold ``chunk_tiles`` whole tiles (all bands), shards ``shard_tiles`` tiles, compressed with
+Blosc/Zstd + byte shuffle. A shard is written in one region write per array, the ``complete`` flags
+last, so a killed build never leaves a tile marked complete that is not fully written; re-running
+redoes exactly the shards with an incomplete tile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+import zarr
+from zarr.codecs import BloscCodec
+
+from mmearth_data.registry import MODALITIES, Modality, get, registry_dict
+from mmearth_data.sources.base import TileResult
+
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = "1.0"
+COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+EPOCH = np.datetime64("1970-01-01", "D")
+DATE_FILL = np.iinfo(np.int32).min
+
+
+@dataclass(frozen=True)
+class TileVar:
+    name: str
+    dtype: Any
+    fill: Any
+    extra_dims: tuple[tuple[str, int], ...] = ()
+    attrs: tuple[tuple[str, Any], ...] = ()
+
+
+TILE_VARS = (
+    TileVar("tile_id", str, "", attrs=(("long_name", "global grid tile id"),)),
+    TileVar("lat", "float64", np.nan, attrs=(("units", "degrees_north"), ("long_name", "tile centre"))),
+    TileVar("lon", "float64", np.nan, attrs=(("units", "degrees_east"), ("long_name", "tile centre"))),
+    TileVar("epsg", "int32", 0, attrs=(("long_name", "EPSG code of the tile's UTM grid"),)),
+    TileVar(
+        "transform",
+        "float64",
+        np.nan,
+        extra_dims=(("transform_coef", 6),),
+        attrs=(("long_name", "affine transform (a, b, c, d, e, f): x = a*col + b*row + c, y = d*col + e*row + f"),),
+    ),
+    TileVar(
+        "s2_date",
+        "int32",
+        DATE_FILL,
+        attrs=(("units", "days since 1970-01-01"), ("calendar", "proleptic_gregorian")),
+    ),
+    TileVar("s2_product", str, "", attrs=(("long_name", "Sentinel-2 processing level: L1C or L2A"),)),
+    TileVar("year", "int16", 0),
+    TileVar("split", str, "", attrs=(("long_name", "train, val or test (by 1-degree block)"),)),
+    TileVar("cloud_fraction", "float32", np.nan, attrs=(("long_name", "share of opaque-cloud pixels"),)),
+)
+
+
+class StoreError(ValueError):
+    """The store at a path is missing, foreign, or does not match the build's configuration."""
+
+
+def store_modalities(group: zarr.Group) -> tuple[Modality, ...]:
+    """Registry entries of the modalities this store holds (by its recorded registry)."""
+    names = group.attrs.get("modalities", [])
+    return tuple(get(n) for n in names)
+
+
+def strings(values: Any) -> np.ndarray:
+    """Zarr variable-length strings (numpy StringDType) as an object array of Python str."""
+    return np.array(np.asarray(values).tolist(), dtype=object)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _exists(url: str) -> tuple[bool, bool]:
+    """(anything at url, a zarr group at url)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return False, False
+    if fs.isfile(path):
+        return True, False
+    return True, fs.exists(f"{path.rstrip('/')}/zarr.json")
+
+
+def create_store(
+    url: str,
+    *,
+    n_tiles: int,
+    tile_size: int,
+    modalities: Sequence[Modality],
+    chunk_tiles: int,
+    shard_tiles: int,
+    attrs: dict[str, Any],
+) -> zarr.Group:
+    """Create an empty corpus store (all fill, nothing complete) and return its group."""
+    group = zarr.open_group(url, mode="w-", zarr_format=3)
+    n_shards = -(-n_tiles // shard_tiles)
+    for m in modalities:
+        shape = m.shape(n_tiles, tile_size)
+        group.create_array(
+            m.name,
+            shape=shape,
+            chunks=(chunk_tiles,) + shape[1:],
+            shards=(shard_tiles,) + shape[1:],
+            dtype=m.dtype,
+            fill_value=m.fill,
+            compressors=COMPRESSOR,
+            dimension_names=list(m.dims()),
+            attributes={
+                "long_name": m.description,
+                "units": list(m.units) if not isinstance(m.units, str) else m.units,
+                "nodata": "NaN" if isinstance(m.fill, float) and np.isnan(m.fill) else m.fill,
+                "modality": m.name,
+            },
+        )
+        if not m.scalar:
+            band = group.create_array(m.band_dim, shape=(m.n_bands,), dtype=str, dimension_names=[m.band_dim])
+            band[:] = np.array(m.bands, dtype=object)
+        flag = group.create_array(
+            f"{m.name}_present", shape=(n_tiles,), chunks=(chunk_tiles,), shards=(shard_tiles,),
+            dtype="bool", fill_value=False, compressors=COMPRESSOR, dimension_names=["tile"],
+        )
+        flag.attrs["long_name"] = f"{m.name} delivered by the source (false: all fill)"
+    for v in TILE_VARS:
+        shape = (n_tiles,) + tuple(n for _, n in v.extra_dims)
+        arr = group.create_array(
+            v.name,
+            shape=shape,
+            chunks=(chunk_tiles,) + shape[1:],
+            shards=(shard_tiles,) + shape[1:],
+            dtype=v.dtype,
+            fill_value=v.fill,
+            compressors=None if v.dtype is str else COMPRESSOR,
+            dimension_names=["tile"] + [d for d, _ in v.extra_dims],
+        )
+        arr.attrs.update(dict(v.attrs))
+    coef = group.create_array("transform_coef", shape=(6,), dtype=str, dimension_names=["transform_coef"])
+    coef[:] = np.array(list("abcdef"), dtype=object)
+    complete = group.create_array(
+        "complete", shape=(n_tiles,), chunks=(chunk_tiles,), shards=(shard_tiles,), dtype="bool",
+        fill_value=False, compressors=COMPRESSOR, dimension_names=["tile"],
+    )
+    complete.attrs["long_name"] = "every modality of the tile is written (as data or as fill)"
+    group.attrs.update(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "tile_size": tile_size,
+            "resolution_m": 10.0,
+            "n_tiles": n_tiles,
+            "chunk_tiles": chunk_tiles,
+            "shard_tiles": shard_tiles,
+            "n_shards": n_shards,
+            "modalities": [m.name for m in modalities],
+            "registry": registry_dict(tuple(MODALITIES)),
+            **attrs,
+        }
+    )
+    return group
+
+
+class StoreWriter:
+    """Writes whole shards of an existing store."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.group = zarr.open_group(url, mode="r+", zarr_format=3)
+        a = self.group.attrs
+        self.n_tiles, self.tile_size, self.shard_tiles = a["n_tiles"], a["tile_size"], a["shard_tiles"]
+        self.modalities = store_modalities(self.group)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        s0 = shard * self.shard_tiles
+        return s0, min(s0 + self.shard_tiles, self.n_tiles)
+
+    def write_shard(
+        self, shard: int, rows: Sequence[dict[str, Any] | None], results: Sequence[TileResult | None]
+    ) -> int:
+        """Write one shard: ``rows`` (plan rows of the delivered tiles) and ``results`` per slot, None
+        where the slot could not be filled. Returns the number of complete tiles written."""
+        s0, s1 = self.shard_range(shard)
+        n = s1 - s0
+        if len(rows) != n or len(results) != n:
+            raise ValueError(f"shard {shard} holds {n} tiles, got {len(rows)} rows / {len(results)} results")
+        S = self.tile_size
+        data: dict[str, np.ndarray] = {}
+        for m in self.modalities:
+            data[m.name] = np.full(m.shape(n, S), m.fill, m.np_dtype)
+            data[f"{m.name}_present"] = np.zeros(n, bool)
+        for v in TILE_VARS:
+            shape = (n,) + tuple(k for _, k in v.extra_dims)
+            data[v.name] = (
+                np.full(shape, "", dtype=object) if v.dtype is str else np.full(shape, v.fill, v.dtype)
+            )
+        complete = np.zeros(n, bool)
+        for i, (row, res) in enumerate(zip(rows, results, strict=True)):
+            if res is None or row is None:
+                continue
+            for m in self.modalities:
+                data[m.name][i] = res.arrays[m.name]
+                data[f"{m.name}_present"][i] = res.present[m.name]
+            data["tile_id"][i] = res.tile_id
+            data["lat"][i], data["lon"][i] = row["lat"], row["lon"]
+            data["epsg"][i] = row["epsg"]
+            data["transform"][i] = row["transform"]
+            data["s2_date"][i] = int((res.s2_date.astype("datetime64[D]") - EPOCH).astype(int))
+            data["s2_product"][i] = res.s2_product
+            data["year"][i] = row["year"]
+            data["split"][i] = row["split"]
+            data["cloud_fraction"][i] = res.extra.get("cloud_fraction", np.nan)
+            complete[i] = True
+        for name, values in data.items():
+            self.group[name][s0:s1] = values
+        self.group["complete"][s0:s1] = complete  # last: marks the shard's tiles done
+        return int(complete.sum())
+
+    def incomplete_shards(self) -> list[int]:
+        """Shards holding at least one tile not marked complete (unreadable flags count as not)."""
+        arr = self.group["complete"]
+        out = []
+        for k in range(-(-self.n_tiles // self.shard_tiles)):
+            s0, s1 = self.shard_range(k)
+            try:
+                done = bool(np.all(arr[s0:s1]))
+            except Exception as err:  # a shard file cut short by a killed write
+                log.warning("completeness flags of shard %d unreadable (%s); redoing it", k, err)
+                done = False
+            if not done:
+                out.append(k)
+        return out
+
+
+class CorpusReader:
+    """The public reader of a corpus store (local path or any fsspec URL); used by stats, catalog and
+    model. Reads go through zarr directly in whole chunks; :meth:`dataset` gives the xarray view."""
+
+    def __init__(self, url: str):
+        exists, is_group = _exists(url)
+        if not is_group:
+            raise StoreError(
+                f"{url} is not a corpus store ({'no zarr group there' if exists else 'nothing there'}); "
+                "build one with `mmearth build --store PATH`"
+            )
+        self.url = url
+        self.group = zarr.open_group(url, mode="r", zarr_format=3)
+        self.attrs = dict(self.group.attrs)
+        if "schema_version" not in self.attrs:
+            raise StoreError(f"{url} is a zarr group but not a corpus store (no schema_version attribute)")
+        self.n_tiles = int(self.attrs["n_tiles"])
+        self.tile_size = int(self.attrs["tile_size"])
+        self.shard_tiles = int(self.attrs["shard_tiles"])
+        self.chunk_tiles = int(self.attrs["chunk_tiles"])
+        self.modalities = store_modalities(self.group)
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_tiles // self.shard_tiles)
+
+    @property
+    def statistics(self) -> dict[str, Any]:
+        return self.attrs.get("statistics", {})
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        s0 = shard * self.shard_tiles
+        return s0, min(s0 + self.shard_tiles, self.n_tiles)
+
+    def read(self, names: Sequence[str], start: int, stop: int) -> dict[str, np.ndarray]:
+        """Arrays ``names`` (modalities or per-tile variables) for tiles ``start:stop``."""
+        return {n: np.asarray(self.group[n][start:stop]) for n in names}
+
+    def read_shard(self, shard: int, names: Sequence[str]) -> dict[str, np.ndarray]:
+        return self.read(names, *self.shard_range(shard))
+
+    def s2_dates(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        days = np.asarray(self.group["s2_date"][start:stop])
+        out = (EPOCH + days.astype("timedelta64[D]")).astype("datetime64[D]")
+        return np.where(days == DATE_FILL, np.datetime64("NaT"), out)
+
+    def tiles(self) -> pd.DataFrame:
+        """Per-tile metadata as a DataFrame (one row per store index)."""
+        cols = ["tile_id", "lat", "lon", "epsg", "year", "split", "s2_product", "cloud_fraction", "complete"]
+        cols += [f"{m.name}_present" for m in self.modalities]
+        cols += [m.name for m in self.modalities if m.scalar]
+        df = pd.DataFrame(
+            {c: strings(self.group[c][:]) if self.group[c].dtype.kind == "T" else np.asarray(self.group[c][:])
+             for c in cols}
+        )
+        df["s2_date"] = self.s2_dates()
+        df["transform"] = list(np.asarray(self.group["transform"][:]))
+        return df
+
+    def dataset(self, **kwargs) -> xr.Dataset:
+        """The store as an xarray Dataset (lazy, dask-backed)."""
+        kwargs.setdefault("consolidated", False)
+        return xr.open_zarr(self.url, zarr_format=3, **kwargs)
+
+    def tile_dataarray(self, index: int, modality: str = "sentinel2") -> xr.DataArray:
+        """One tile of a pixel modality as a georeferenced DataArray (x/y in metres of its UTM zone,
+        CRS and transform set for rioxarray: ``.rio.to_raster('tile.tif')`` writes a GeoTIFF)."""
+        import rioxarray  # noqa: F401  (registers the .rio accessor)
+        from affine import Affine
+
+        m = get(modality)
+        if m.kind != "pixel":
+            raise ValueError(f"{modality} is not a pixel modality")
+        values = np.asarray(self.group[modality][index])
+        a, b, c, d, e, f = (float(v) for v in np.asarray(self.group["transform"][index]))
+        epsg = int(self.group["epsg"][index])
+        S = values.shape[-1]
+        x = c + a * (np.arange(S) + 0.5)
+        y = f + e * (np.arange(S) + 0.5)
+        da = xr.DataArray(
+            values, dims=("band", "y", "x"), coords={"band": list(m.bands), "y": y, "x": x}, name=modality
+        )
+        da = da.rio.write_crs(f"EPSG:{epsg}").rio.write_transform(Affine(a, b, c, d, e, f))
+        nodata = None if isinstance(m.fill, float) and np.isnan(m.fill) else m.fill
+        return da.rio.write_nodata(nodata if nodata is not None else np.nan, encoded=False)
+
+
+def open_corpus(url: str) -> CorpusReader:
+    """Open a corpus store for reading; raises :class:`StoreError` when ``url`` holds none."""
+    return CorpusReader(url)

@@ -1,0 +1,155 @@
+"""Check a corpus store against the contract of shared/DESIGN.md and summarise what it holds.
+
+Data flow: store -> ``validate_store`` -> report (``valid``, ``problems``, summary tables) -> CLI.
+Checks: schema version; every modality's array (dims, dtype, fill, shape, band names); per-tile
+variables; completeness; georeferencing (UTM EPSG, north-up 10 m transform whose centre is the tile's
+lat/lon); unique, well-formed tile ids; absent modalities stored as pure fill; statistics present.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mmearth_data.grid import GlobalGrid, tile_center_lonlat
+from mmearth_data.registry import BIOME_CLASSES
+from mmearth_data.store import SCHEMA_VERSION, TILE_VARS, CorpusReader, StoreError, strings
+
+
+def _same_fill(a: Any, b: Any) -> bool:
+    try:
+        if np.isnan(float(a)) and np.isnan(float(b)):
+            return True
+    except (TypeError, ValueError):
+        pass
+    return a == b
+
+
+def validate_store(url: str) -> dict[str, Any]:
+    problems: list[str] = []
+    try:
+        r = CorpusReader(url)
+    except StoreError as err:
+        return {"store": url, "valid": False, "problems": [str(err)]}
+    g = r.group
+    n = r.n_tiles
+    if r.attrs.get("schema_version") != SCHEMA_VERSION:
+        problems.append(f"schema version {r.attrs.get('schema_version')!r}, expected {SCHEMA_VERSION!r}")
+    names = set(g.array_keys())
+    for m in r.modalities:
+        if m.name not in names:
+            problems.append(f"modality {m.name}: array missing")
+            continue
+        a = g[m.name]
+        if tuple(a.metadata.dimension_names or ()) != m.dims():
+            problems.append(f"{m.name}: dims {a.metadata.dimension_names}, expected {m.dims()}")
+        if a.dtype != m.np_dtype:
+            problems.append(f"{m.name}: dtype {a.dtype}, expected {m.dtype}")
+        if not _same_fill(a.fill_value, m.fill):
+            problems.append(f"{m.name}: fill value {a.fill_value}, expected {m.fill}")
+        if a.shape != m.shape(n, r.tile_size):
+            problems.append(f"{m.name}: shape {a.shape}, expected {m.shape(n, r.tile_size)}")
+        if not m.scalar:
+            if m.band_dim not in names:
+                problems.append(f"{m.name}: band coordinate {m.band_dim} missing")
+            elif list(strings(g[m.band_dim][:])) != list(m.bands):
+                problems.append(f"{m.name}: band names differ from the registry")
+        if f"{m.name}_present" not in names:
+            problems.append(f"{m.name}_present flag missing")
+    for v in TILE_VARS:
+        if v.name not in names:
+            problems.append(f"per-tile variable {v.name} missing")
+    if problems:
+        return {"store": url, "valid": False, "problems": problems}
+
+    meta = r.tiles()
+    complete = meta["complete"].to_numpy()
+    if not complete.all():
+        problems.append(f"{int((~complete).sum())} of {n} tiles are not complete (re-run the build to resume)")
+    done = meta[complete]
+    ids = done["tile_id"].astype(str)
+    if ids.duplicated().any():
+        problems.append(f"{int(ids.duplicated().sum())} duplicate tile ids")
+    bad_ids = [t for t in ids if not _well_formed(t)]
+    if bad_ids:
+        problems.append(f"{len(bad_ids)} malformed tile ids, e.g. {bad_ids[0]!r}")
+    if len(done):
+        epsg = done["epsg"].to_numpy()
+        if not np.all(((epsg > 32600) & (epsg <= 32660)) | ((epsg > 32700) & (epsg <= 32760))):
+            problems.append("EPSG codes outside the UTM zones")
+        tr = np.stack(done["transform"].to_numpy())
+        if not (np.allclose(tr[:, 0], 10) and np.allclose(tr[:, 4], -10) and np.allclose(tr[:, [1, 3]], 0)):
+            problems.append("transforms are not north-up 10 m grids")
+        if not np.allclose(np.mod(tr[:, [2, 5]], 10), 0):
+            problems.append("transform origins are not on the integer 10 m grid")
+        lon, lat = tile_center_lonlat(tr, epsg, r.tile_size)
+        off = np.hypot(lat - done["lat"], (lon - done["lon"]) * np.cos(np.radians(lat)))
+        if np.any(off > 0.01):
+            problems.append(f"{int((off > 0.01).sum())} tiles whose transform centre is >1 km from lat/lon")
+        for m in r.modalities:
+            absent = np.nonzero(complete & ~meta[f"{m.name}_present"].to_numpy())[0]
+            for i in absent[:8]:
+                vals = np.asarray(g[m.name][int(i)])
+                if not np.all(m.is_fill(vals)):
+                    problems.append(f"{m.name}: tile {i} flagged absent but holds data")
+                    break
+    stats = r.statistics
+    for m in r.modalities:
+        if m.name == "sentinel2_masks":
+            continue
+        if m.name not in stats:
+            problems.append(f"statistics for {m.name} missing (run the build's statistics step)")
+        elif m.name == "sentinel2":
+            for level in set(done["s2_product"].astype(str)):
+                if level not in stats[m.name]:
+                    problems.append(f"statistics for sentinel2 {level} missing")
+
+    summary: dict[str, Any] = {"n_tiles": n, "complete": int(complete.sum()), "tile_size": r.tile_size}
+    if "biome" in meta and len(done):
+        years = sorted(int(y) for y in done["year"].unique())
+        summary["biome_x_year"] = {
+            int(b): {y: int(((done["biome"] == b) & (done["year"] == y)).sum()) for y in years}
+            for b in BIOME_CLASSES
+        }
+    summary["present_share"] = {
+        m.name: float(done[f"{m.name}_present"].mean()) if len(done) else 0.0 for m in r.modalities
+    }
+    summary["s2_products"] = done["s2_product"].astype(str).value_counts().to_dict()
+    return {"store": url, "valid": not problems, "problems": problems, "summary": summary}
+
+
+def _well_formed(tile_id: str) -> bool:
+    try:
+        GlobalGrid.parse_id(tile_id)
+        return True
+    except ValueError:
+        return False
+
+
+def print_report(report: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    s = report.get("summary", {})
+    if "biome_x_year" in s:
+        years = sorted({y for row in s["biome_x_year"].values() for y in row})
+        t = Table(title=f"tiles per biome x year ({s['complete']}/{s['n_tiles']} complete)")
+        t.add_column("biome")
+        for y in years:
+            t.add_column(str(y), justify="right")
+        for b, row in s["biome_x_year"].items():
+            t.add_row(f"{b} {BIOME_CLASSES[b][:40]}", *[str(row[y]) for y in years])
+        console.print(t)
+    if "present_share" in s:
+        t = Table(title="share of tiles with each modality")
+        t.add_column("modality")
+        t.add_column("present", justify="right")
+        for name, share in s["present_share"].items():
+            t.add_row(name, f"{share:.1%}")
+        console.print(t)
+    if report["valid"]:
+        console.print(f"[bold green]valid[/]: {report['store']}")
+    else:
+        console.print(f"[bold red]not valid[/]: {report['store']}")
+        for p in report["problems"]:
+            console.print(f"  - {p}")
