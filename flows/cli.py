@@ -78,9 +78,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         chunk_tiles=args.chunk_tiles,
         shard_tiles=args.shard_tiles,
     )
-    from mmearth_data.build import check_config
+    from mmearth_data.build import check_request
 
-    check_config(cfg)  # fail fast, before Prefect starts
+    check_request(cfg)  # fail fast, before Prefect starts; reads only
     from flows.build_corpus import run_build
 
     summary = run_build(cfg, workers=args.workers, show_progress=not args.no_progress)

@@ -132,32 +132,46 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
-    """Check the request, plan the sample, create or resume the store, write the plan artifacts."""
-    check_config(cfg)
+def check_store_path(cfg: BuildConfig) -> bool:
+    """Raise :class:`BuildInputError` when ``cfg.store`` holds anything but this build's own corpus;
+    returns True when it holds this build's corpus (a resume). Reads only."""
     exists, is_group = _exists(cfg.store)
-    ident = cfg.identity()
-    chash = config_hash(ident)
-    resumed = False
     if exists and not is_group:
         raise BuildInputError(
             f"{cfg.store} already holds something that is not a corpus store; choose another --store path "
             "(nothing was changed)"
         )
-    if is_group:
-        import zarr
+    if not is_group:
+        return False
+    import zarr
 
-        attrs = dict(zarr.open_group(cfg.store, mode="r").attrs)
-        if "schema_version" not in attrs:
-            raise BuildInputError(f"{cfg.store} is a zarr group but not a corpus store; choose another --store")
-        if attrs.get("build", {}).get("config_hash") != chash:
-            old = attrs.get("build", {}).get("config", {})
-            diff = {k: (old.get(k), v) for k, v in ident.items() if old.get(k) != v}
-            raise BuildInputError(
-                f"{cfg.store} holds a corpus built with another configuration (stored vs asked: {diff}); "
-                "re-run with the same options to resume it, or choose another --store (nothing was changed)"
-            )
-        resumed = True
+    attrs = dict(zarr.open_group(cfg.store, mode="r").attrs)
+    if "schema_version" not in attrs:
+        raise BuildInputError(
+            f"{cfg.store} is a zarr group but not a corpus store; choose another --store (nothing was changed)"
+        )
+    ident = cfg.identity()
+    if attrs.get("build", {}).get("config_hash") != config_hash(ident):
+        old = attrs.get("build", {}).get("config", {})
+        diff = {k: (old.get(k), v) for k, v in ident.items() if old.get(k) != v}
+        raise BuildInputError(
+            f"{cfg.store} holds a corpus built with another configuration (stored vs asked: {diff}); "
+            "re-run with the same options to resume it, or choose another --store (nothing was changed)"
+        )
+    return True
+
+
+def check_request(cfg: BuildConfig) -> bool:
+    """All checks of a build request, before anything is written; True when it resumes a store."""
+    check_config(cfg)
+    return check_store_path(cfg)
+
+
+def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
+    """Check the request, plan the sample, create or resume the store, write the plan artifacts."""
+    resumed = check_request(cfg)
+    ident = cfg.identity()
+    chash = config_hash(ident)
     try:
         plan = sample_plan(
             SampleConfig(cfg.n_tiles, tuple(cfg.years), cfg.seed, cfg.tile_size, cfg.reserve), world

@@ -361,7 +361,7 @@ class OfflineSource:
         if product == "L2A":
             scl = np.where(VEG_CLASSES[cls] | (crop & (crop_state > 0.4)), 4, 5).astype(np.uint8)
             scl[cls == C["water"]] = 6
-            scl[snow > 0.5] = 11
+            scl[snow > 0.3] = 11
             scl[illum < 0.35] = 2
             scl[shadow > 0.3] = 3
             scl[cirrus > 0.01] = 10

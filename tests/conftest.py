@@ -1,0 +1,42 @@
+"""Shared fixtures: an isolated Prefect home, one Prefect test harness, and small stores built through
+the plain build functions (the same code the flow runs)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+_PREFECT_HOME = tempfile.mkdtemp(prefix="prefect-home-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import pytest  # noqa: E402
+
+from mmearth_data.build import BuildConfig, export_shard, finish, prepare  # noqa: E402
+
+
+def build_plain(cfg: BuildConfig) -> dict:
+    """Build a store without Prefect: prepare, export every pending shard, finish."""
+    prep = prepare(cfg)
+    reports = [export_shard(cfg, k, prep.candidates[k]) for k in prep.shards]
+    return finish(cfg, reports, 1.0)
+
+
+SMALL = dict(n_tiles=56, tile_size=64, shard_tiles=16, chunk_tiles=4, seed=7)
+
+
+@pytest.fixture(scope="session")
+def small_store(tmp_path_factory) -> str:
+    """56 tiles (one per biome x year) of 64 px in 4 shards, statistics written."""
+    path = str(tmp_path_factory.mktemp("stores") / "small.zarr")
+    build_plain(BuildConfig(store=path, **SMALL))
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,136 @@
+"""The offline world's physics: values, not shapes."""
+
+import numpy as np
+import pytest
+
+from mmearth_data.registry import stored_modalities
+from mmearth_data.sampling import SampleConfig, primaries, sample_plan
+from mmearth_data.sources.base import TileRequest
+from mmearth_data.sources.offline import OfflineSource, slope_degrees
+
+B = {b: i for i, b in enumerate(("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"))}
+
+
+@pytest.fixture(scope="module")
+def tiles():
+    plan = primaries(sample_plan(SampleConfig(224, seed=5, tile_size=64, reserve=0)))
+    reqs = [TileRequest.from_row(r, 64) for _, r in plan.iterrows()]
+    res = OfflineSource(seed=5).fetch(reqs, stored_modalities())
+    return list(zip(reqs, res, strict=True))
+
+
+def clear(res):
+    masks = res.arrays["sentinel2_masks"]
+    return masks[2] == 0  # QA60: no opaque cloud, no cirrus
+
+
+def ndvi(res, sel):
+    s2 = res.arrays["sentinel2"].astype(np.float64)
+    nir, red = s2[B["B8"]][sel], s2[B["B4"]][sel]
+    return np.mean((nir - red) / (nir + red))
+
+
+def test_forest_tiles_are_greener_than_desert_tiles(tiles):
+    forest = [ndvi(r, clear(r)) for q, r in tiles if q.biome in (1, 4) and clear(r).mean() > 0.5]
+    desert = [ndvi(r, clear(r)) for q, r in tiles if q.biome == 13 and clear(r).mean() > 0.5]
+    assert len(forest) >= 5 and len(desert) >= 5
+    assert np.median(forest) > np.median(desert) + 0.2
+
+
+def test_water_is_dark_in_nir(tiles):
+    water, land = [], []
+    for _, r in tiles:
+        dw = r.arrays["dynamic_world"][0]
+        ok = clear(r) & (r.arrays["sentinel2_masks"][0] != 11)
+        nir = r.arrays["sentinel2"][B["B8"]]
+        water += nir[(dw == 1) & ok].tolist()
+        land += nir[(dw == 2) & ok].tolist()
+    assert len(water) > 1000
+    assert np.median(water) < 600 < np.median(land)
+
+
+def test_slope_is_consistent_with_elevation(tiles):
+    for _, r in tiles[:20]:
+        elev, slope = r.arrays["dem"]
+        np.testing.assert_allclose(slope, slope_degrees(elev), atol=1e-3)
+    steep = [r.arrays["dem"][1].mean() for q, r in tiles if q.biome == 10]
+    flat = [r.arrays["dem"][1].mean() for q, r in tiles if q.biome == 9]
+    assert np.median(steep) > np.median(flat)
+
+
+def test_cloudy_pixels_are_flagged_in_every_mask(tiles):
+    cloudy = [r for _, r in tiles if r.s2_product == "L2A" and (r.arrays["sentinel2_masks"][0] == 9).mean() > 0.05]
+    assert len(cloudy) >= 5
+    for r in cloudy:
+        scl, prob, qa = r.arrays["sentinel2_masks"]
+        blue = r.arrays["sentinel2"][B["B2"]]
+        thick = scl == 9
+        assert prob[thick].min() > 40
+        assert (qa[thick] == 1).mean() > 0.95
+        surface = np.isin(scl, (4, 5, 6))
+        if surface.any():
+            assert blue[thick].mean() > 2 * blue[surface].mean()
+    l1c = [r for _, r in tiles if r.s2_product == "L1C"]
+    assert all((r.arrays["sentinel2_masks"][0] == 255).all() for r in l1c), "L1C has no SCL"
+    assert all(r.arrays["sentinel2"][B["B10"]].min() > 0 for r in l1c)
+
+
+def test_l2a_has_no_b10_and_l1c_is_brighter_in_blue(tiles):
+    l2a = [r for _, r in tiles if r.s2_product == "L2A"]
+    l1c = [r for _, r in tiles if r.s2_product == "L1C"]
+    assert l2a and l1c
+    assert all((r.arrays["sentinel2"][B["B10"]] == 0).all() for r in l2a)
+    assert all(r.s2_date < np.datetime64("2019-01-01") for r in l1c)
+
+
+def test_sentinel1_vv_above_vh_and_sometimes_missing(tiles):
+    diffs = []
+    for _, r in tiles:
+        s1 = r.arrays["sentinel1"].astype(np.float32)
+        for co, cross in ((0, 1), (4, 5)):
+            if np.isfinite(s1[co]).any():
+                diffs.append(np.nanmean(s1[co]) - np.nanmean(s1[cross]))
+    assert np.mean(diffs) > 3 and np.mean(np.array(diffs) > 0) > 0.95
+    missing_orbit = sum(1 for _, r in tiles if not r.extra["s1_orbits"]["asc"] or not r.extra["s1_orbits"]["desc"])
+    assert 0 < missing_orbit < len(tiles) / 2
+
+
+def test_era5_temperature_falls_with_latitude_and_elevation(tiles):
+    lat = np.array([abs(q.lat) for q, _ in tiles])
+    elev = np.array([np.mean(r.arrays["dem"][0]) for _, r in tiles])
+    t_year = np.array([r.arrays["era5"][8] for _, r in tiles])  # year_t2m, K
+    X = np.column_stack([np.ones_like(lat), lat, elev])
+    coef, *_ = np.linalg.lstsq(X, t_year, rcond=None)
+    assert coef[1] < -0.2, f"no cooling with latitude: {coef}"
+    assert coef[2] < -0.002, f"no cooling with elevation: {coef}"
+    assert np.all((t_year > 200) & (t_year < 320))
+    era = np.array([r.arrays["era5"] for _, r in tiles])
+    assert np.all(era[:, 1] <= era[:, 0]) and np.all(era[:, 0] <= era[:, 2])  # min <= mean <= max
+    assert np.all(era[:, 11] >= era[:, 7])  # 12-month precipitation >= the month's
+
+
+def test_canopy_height_follows_tree_cover(tiles):
+    tall, open_ = [], []
+    for _, r in tiles:
+        dw = r.arrays["dynamic_world"][0]
+        h = r.arrays["canopy_height"][0]
+        tall += h[dw == 2].tolist()
+        open_ += h[(dw == 3) | (dw == 8)].tolist()
+        assert (h[dw == 1] == 255).all(), "water is no data in canopy height"
+    assert np.median(tall) > 5 and np.median(open_) == 0
+
+
+def test_land_cover_products_agree_where_classes_match(tiles):
+    for _, r in tiles[:30]:
+        dw, wc = r.arrays["dynamic_world"][0], r.arrays["esa_worldcover"][0]
+        assert ((wc == 80) == (dw == 1)).all()  # water
+        assert ((wc == 40) == (dw == 5)).all()  # crops
+
+
+def test_same_tile_and_seed_is_byte_identical(tiles):
+    q, r = tiles[0]
+    again = OfflineSource(seed=5).fetch([q], stored_modalities())[0]
+    for k, v in r.arrays.items():
+        assert v.tobytes() == again.arrays[k].tobytes(), k
+    other = OfflineSource(seed=6).fetch([q], stored_modalities())[0]
+    assert other.arrays["sentinel2"].tobytes() != r.arrays["sentinel2"].tobytes()

@@ -1,0 +1,133 @@
+"""The store contract, on a small store built by the same functions the flow runs."""
+
+import numpy as np
+import pytest
+import rasterio
+import xarray as xr
+import zarr
+from pyproj import Transformer
+
+from conftest import SMALL, build_plain
+from mmearth_data.build import BuildConfig
+from mmearth_data.registry import stored_modalities
+from mmearth_data.store import CorpusReader, StoreError, StoreWriter, open_corpus
+from mmearth_data.validate import validate_store
+
+
+def test_small_store_is_valid(small_store):
+    report = validate_store(small_store)
+    assert report["valid"], report["problems"]
+    s = report["summary"]
+    assert s["complete"] == 56
+    counts = [c for row in s["biome_x_year"].values() for c in row.values()]
+    assert counts == [1] * 56
+
+
+def test_xarray_opens_it_with_named_dims_and_bands(small_store):
+    ds = xr.open_zarr(small_store, consolidated=False)
+    assert ds["sentinel2"].dims == ("tile", "sentinel2_band", "y", "x")
+    assert ds["sentinel2"].shape == (56, 13, 64, 64)
+    assert list(ds["sentinel2_band"].values)[7:9] == ["B8", "B8A"]
+    assert ds["biome"].dims == ("tile",)
+    assert np.issubdtype(ds["s2_date"].dtype, np.datetime64)
+    assert set(ds["s2_product"].values.tolist()) <= {"L1C", "L2A"}
+
+
+def test_layout_chunks_whole_tiles_in_sharded_blosc_zstd(small_store):
+    g = zarr.open_group(small_store, mode="r")
+    a = g["sentinel2"]
+    assert a.chunks == (4, 13, 64, 64) and a.shards == (16, 13, 64, 64)
+    codec = a.metadata.codecs[0].codecs  # sharding codec -> inner codecs
+    assert any(type(c).__name__ == "BloscCodec" and c.cname.value == "zstd" for c in codec)
+    attrs = g.attrs
+    assert attrs["schema_version"] == "1.0" and attrs["tile_size"] == 64
+    assert "sentinel2" in attrs["registry"] and attrs["build"]["source"]["source"] == "offline"
+
+
+def test_statistics_are_no_data_aware_and_split_by_level(small_store):
+    r = CorpusReader(small_store)
+    st = r.statistics
+    assert set(st["sentinel2"]) == {"L1C", "L2A"}
+    l1c, l2a = st["sentinel2"]["L1C"], st["sentinel2"]["L2A"]
+    assert l2a["B10"]["count"] == 0 and l1c["B10"]["count"] > 0  # B10 is fill in L2A
+    s2 = np.asarray(r.group["sentinel2"][:]).astype(np.float64)
+    prod = r.tiles()["s2_product"].to_numpy()
+    b4 = s2[prod == "L2A", 3]
+    assert np.isclose(l2a["B4"]["mean"], b4[b4 != 0].mean())
+    assert np.isclose(l2a["B4"]["std"], b4[b4 != 0].std(), rtol=1e-6)
+    s1 = st["sentinel1"]["VV_asc"]
+    assert np.isfinite(s1["mean"]) and s1["min"] < s1["mean"] < s1["max"]
+    assert sum(st["dynamic_world"]["class_counts"].values()) == 56 * 64 * 64
+
+
+def test_rioxarray_writes_a_geotiff_whose_footprint_holds_the_tile(small_store, tmp_path):
+    r = open_corpus(small_store)
+    meta = r.tiles()
+    for i in (0, 17, 55):
+        da = r.tile_dataarray(i, "sentinel2")
+        path = tmp_path / f"tile{i}.tif"
+        da.rio.to_raster(path)
+        with rasterio.open(path) as src:
+            assert src.count == 13 and src.crs.to_epsg() == int(meta.epsg[i])
+            x, y = Transformer.from_crs(4326, src.crs, always_xy=True).transform(meta.lon[i], meta.lat[i])
+            b = src.bounds
+            assert b.left < x < b.right and b.bottom < y < b.top
+            np.testing.assert_array_equal(src.read(), np.asarray(r.group["sentinel2"][i]))
+
+
+def test_same_seed_gives_byte_identical_store(small_store, tmp_path):
+    other = str(tmp_path / "again.zarr")
+    build_plain(BuildConfig(store=other, **SMALL))
+    a, b = zarr.open_group(small_store, mode="r"), zarr.open_group(other, mode="r")
+    for m in stored_modalities():
+        assert np.asarray(a[m.name][:]).tobytes() == np.asarray(b[m.name][:]).tobytes(), m.name
+    assert a.attrs["statistics"] == b.attrs["statistics"]
+
+
+def test_incomplete_shard_is_redone_and_ends_identical(small_store, tmp_path):
+    import shutil
+
+    copy = str(tmp_path / "copy.zarr")
+    shutil.copytree(small_store, copy)
+    w = StoreWriter(copy)
+    assert w.incomplete_shards() == []
+    before = np.asarray(w.group["sentinel2"][16:32]).copy()
+    w.group["sentinel2"][16:20] = 0  # a half-written shard ...
+    w.group["complete"][16:20] = False  # ... whose tiles were never marked complete
+    assert w.incomplete_shards() == [1]
+    cfg = BuildConfig(store=copy, **SMALL)
+    summary = build_plain(cfg)
+    assert summary["shards_exported"] == 1 and summary["complete"] == 56
+    np.testing.assert_array_equal(np.asarray(w.group["sentinel2"][16:32]), before)
+
+
+def test_reader_refuses_what_is_not_a_store(tmp_path):
+    with pytest.raises(StoreError, match="not a corpus store"):
+        CorpusReader(str(tmp_path))
+    report = validate_store(str(tmp_path / "nothing.zarr"))
+    assert not report["valid"] and "nothing there" in report["problems"][0]
+
+
+def test_validate_reports_broken_stores(small_store, tmp_path):
+    import shutil
+
+    copy = str(tmp_path / "broken.zarr")
+    shutil.copytree(small_store, copy)
+    g = zarr.open_group(copy, mode="r+")
+    g["complete"][0:2] = False
+    attrs = dict(g.attrs)
+    del attrs["statistics"]["dem"]
+    g.attrs.put(attrs)
+    report = validate_store(copy)
+    assert not report["valid"]
+    text = " ".join(report["problems"])
+    assert "2 of 56 tiles are not complete" in text and "statistics for dem missing" in text
+
+
+def test_store_on_an_fsspec_url():
+    url = "memory://corpus/tiny.zarr"
+    summary = build_plain(BuildConfig(store=url, n_tiles=8, tile_size=32, shard_tiles=8, chunk_tiles=4, years=(2020,)))
+    assert summary["complete"] == 8
+    r = CorpusReader(url)
+    assert r.read(["sentinel2"], 0, 8)["sentinel2"].shape == (8, 13, 32, 32)
+    assert validate_store(url)["valid"]
