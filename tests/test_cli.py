@@ -1,0 +1,71 @@
+"""Bad input exits 2 with a message naming the problem; nothing already written is touched."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+
+
+def tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        h.update(str(p.relative_to(path)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tiles", "8", "--modalities", "sentinel2,landsat"], "unknown modality 'landsat'"),
+        (["--tiles", "8", "--modalities", "dem"], "sentinel2 must be among"),
+        (["--tiles", "0"], "positive number of tiles"),
+        (["--tiles", "-4"], "positive number of tiles"),
+        (["--tiles", "8", "--years", "2012-2014"], "outside what the offline source covers"),
+        (["--tiles", "8", "--tile-size", "100"], "multiple of 32"),
+        (["--tiles", "8", "--source", "landsat-archive"], "unknown source"),
+    ],
+)
+def test_bad_build_requests_exit_2(tmp_path, capsys, args, message):
+    store = tmp_path / "s.zarr"
+    assert main(["build", "--store", str(store), *args]) == 2
+    assert message in capsys.readouterr().err.replace("\n", " ")
+    assert not store.exists()
+
+
+def test_bad_years_syntax_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--store", str(tmp_path / "s.zarr"), "--tiles", "8", "--years", "twenty"])
+    assert e.value.code == 2
+    assert "use a range like 2017-2020" in capsys.readouterr().err
+
+
+def test_store_path_holding_something_else_is_left_alone(tmp_path, capsys):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"\xff\xd8 not a corpus")
+    before = tree_digest(foreign)
+    assert main(["build", "--store", str(foreign), "--tiles", "8"]) == 2
+    assert "not a corpus store" in capsys.readouterr().err
+    assert tree_digest(foreign) == before
+    afile = tmp_path / "notes.txt"
+    afile.write_text("keep me")
+    assert main(["build", "--store", str(afile), "--tiles", "8"]) == 2
+    assert afile.read_text() == "keep me"
+
+
+def test_store_built_with_other_options_is_left_alone(small_store, capsys):
+    before = tree_digest(Path(small_store))
+    assert main(["build", "--store", small_store, "--tiles", "57", "--tile-size", "64"]) == 2
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "another configuration" in err and "n_tiles" in err
+    assert tree_digest(Path(small_store)) == before
+
+
+def test_validate_exit_codes(small_store, tmp_path, capsys):
+    assert main(["validate", "--store", small_store]) == 0
+    assert "valid" in capsys.readouterr().out
+    assert main(["validate", "--store", str(tmp_path / "none.zarr")]) == 1
