@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: install run test test-all lint bench world
 
@@ -29,6 +30,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/build.py
+	$(PY) bench/store_size.py
 
 ## regenerate the committed offline world layers (maintainers; needs the network to PyPI)
 world: $(STAMP)

@@ -28,7 +28,9 @@ from mmearth_data.build import BuildConfig, ShardReport, export_shard, finish, p
 SHARD_RETRIES = 2
 
 
-@task(retries=SHARD_RETRIES, retry_delay_seconds=2, cache_policy=NO_CACHE, task_run_name="export-shard-{shard}")
+@task(
+    retries=SHARD_RETRIES, retry_delay_seconds=2, cache_policy=NO_CACHE, task_run_name="export-shard-{shard}"
+)
 def export_shard_task(cfg: BuildConfig, shard: int, candidates: list[list[dict[str, Any]]]) -> ShardReport:
     return export_shard(cfg, shard, candidates)
 

@@ -33,7 +33,9 @@ def parse_years(text: str) -> tuple[int, ...]:
                 years.append(int(part))
         return tuple(sorted(set(years)))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"years {text!r}: use a range like 2017-2020 or a list like 2017,2019")
+        raise argparse.ArgumentTypeError(  # noqa: B904 (argparse prints only the message)
+            f"years {text!r}: use a range like 2017-2020 or a list like 2017,2019"
+        )
 
 
 def _modalities(text: str) -> tuple[str, ...]:
@@ -51,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--tile-size", type=int, default=128, help="pixels per side, a multiple of 32 (128 or 64)")
     b.add_argument("--years", type=parse_years, default=(2017, 2018, 2019, 2020), help="e.g. 2017-2020")
-    b.add_argument("--modalities", type=_modalities, default=DEFAULT_MODALITIES, help="comma list; default all")
+    b.add_argument(
+        "--modalities", type=_modalities, default=DEFAULT_MODALITIES, help="comma list; default all"
+    )
     b.add_argument("--reserve", type=int, default=2, help="alternate tiles planned per tile (backfill)")
     b.add_argument("--shard-tiles", type=int, default=0, help="tiles per shard (default: from --tiles)")
     b.add_argument("--chunk-tiles", type=int, default=4, help="tiles per chunk")
@@ -95,8 +99,19 @@ def print_summary(s: dict) -> None:
     from rich.table import Table
 
     t = Table(title="build summary", show_header=False)
-    for k in ("store", "artifacts", "n_tiles", "complete", "shards_exported", "tiles_exported", "backfilled",
-              "failed_attempts", "seconds", "tiles_per_s", "resumed"):
+    for k in (
+        "store",
+        "artifacts",
+        "n_tiles",
+        "complete",
+        "shards_exported",
+        "tiles_exported",
+        "backfilled",
+        "failed_attempts",
+        "seconds",
+        "tiles_per_s",
+        "resumed",
+    ):
         t.add_row(k, str(s.get(k)))
     for reason, n in s.get("failure_reasons", {}).items():
         t.add_row("failure", f"{n} x {reason}")

@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"sample map               {Path(art, 'sample_map.png').resolve()}")
     console.print(f"biome x year counts      {Path(art, 'strata.png').resolve()}")
     console.print(f"failures                 {Path(art, 'failures.json').resolve()}")
-    console.print("open it:  python -c \"import xarray as xr; print(xr.open_zarr('%s', consolidated=False))\"" % args.store)
+    console.print(
+        'open it:  python -c "import xarray as xr; '
+        f"print(xr.open_zarr('{args.store}', consolidated=False))\""
+    )
     return 0 if report["valid"] else 1
 
 

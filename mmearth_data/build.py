@@ -28,7 +28,7 @@ from mmearth_data import registry
 from mmearth_data.grid import GridError, check_tile_size
 from mmearth_data.sampling import SampleConfig, SamplingError, sample_plan
 from mmearth_data.sources import SourceError, TileFailure, TileRequest, make_source, source_years
-from mmearth_data.store import StoreError, StoreWriter, _exists, config_hash, create_store
+from mmearth_data.store import StoreWriter, _exists, config_hash, create_store
 from mmearth_data.world import World
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,8 @@ def check_store_path(cfg: BuildConfig) -> bool:
     attrs = dict(zarr.open_group(cfg.store, mode="r").attrs)
     if "schema_version" not in attrs:
         raise BuildInputError(
-            f"{cfg.store} is a zarr group but not a corpus store; choose another --store (nothing was changed)"
+            f"{cfg.store} is a zarr group but not a corpus store; "
+            "choose another --store (nothing was changed)"
         )
     ident = cfg.identity()
     if attrs.get("build", {}).get("config_hash") != config_hash(ident):
@@ -196,7 +197,10 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
                     "source": source.describe(),
                     "versions": {p: version(p) for p in ("mmearth-corpus", "numpy", "zarr", "xarray")},
                 },
-                "grid": {"spacing_m": int(plan.attrs["grid_spacing_m"]), "layout": "Major TOM-like rows/cols"},
+                "grid": {
+                    "spacing_m": int(plan.attrs["grid_spacing_m"]),
+                    "layout": "Major TOM-like rows/cols",
+                },
             },
         )
     writer = StoreWriter(cfg.store)

@@ -204,7 +204,7 @@ def sample_plan(cfg: SampleConfig, world: World | None = None) -> gpd.GeoDataFra
     df["rank"] = 0
     df.loc[prim[perm], "slot"] = np.arange(len(prim))
     # alternates: the j-th primary of a stratum gets the stratum's alternates j*reserve .. +reserve
-    for (b, y), g in df.groupby(["biome", "year"], sort=False):
+    for _, g in df.groupby(["biome", "year"], sort=False):
         p = g[g.primary].index.to_numpy()
         alts = g[~g.primary].index.to_numpy()
         for j, pi in enumerate(p):
@@ -222,14 +222,29 @@ def sample_plan(cfg: SampleConfig, world: World | None = None) -> gpd.GeoDataFra
     df["ecoregion"] = world.ecoregion(lat, lon)
     df["split"] = split_of(lat, lon)
     df = df.drop(columns=["primary"])
-    cols = ["slot", "rank", "tile_id", "row", "col", "lat", "lon", "epsg", "transform", "biome",
-            "ecoregion", "year", "split"]
-    gdf = gpd.GeoDataFrame(
-        df[cols], geometry=footprints(transforms, epsg, cfg.tile_size), crs="EPSG:4326"
-    )
+    cols = [
+        "slot",
+        "rank",
+        "tile_id",
+        "row",
+        "col",
+        "lat",
+        "lon",
+        "epsg",
+        "transform",
+        "biome",
+        "ecoregion",
+        "year",
+        "split",
+    ]
+    gdf = gpd.GeoDataFrame(df[cols], geometry=footprints(transforms, epsg, cfg.tile_size), crs="EPSG:4326")
     gdf.attrs.update(
-        n_tiles=cfg.n_tiles, years=list(years), seed=cfg.seed, tile_size=cfg.tile_size,
-        reserve=cfg.reserve, grid_spacing_m=grid.spacing_m,
+        n_tiles=cfg.n_tiles,
+        years=list(years),
+        seed=cfg.seed,
+        tile_size=cfg.tile_size,
+        reserve=cfg.reserve,
+        grid_spacing_m=grid.spacing_m,
     )
     return gdf
 

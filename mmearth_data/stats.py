@@ -77,7 +77,9 @@ def compute_statistics(url: str) -> dict[str, Any]:
         mask = complete & np.asarray(g[f"{m.name}_present"][:])
         if m.categorical:
             # fill is never a class: tiles outside the mask are counted as fill and dropped
-            keep = da.from_array(mask.reshape((-1,) + (1,) * (arr.ndim - 1)), chunks=(arr.chunks[0],) + (1,) * (arr.ndim - 1))
+            keep = da.from_array(
+                mask.reshape((-1,) + (1,) * (arr.ndim - 1)), chunks=(arr.chunks[0],) + (1,) * (arr.ndim - 1)
+            )
             vals = da.where(keep, arr, m.fill).astype(np.int64).ravel()
             lazy[(m.name, None)] = da.bincount(vals, minlength=max(m.classes) + 1)
         elif m.name == "sentinel2":

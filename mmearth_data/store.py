@@ -55,7 +55,12 @@ TILE_VARS = (
         "float64",
         np.nan,
         extra_dims=(("transform_coef", 6),),
-        attrs=(("long_name", "affine transform (a, b, c, d, e, f): x = a*col + b*row + c, y = d*col + e*row + f"),),
+        attrs=(
+            (
+                "long_name",
+                "affine transform (a, b, c, d, e, f): x = a*col + b*row + c, y = d*col + e*row + f",
+            ),
+        ),
     ),
     TileVar(
         "s2_date",
@@ -136,8 +141,14 @@ def create_store(
             band = group.create_array(m.band_dim, shape=(m.n_bands,), dtype=str, dimension_names=[m.band_dim])
             band[:] = np.array(m.bands, dtype=object)
         flag = group.create_array(
-            f"{m.name}_present", shape=(n_tiles,), chunks=(chunk_tiles,), shards=(shard_tiles,),
-            dtype="bool", fill_value=False, compressors=COMPRESSOR, dimension_names=["tile"],
+            f"{m.name}_present",
+            shape=(n_tiles,),
+            chunks=(chunk_tiles,),
+            shards=(shard_tiles,),
+            dtype="bool",
+            fill_value=False,
+            compressors=COMPRESSOR,
+            dimension_names=["tile"],
         )
         flag.attrs["long_name"] = f"{m.name} delivered by the source (false: all fill)"
     for v in TILE_VARS:
@@ -156,8 +167,14 @@ def create_store(
     coef = group.create_array("transform_coef", shape=(6,), dtype=str, dimension_names=["transform_coef"])
     coef[:] = np.array(list("abcdef"), dtype=object)
     complete = group.create_array(
-        "complete", shape=(n_tiles,), chunks=(chunk_tiles,), shards=(shard_tiles,), dtype="bool",
-        fill_value=False, compressors=COMPRESSOR, dimension_names=["tile"],
+        "complete",
+        shape=(n_tiles,),
+        chunks=(chunk_tiles,),
+        shards=(shard_tiles,),
+        dtype="bool",
+        fill_value=False,
+        compressors=COMPRESSOR,
+        dimension_names=["tile"],
     )
     complete.attrs["long_name"] = "every modality of the tile is written (as data or as fill)"
     group.attrs.update(
@@ -300,8 +317,12 @@ class CorpusReader:
         cols += [f"{m.name}_present" for m in self.modalities]
         cols += [m.name for m in self.modalities if m.scalar]
         df = pd.DataFrame(
-            {c: strings(self.group[c][:]) if self.group[c].dtype.kind == "T" else np.asarray(self.group[c][:])
-             for c in cols}
+            {
+                c: strings(self.group[c][:])
+                if self.group[c].dtype.kind == "T"
+                else np.asarray(self.group[c][:])
+                for c in cols
+            }
         )
         df["s2_date"] = self.s2_dates()
         df["transform"] = list(np.asarray(self.group["transform"][:]))

@@ -66,7 +66,9 @@ def validate_store(url: str) -> dict[str, Any]:
     meta = r.tiles()
     complete = meta["complete"].to_numpy()
     if not complete.all():
-        problems.append(f"{int((~complete).sum())} of {n} tiles are not complete (re-run the build to resume)")
+        problems.append(
+            f"{int((~complete).sum())} of {n} tiles are not complete (re-run the build to resume)"
+        )
     done = meta[complete]
     ids = done["tile_id"].astype(str)
     if ids.duplicated().any():

@@ -1,7 +1,6 @@
 """The Prefect flow end to end: shards as tasks, backfill from alternates, bounded retries."""
 
 import numpy as np
-import pytest
 import zarr
 
 from flows.build_corpus import run_build
@@ -33,7 +32,9 @@ class FlakySource(OfflineSource):
 def test_flow_builds_valid_store_with_backfill_and_retries(tmp_path, prefect_harness, monkeypatch):
     monkeypatch.setattr(build, "make_source", lambda name, **kw: FlakySource(seed=kw.get("seed", 0)))
     FlakySource.calls = 0
-    cfg = BuildConfig(store=str(tmp_path / "f.zarr"), n_tiles=24, tile_size=32, shard_tiles=8, years=(2019, 2020))
+    cfg = BuildConfig(
+        store=str(tmp_path / "f.zarr"), n_tiles=24, tile_size=32, shard_tiles=8, years=(2019, 2020)
+    )
     summary = run_build(cfg, workers=1, show_progress=False)
     assert summary["complete"] == 24
     assert summary["shards_exported"] == 3

@@ -9,9 +9,10 @@ import time
 import numpy as np
 import zarr
 
-from conftest import build_plain
 from mmearth_data.build import BuildConfig
 from mmearth_data.registry import stored_modalities
+
+from conftest import build_plain
 
 OPTS = dict(n_tiles=320, tile_size=64, shard_tiles=8, chunk_tiles=4, seed=11, years=(2018, 2020))
 ARGS = ["--tiles", "320", "--tile-size", "64", "--shard-tiles", "8", "--seed", "11", "--years", "2018,2020"]
@@ -26,7 +27,17 @@ def _complete(path):
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     killed = str(tmp_path / "killed.zarr")
-    cmd = [sys.executable, "-m", "flows.build_corpus", "--store", killed, "--workers", "1", "--no-progress", *ARGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.build_corpus",
+        "--store",
+        killed,
+        "--workers",
+        "1",
+        "--no-progress",
+        *ARGS,
+    ]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while _complete(killed) < 40 and proc.poll() is None and time.time() < deadline:

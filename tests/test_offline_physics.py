@@ -8,7 +8,10 @@ from mmearth_data.sampling import SampleConfig, primaries, sample_plan
 from mmearth_data.sources.base import TileRequest
 from mmearth_data.sources.offline import OfflineSource, slope_degrees
 
-B = {b: i for i, b in enumerate(("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"))}
+B = {
+    b: i
+    for i, b in enumerate(("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"))
+}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,9 @@ def test_slope_is_consistent_with_elevation(tiles):
 
 
 def test_cloudy_pixels_are_flagged_in_every_mask(tiles):
-    cloudy = [r for _, r in tiles if r.s2_product == "L2A" and (r.arrays["sentinel2_masks"][0] == 9).mean() > 0.05]
+    cloudy = [
+        r for _, r in tiles if r.s2_product == "L2A" and (r.arrays["sentinel2_masks"][0] == 9).mean() > 0.05
+    ]
     assert len(cloudy) >= 5
     for r in cloudy:
         scl, prob, qa = r.arrays["sentinel2_masks"]
@@ -91,7 +96,9 @@ def test_sentinel1_vv_above_vh_and_sometimes_missing(tiles):
             if np.isfinite(s1[co]).any():
                 diffs.append(np.nanmean(s1[co]) - np.nanmean(s1[cross]))
     assert np.mean(diffs) > 3 and np.mean(np.array(diffs) > 0) > 0.95
-    missing_orbit = sum(1 for _, r in tiles if not r.extra["s1_orbits"]["asc"] or not r.extra["s1_orbits"]["desc"])
+    missing_orbit = sum(
+        1 for _, r in tiles if not r.extra["s1_orbits"]["asc"] or not r.extra["s1_orbits"]["desc"]
+    )
     assert 0 < missing_orbit < len(tiles) / 2
 
 

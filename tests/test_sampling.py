@@ -3,7 +3,14 @@ import pytest
 import shapely
 
 from mmearth_data.grid import GlobalGrid, GridError
-from mmearth_data.sampling import SampleConfig, SamplingError, allocate, primaries, sample_plan, stratum_counts
+from mmearth_data.sampling import (
+    SampleConfig,
+    SamplingError,
+    allocate,
+    primaries,
+    sample_plan,
+    stratum_counts,
+)
 from mmearth_data.world import get_world
 
 
@@ -42,7 +49,7 @@ def test_tile_centre_lies_in_its_biome_and_footprint(plan):
 
 
 def test_each_primary_has_its_alternates_from_the_same_stratum(plan):
-    for slot, g in plan.groupby("slot"):
+    for _, g in plan.groupby("slot"):
         assert sorted(g["rank"]) == [0, 1, 2]
         assert g["biome"].nunique() == 1 and g["year"].nunique() == 1
     assert sorted(primaries(plan)["slot"]) == list(range(150))

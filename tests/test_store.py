@@ -7,11 +7,12 @@ import xarray as xr
 import zarr
 from pyproj import Transformer
 
-from conftest import SMALL, build_plain
 from mmearth_data.build import BuildConfig
 from mmearth_data.registry import stored_modalities
 from mmearth_data.store import CorpusReader, StoreError, StoreWriter, open_corpus
 from mmearth_data.validate import validate_store
+
+from conftest import SMALL, build_plain
 
 
 def test_small_store_is_valid(small_store):
@@ -126,7 +127,9 @@ def test_validate_reports_broken_stores(small_store, tmp_path):
 
 def test_store_on_an_fsspec_url():
     url = "memory://corpus/tiny.zarr"
-    summary = build_plain(BuildConfig(store=url, n_tiles=8, tile_size=32, shard_tiles=8, chunk_tiles=4, years=(2020,)))
+    summary = build_plain(
+        BuildConfig(store=url, n_tiles=8, tile_size=32, shard_tiles=8, chunk_tiles=4, years=(2020,))
+    )
     assert summary["complete"] == 8
     r = CorpusReader(url)
     assert r.read(["sentinel2"], 0, 8)["sentinel2"].shape == (8, 13, 32, 32)

@@ -9,8 +9,8 @@ machines with the same numpy. What is grounded in real layers and what is modell
 - **Scene date**: eight candidate days of the tile's year; the least cloudy one wins (expected cloud
   from the month's precipitation, low sun penalised), as MMEarth's documented least-cloudy choice.
 - **Terrain**: mean elevation from the world's lapse-rate proxy; relief grows with elevation and the
-  proxy's local gradient (x1.5 in montane grasslands); fractal (power-law) surface (spectral slope 4); slope from its
-  gradient at 10 m, so slope and elevation agree exactly.
+  proxy's local gradient (x1.5 in montane grasslands); fractal (power-law) surface (spectral slope 4);
+  slope from its gradient at 10 m, so slope and elevation agree exactly.
 - **Land cover**: the MODIS IGBP mix of the surrounding 0.05 deg cells -> fractions of 11 surface
   classes (a fixed IGBP -> class table, :data:`IGBP_TO_CLASS`), perturbed per tile (Dirichlet), then
   placed with spatially smooth fields so that water sits in low terrain, crops on flat land in parcels,
@@ -48,7 +48,19 @@ from mmearth_data.sources.base import TileFailure, TileRequest, TileResult, empt
 from mmearth_data.world import World, get_world
 
 # surface classes of the generator
-CLASSES = ("water", "trees", "grass", "flooded", "crops", "shrub", "built", "bare", "snow", "mangrove", "moss")
+CLASSES = (
+    "water",
+    "trees",
+    "grass",
+    "flooded",
+    "crops",
+    "shrub",
+    "built",
+    "bare",
+    "snow",
+    "mangrove",
+    "moss",
+)
 C = {n: i for i, n in enumerate(CLASSES)}
 TO_DYNAMIC_WORLD = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 2, 3], np.uint8)
 TO_WORLDCOVER = np.array([80, 10, 30, 90, 40, 20, 50, 60, 70, 95, 100], np.uint8)
@@ -91,7 +103,9 @@ SPEC = {
 SPEC = {k: np.array(v, np.float32) for k, v in SPEC.items()}
 CANOPY_SHADE = np.array([0.7, 0.7, 0.7, 0.7, 0.8, 0.9, 0.92, 0.92, 0.92, 0.9, 1.0, 0.75, 0.7], np.float32)
 # L1C: atmospheric path reflectance and two-way transmittance per band
-PATH = np.array([0.09, 0.07, 0.05, 0.035, 0.03, 0.025, 0.022, 0.02, 0.018, 0.01, 0.0, 0.005, 0.002], np.float32)
+PATH = np.array(
+    [0.09, 0.07, 0.05, 0.035, 0.03, 0.025, 0.022, 0.02, 0.018, 0.01, 0.0, 0.005, 0.002], np.float32
+)
 TRANS = np.array([0.75, 0.8, 0.85, 0.9, 0.92, 0.93, 0.94, 0.95, 0.95, 0.5, 0.05, 0.95, 0.92], np.float32)
 
 # Sentinel-1 VV backscatter (dB) and VV - VH (dB) per surface class
@@ -102,7 +116,22 @@ S1_INCIDENCE = 37.0
 S1_ENL = 4.4
 
 # canopy height (m) of trees by biome
-TREE_HEIGHT = {1: 32, 2: 20, 3: 24, 4: 24, 5: 30, 6: 15, 7: 12, 8: 10, 9: 10, 10: 8, 11: 5, 12: 10, 13: 6, 14: 14}
+TREE_HEIGHT = {
+    1: 32,
+    2: 20,
+    3: 24,
+    4: 24,
+    5: 30,
+    6: 15,
+    7: 12,
+    8: 10,
+    9: 10,
+    10: 8,
+    11: 5,
+    12: 10,
+    13: 6,
+    14: 14,
+}
 VEG_CLASSES = np.array([c in ("trees", "grass", "flooded", "shrub", "mangrove", "moss") for c in CLASSES])
 
 L2A_FROM = np.datetime64("2019-01-01")
@@ -194,7 +223,9 @@ class OfflineSource:
             "world_inputs": {k: v["version"] for k, v in self.world.provenance["inputs"].items()},
         }
 
-    def fetch(self, tiles: list[TileRequest], modalities: tuple[Modality, ...]) -> list[TileResult | TileFailure]:
+    def fetch(
+        self, tiles: list[TileRequest], modalities: tuple[Modality, ...]
+    ) -> list[TileResult | TileFailure]:
         out: list[TileResult | TileFailure] = []
         for t in tiles:
             if t.year not in self.years:
@@ -412,7 +443,7 @@ class OfflineSource:
         canopy = np.stack([np.rint(height), np.rint(std)]).astype(np.uint8)
         canopy[:, cls == C["water"]] = 255
 
-        # --- ERA5 ----------------------------------------------------------------------------------------------
+        # --- ERA5 -----------------------------------------------------------------------------------
         era5 = self._era5(t, s2_date, T12, P12)
 
         arrays = {

