@@ -19,10 +19,10 @@ machines with the same numpy. What is grounded in real layers and what is modell
 - **Sentinel-2**: class spectra (water dark in NIR and SWIR, vegetation red edge, snow bright in the
   visible and dark in SWIR) mixed by a greenness that follows the month's temperature and rain,
   seasonal snow below -1 C (lapse-corrected per pixel), Lambertian terrain illumination for the scene's
-  sun position, sensor noise; clouds with soft edges and offset shadows on about a third of tiles, cirrus
-  in B10. L2A (surface reflectance) from 2019, L1C (with path radiance and transmittance) before, as
-  the global L2A archive. Masks: SCL and MSK_CLDPRB (L2A only) and QA60 (60 m blocks) from the same
-  clouds.
+  sun position, sensor noise from the MSI's SNR; clouds with soft edges and offset shadows on about
+  a third of tiles, cirrus in B10. L2A (surface reflectance) from 2019, L1C (with path radiance and
+  transmittance) before, as the global L2A archive. Masks: SCL and MSK_CLDPRB (L2A only) and QA60
+  (60 m blocks) from the same clouds.
 - **Sentinel-1**: per-class VV backscatter and VV-VH ratio (VV above VH), soil moisture from the
   month's rain, vegetation volume scattering from greenness, local incidence angle from terrain and the
   orbit's look direction, gamma speckle (ENL 4.4). Ascending / descending scenes are each missing on
@@ -107,6 +107,11 @@ PATH = np.array(
     [0.09, 0.07, 0.05, 0.035, 0.03, 0.025, 0.022, 0.02, 0.018, 0.01, 0.0, 0.005, 0.002], np.float32
 )
 TRANS = np.array([0.75, 0.8, 0.85, 0.9, 0.92, 0.93, 0.94, 0.95, 0.95, 0.5, 0.05, 0.95, 0.92], np.float32)
+
+# Sentinel-2 radiometric noise (reflectance), from the MSI SNR at reference radiance (about 100-170)
+S2_NOISE = np.array(
+    [0.0015, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.002, 0.001, 0.0015, 0.0015], np.float32
+)
 
 # Sentinel-1 VV backscatter (dB) and VV - VH (dB) per surface class
 S1_VV = np.array([-21, -7.5, -11, -6, -10, -10.5, -4, -15, -12, -6.5, -12], np.float32)
@@ -380,7 +385,7 @@ class OfflineSource:
             aerosol = float(rng.uniform(0.6, 1.4))
             refl = refl * TRANS + PATH * aerosol
             refl[..., 10] = 0.002 + cirrus * 2 + 0.02 * alpha
-        refl += rng.normal(0, 0.003, refl.shape).astype(np.float32)
+        refl += rng.standard_normal(refl.shape, dtype=np.float32) * S2_NOISE
         s2 = np.clip(np.rint(refl * 10000), 1, 65535).astype(np.uint16).transpose(2, 0, 1)
         if product == "L2A":
             s2[10] = 0  # no B10 in L2A
