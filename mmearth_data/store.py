@@ -119,6 +119,20 @@ def create_store(
     """Create an empty corpus store (all fill, nothing complete) and return its group."""
     group = zarr.open_group(url, mode="w-", zarr_format=3)
     n_shards = -(-n_tiles // shard_tiles)
+
+    def tile_flag(name: str, long_name: str) -> None:
+        group.create_array(
+            name,
+            shape=(n_tiles,),
+            chunks=(chunk_tiles,),
+            shards=(shard_tiles,),
+            dtype="bool",
+            fill_value=False,
+            compressors=COMPRESSOR,
+            dimension_names=["tile"],
+            attributes={"long_name": long_name},
+        )
+
     for m in modalities:
         shape = m.shape(n_tiles, tile_size)
         group.create_array(
@@ -140,17 +154,7 @@ def create_store(
         if not m.scalar:
             band = group.create_array(m.band_dim, shape=(m.n_bands,), dtype=str, dimension_names=[m.band_dim])
             band[:] = np.array(m.bands, dtype=object)
-        flag = group.create_array(
-            f"{m.name}_present",
-            shape=(n_tiles,),
-            chunks=(chunk_tiles,),
-            shards=(shard_tiles,),
-            dtype="bool",
-            fill_value=False,
-            compressors=COMPRESSOR,
-            dimension_names=["tile"],
-        )
-        flag.attrs["long_name"] = f"{m.name} delivered by the source (false: all fill)"
+        tile_flag(f"{m.name}_present", f"{m.name} delivered by the source (false: all fill)")
     for v in TILE_VARS:
         shape = (n_tiles,) + tuple(n for _, n in v.extra_dims)
         arr = group.create_array(
@@ -166,17 +170,7 @@ def create_store(
         arr.attrs.update(dict(v.attrs))
     coef = group.create_array("transform_coef", shape=(6,), dtype=str, dimension_names=["transform_coef"])
     coef[:] = np.array(list("abcdef"), dtype=object)
-    complete = group.create_array(
-        "complete",
-        shape=(n_tiles,),
-        chunks=(chunk_tiles,),
-        shards=(shard_tiles,),
-        dtype="bool",
-        fill_value=False,
-        compressors=COMPRESSOR,
-        dimension_names=["tile"],
-    )
-    complete.attrs["long_name"] = "every modality of the tile is written (as data or as fill)"
+    tile_flag("complete", "every modality of the tile is written (as data or as fill)")
     group.attrs.update(
         {
             "schema_version": SCHEMA_VERSION,
