@@ -36,7 +36,6 @@ machines with the same numpy. What is grounded in real layers and what is modell
 
 from __future__ import annotations
 
-import datetime as dt
 import zlib
 from functools import cache
 from typing import Any
@@ -521,7 +520,3 @@ def _block_max(mask: np.ndarray, k: int) -> np.ndarray:
     pad[:S, :S] = mask
     blocks = pad.reshape(n // k, k, n // k, k).any(axis=(1, 3))
     return np.repeat(np.repeat(blocks, k, 0), k, 1)[:S, :S]
-
-
-def month_of(date: dt.date | np.datetime64) -> int:
-    return np.datetime64(date, "D").astype(object).month
