@@ -112,6 +112,9 @@ S2_NOISE = np.array(
     [0.0015, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.002, 0.001, 0.0015, 0.0015], np.float32
 )
 
+# native pixel size of each Sentinel-2 band in 10 m pixels (B1, B9, B10 at 60 m; red edge, B8A, SWIR at 20 m)
+S2_NATIVE_FACTOR = np.array([6, 1, 1, 1, 2, 2, 2, 1, 2, 6, 6, 2, 2])
+
 # Sentinel-1 VV backscatter (dB) and VV - VH (dB) per surface class
 S1_VV = np.array([-21, -7.5, -11, -6, -10, -10.5, -4, -15, -12, -6.5, -12], np.float32)
 S1_RATIO = np.array([8.5, 5.5, 7, 7.5, 6.5, 6.5, 6.5, 8, 7, 5.5, 7], np.float32)
@@ -384,8 +387,11 @@ class OfflineSource:
             aerosol = float(rng.uniform(0.6, 1.4))
             refl = refl * TRANS + PATH * aerosol
             refl[..., 10] = 0.002 + cirrus * 2 + 0.02 * alpha
-        refl += rng.standard_normal(refl.shape, dtype=np.float32) * S2_NOISE
-        s2 = np.clip(np.rint(refl * 10000), 1, 65535).astype(np.uint16).transpose(2, 0, 1)
+        refl = refl.transpose(2, 0, 1)
+        # noise per native pixel: the block mean below divides it by the block width
+        refl += rng.standard_normal(refl.shape, dtype=np.float32) * (S2_NOISE * S2_NATIVE_FACTOR)[:, None, None]
+        refl = to_native_resolution(refl, S2_NATIVE_FACTOR)
+        s2 = np.clip(np.rint(refl * 10000), 1, 65535).astype(np.uint16)
         if product == "L2A":
             s2[10] = 0  # no B10 in L2A
 
@@ -510,6 +516,39 @@ class OfflineSource:
         for tm, tmin, tmax, pr in (prev, cur, year_vals):
             out += [tm + 273.15, tmin + 273.15, tmax + 273.15, pr / 1000.0]
         return np.array(out, np.float32)
+
+
+def _block_mean(a: np.ndarray, k: int) -> np.ndarray:
+    """Mean over k x k blocks of a (H, W) array, edge-padded to a whole number of blocks."""
+    S = a.shape[0]
+    n = -(-S // k) * k
+    pad = np.pad(a, ((0, n - S), (0, n - S)), mode="edge")
+    return pad.reshape(n // k, k, n // k, k).mean(axis=(1, 3))
+
+
+def _bilinear_up(c: np.ndarray, k: int, size: int) -> np.ndarray:
+    """Bilinear resampling of a coarse grid (pixel k x k fine pixels) onto the fine grid, centres aligned."""
+    n = c.shape[0]
+    x = np.clip((np.arange(size) + 0.5) / k - 0.5, 0, n - 1)
+    i0 = np.floor(x).astype(int)
+    i1 = np.minimum(i0 + 1, n - 1)
+    w = (x - i0).astype(np.float32)
+    rows = c[i0] * (1 - w)[:, None] + c[i1] * w[:, None]
+    return rows[:, i0] * (1 - w)[None, :] + rows[:, i1] * w[None, :]
+
+
+def to_native_resolution(bands: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """Each band seen at its native pixel size (block mean), then resampled bilinearly back to 10 m.
+
+    The sensor integrates over its own pixel, and an export on the 10 m grid interpolates the coarser
+    bands the way the Earth Engine recipe asks (continuous bands bilinear).
+    """
+    out = bands.copy()
+    size = bands.shape[-1]
+    for b, k in enumerate(factors):
+        if k > 1:
+            out[b] = _bilinear_up(_block_mean(bands[b], int(k)), int(k), size)
+    return out
 
 
 def _block_max(mask: np.ndarray, k: int) -> np.ndarray:
