@@ -1,0 +1,378 @@
+"""Streaming training data from a corpus store: an IterableDataset that reads whole chunks.
+
+Data flow: store (local path or fsspec URL) -> :class:`CorpusReader` -> :class:`StreamingCorpus` ->
+``DataLoader`` -> MP-MAE. Each sample is a dict of tensors keyed by modality name (see
+:meth:`StreamingCorpus.sample_keys`): ``sentinel2`` (normalised float, NaN where no data), continuous
+targets (normalised float, NaN where missing), categorical targets (class index, -1 where missing),
+and ``index`` (the tile's store index).
+
+How the stream is cut (deterministic for ``seed`` and the epoch):
+
+- The eligible tiles (complete, in the split or the tile list) live in *units*: runs of whole chunks,
+  one shard or less. Each epoch the units are permuted, and part ``p`` of ``P = ranks x workers`` takes
+  units ``p, p + P, ...``: the parts are disjoint and cover every eligible tile exactly once per epoch.
+- A part reads its units in windows of at least ``shuffle_buffer`` tiles (one zarr read per variable
+  per unit, decoding whole chunks), permutes the tiles of the window and yields them.
+- Every random choice (unit order, window permutation, crop offsets) is a function of (seed, epoch,
+  part or tile), so a stream can be restarted at any sample (``start``) without reading what it skips:
+  resumed training sees exactly the samples the uninterrupted run would have seen.
+
+Normalisation uses the store's statistics: Sentinel-2 per processing level (L1C and L2A apart),
+continuous modalities per band. Categorical values map onto 0..K-1 in the registry's class order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mmearth_data.registry import Modality, get
+from mmearth_data.store import DATE_FILL, CorpusReader, strings
+
+
+class DataError(ValueError):
+    """The store cannot feed the requested training (missing modality, no eligible tile, bad sizes)."""
+
+
+@dataclass(frozen=True)
+class Normaliser:
+    """Per-band mean and std of one continuous modality (Sentinel-2: one row per processing level)."""
+
+    mean: np.ndarray  # (bands,) or (levels, bands)
+    std: np.ndarray
+
+    def apply(self, x: np.ndarray, level: np.ndarray | None = None) -> np.ndarray:
+        """Normalise ``x`` (tile axis first); ``level`` picks the row per tile for Sentinel-2."""
+        extra = (1,) * (x.ndim - 2)
+        if level is None:
+            mean, std = self.mean.reshape((1, -1) + extra), self.std.reshape((1, -1) + extra)
+        else:
+            mean = self.mean[level].reshape(level.shape + (-1,) + extra)
+            std = self.std[level].reshape(level.shape + (-1,) + extra)
+        return ((x - mean) / std).astype(np.float32)
+
+
+S2_LEVELS = ("L1C", "L2A")
+
+
+def _band_stats(stats: dict, m: Modality) -> tuple[np.ndarray, np.ndarray]:
+    mean = np.zeros(m.n_bands, np.float64)
+    std = np.ones(m.n_bands, np.float64)
+    for k, band in enumerate(m.bands):
+        s = stats.get(band) or {}
+        if s.get("count"):
+            mean[k] = s["mean"]
+            std[k] = max(s["std"], 1e-6)
+    return mean, std
+
+
+def normaliser_for(m: Modality, statistics: dict) -> Normaliser:
+    """The normaliser of continuous modality ``m`` from a store's ``statistics`` attribute."""
+    st = statistics.get(m.name)
+    if st is None:
+        raise DataError(
+            f"the store has no statistics for {m.name}; run `mmearth build` to completion (statistics are "
+            "written last) or `mmearth validate` to see what is missing"
+        )
+    if m.name == "sentinel2":
+        rows = []
+        for level in S2_LEVELS:
+            lv = st.get(level, {})
+            rows.append(_band_stats(lv, m) if any((lv.get(b) or {}).get("count") for b in m.bands) else None)
+        if all(r is None for r in rows):
+            raise DataError("the store's Sentinel-2 statistics are empty (no complete tile with Sentinel-2)")
+        rows = [r if r is not None else next(x for x in rows if x is not None) for r in rows]
+        return Normaliser(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]))
+    mean, std = _band_stats(st, m)
+    return Normaliser(mean, std)
+
+
+def class_lookup(m: Modality) -> np.ndarray:
+    """Value -> class index (0..K-1 in registry order), -1 for fill and unknown values."""
+    values = sorted(m.classes)
+    lut = np.full(max(max(values), int(m.fill)) + 1, -1, np.int64)
+    lut[values] = np.arange(len(values))
+    lut[int(m.fill)] = -1
+    return lut
+
+
+def derived_values(m: Modality, meta: dict[str, np.ndarray], idx: np.ndarray) -> np.ndarray:
+    """Tile-level values of a derived modality (``location`` or ``time``) for store indices ``idx``."""
+    if m.name == "location":
+        lat, lon = np.radians(meta["lat"][idx]), np.radians(meta["lon"][idx])
+        return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], 1).astype(
+            np.float32
+        )
+    if m.name == "time":
+        days = meta["s2_date"][idx]
+        dates = (np.datetime64("1970-01-01") + days.astype("timedelta64[D]")).astype("datetime64[M]")
+        month = (dates.astype(np.int64) % 12).astype(np.float64)  # 0 = January
+        out = np.stack([np.sin(2 * np.pi * month / 12), np.cos(2 * np.pi * month / 12)], 1).astype(np.float32)
+        out[days == DATE_FILL] = np.nan
+        return out
+    raise DataError(f"no rule derives modality {m.name!r} from per-tile metadata ({m.derived_from})")
+
+
+def read_tile_list(path: str) -> list[str]:
+    """Tile ids from a text file (one per line, ``#`` comments), as written by ``mmearth catalog search``."""
+    with open(path) as f:
+        ids = [line.split("#")[0].strip() for line in f]
+    ids = [t for t in ids if t]
+    if not ids:
+        raise DataError(f"{path} lists no tile ids (one id per line expected)")
+    return ids
+
+
+class StreamingCorpus(IterableDataset):
+    """Samples of ``modalities`` from the store at ``url``, cropped to ``img_size``, streamed forever
+    (epoch after epoch) unless ``epochs`` is given.
+
+    ``modalities`` must start with ``sentinel2`` (the input). ``split`` keeps tiles of that split
+    (None: all); ``tile_ids`` keeps only those tiles (ids unknown to the store are an error). ``start``
+    skips that many samples of this part's stream (resume). ``rank``/``world_size`` default to
+    ``torch.distributed`` when it is initialised. ``start_batches`` (with ``batch_size``) resumes a
+    ``DataLoader`` stream after that many batches.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        modalities: Sequence[Modality],
+        img_size: int,
+        split: str | None = "train",
+        tile_ids: Sequence[str] | None = None,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+        epochs: int | None = None,
+        start: int = 0,
+        start_batches: int = 0,
+        batch_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
+        random_crop: bool = True,
+    ):
+        super().__init__()
+        reader = CorpusReader(url)
+        self.url = url
+        self.modalities = tuple(modalities)
+        if not self.modalities or self.modalities[0].name != "sentinel2":
+            raise DataError("the first modality must be sentinel2 (the encoder's input)")
+        stored = {m.name for m in reader.modalities}
+        missing = [m.name for m in self.modalities if m.stored and m.name not in stored]
+        if missing:
+            raise DataError(
+                f"the store at {url} lacks {', '.join(missing)} (it holds {', '.join(sorted(stored))}); "
+                "choose pretext tasks it has (--pretext) or rebuild it with those modalities"
+            )
+        self.tile_size = reader.tile_size
+        if img_size > self.tile_size:
+            raise DataError(f"--img-size {img_size} exceeds the store's tile size {self.tile_size}")
+        self.img_size = img_size
+        self.chunk_tiles = reader.chunk_tiles
+        self.shard_tiles = reader.shard_tiles
+        self.n_tiles = reader.n_tiles
+        self.seed = seed
+        self.epochs = epochs
+        self.start = start
+        self.start_batches = start_batches
+        self.batch_size = batch_size
+        self.shuffle_buffer = shuffle_buffer
+        self.random_crop = random_crop
+        self._rank, self._world = rank, world_size
+
+        g = reader.group
+        self.meta = {
+            "lat": np.asarray(g["lat"][:]),
+            "lon": np.asarray(g["lon"][:]),
+            "s2_date": np.asarray(g["s2_date"][:]),
+            "level": (strings(g["s2_product"][:]) == "L2A").astype(np.int64),
+        }
+        eligible = np.asarray(g["complete"][:]).astype(bool)
+        if split is not None:
+            eligible &= strings(g["split"][:]) == split
+        if tile_ids is not None:
+            ids = strings(g["tile_id"][:])
+            unknown = sorted(set(tile_ids) - set(ids.tolist()))
+            if unknown:
+                raise DataError(
+                    f"{len(unknown)} listed tile ids are not in the store (first: {unknown[0]}); "
+                    "was the list made from this corpus's catalog?"
+                )
+            eligible &= np.isin(ids, list(tile_ids))
+        if not eligible.any():
+            raise DataError(f"no complete tile of split {split!r} in {url}; build or finish the store first")
+        self.eligible = eligible
+        self.present = {
+            m.name: np.asarray(g[f"{m.name}_present"][:]).astype(bool) for m in self.modalities if m.stored
+        }
+        statistics = reader.statistics
+        self.norm = {
+            m.name: normaliser_for(m, statistics)
+            for m in self.modalities
+            if m.stored and not m.categorical and m.name != "sentinel2_masks"
+        }
+        self.lut = {m.name: class_lookup(m) for m in self.modalities if m.categorical}
+        self._reader: CorpusReader | None = None
+
+    # --- geometry of the stream ------------------------------------------------------------------------
+    @property
+    def n_eligible(self) -> int:
+        return int(self.eligible.sum())
+
+    def parts(self) -> tuple[int, int]:
+        """(this part, number of parts) from the DDP rank and the DataLoader worker."""
+        rank, world = self._rank, self._world
+        if rank is None or world is None:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            else:
+                rank, world = 0, 1
+        wid, nw = self._worker()
+        return rank * nw + wid, world * nw
+
+    def _worker(self) -> tuple[int, int]:
+        """(role, workers) of this DataLoader worker. A resumed DataLoader asks its workers in turn from
+        worker 0 again, so roles rotate by ``start_batches`` to continue the original sequence."""
+        info = get_worker_info()
+        if info is None:
+            return 0, 1
+        return (info.id + self.start_batches) % info.num_workers, info.num_workers
+
+    def units(self, n_parts: int) -> list[tuple[int, int]]:
+        """Contiguous, chunk-aligned tile ranges holding eligible tiles: one shard, or fewer chunks when
+        that leaves fewer than four units per part."""
+        span = self.shard_tiles
+        while span > self.chunk_tiles and math.ceil(self.n_tiles / span) < 4 * n_parts:
+            span = max(self.chunk_tiles, (span // 2) // self.chunk_tiles * self.chunk_tiles)
+        out = []
+        for s0 in range(0, self.n_tiles, span):
+            s1 = min(s0 + span, self.n_tiles)
+            if self.eligible[s0:s1].any():
+                out.append((s0, s1))
+        return out
+
+    def plan(self, epoch: int, part: int, n_parts: int) -> list[tuple[list[tuple[int, int]], np.ndarray]]:
+        """This part's epoch as windows: (units to read, tile indices in yield order)."""
+        units = self.units(n_parts)
+        order = np.random.default_rng([self.seed, epoch, 7]).permutation(len(units))
+        mine = [units[i] for i in order[part::n_parts]]
+        windows, cur, count = [], [], 0
+        for u in mine:
+            cur.append(u)
+            count += int(self.eligible[u[0] : u[1]].sum())
+            if count >= self.shuffle_buffer:
+                windows.append(cur)
+                cur, count = [], 0
+        if cur:
+            windows.append(cur)
+        out = []
+        for w, us in enumerate(windows):
+            idx = np.concatenate([np.flatnonzero(self.eligible[a:b]) + a for a, b in us])
+            rng = np.random.default_rng([self.seed, epoch, part, n_parts, w])
+            out.append((us, idx[rng.permutation(len(idx))]))
+        return out
+
+    def sample_keys(self) -> list[str]:
+        return [m.name for m in self.modalities] + ["index"]
+
+    # --- reading -------------------------------------------------------------------------------------
+    def _read_unit(self, s0: int, s1: int) -> dict[str, np.ndarray]:
+        """All modalities of tiles s0:s1, normalised / mapped, as numpy (tile axis first)."""
+        if self._reader is None:
+            self._reader = CorpusReader(self.url)
+        g = self._reader.group
+        idx = np.arange(s0, s1)
+        out: dict[str, np.ndarray] = {}
+        for m in self.modalities:
+            if not m.stored:
+                out[m.name] = derived_values(m, self.meta, idx)
+                continue
+            raw = np.asarray(g[m.name][s0:s1])
+            absent = ~self.present[m.name][s0:s1]
+            if m.categorical:
+                vals = self.lut[m.name][np.clip(raw.astype(np.int64), 0, len(self.lut[m.name]) - 1)]
+                vals[raw.astype(np.int64) >= len(self.lut[m.name])] = -1
+                if m.kind == "pixel":
+                    vals = vals[:, 0]  # one band: (tile, y, x)
+                vals[absent] = -1
+                out[m.name] = vals
+                continue
+            invalid = m.is_fill(raw)
+            x = raw.astype(np.float32)
+            level = self.meta["level"][s0:s1] if m.name == "sentinel2" else None
+            x = self.norm[m.name].apply(x, level)
+            x[invalid] = np.nan
+            x[absent] = np.nan
+            out[m.name] = x
+        return out
+
+    def _crop(self, tile: int, epoch: int) -> tuple[int, int]:
+        span = self.tile_size - self.img_size
+        if span == 0:
+            return 0, 0
+        if not self.random_crop:
+            return span // 2, span // 2
+        r = np.random.default_rng([self.seed, epoch, int(tile), 11])
+        y, x = r.integers(0, span + 1, 2)
+        return int(y), int(x)
+
+    def skip_count(self) -> int:
+        """Samples this part skips: ``start``, plus its share of the ``start_batches`` batches already
+        drawn from a DataLoader whose workers hand out batches in turn (role ``w`` made batches ``w``,
+        ``w + W``, ...)."""
+        wid, nw = self._worker()
+        mine = max(0, -(-(self.start_batches - wid) // nw))
+        return self.start + mine * self.batch_size
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        part, n_parts = self.parts()
+        skip = self.skip_count()
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            plan = self.plan(epoch, part, n_parts)
+            n_epoch = sum(len(idx) for _, idx in plan)
+            if n_epoch == 0:
+                return  # more parts than units: this part has nothing to do
+            if skip >= n_epoch:
+                skip -= n_epoch
+                epoch += 1
+                continue
+            for units, order in plan:
+                if skip >= len(order):
+                    skip -= len(order)
+                    continue
+                data = {}
+                where = {}
+                for a, b in units:
+                    d = self._read_unit(a, b)
+                    for t in range(a, b):
+                        where[t] = (len(data), t - a)
+                    data[len(data)] = d
+                for tile in order[skip:]:
+                    u, k = where[int(tile)]
+                    yield self._sample(data[u], k, int(tile), epoch)
+                skip = 0
+            epoch += 1
+
+    def _sample(self, d: dict[str, np.ndarray], k: int, tile: int, epoch: int) -> dict[str, torch.Tensor]:
+        y, x = self._crop(tile, epoch)
+        S = self.img_size
+        out = {}
+        for m in self.modalities:
+            v = d[m.name][k]
+            if m.kind == "pixel":
+                v = v[..., y : y + S, x : x + S]
+            out[m.name] = torch.from_numpy(np.ascontiguousarray(v))
+        out["index"] = torch.tensor(tile, dtype=torch.int64)
+        return out
+
+
+def resolve_modalities(names: Sequence[str]) -> list[Modality]:
+    """Registry entries for ``names`` with sentinel2 first."""
+    mods = [get("sentinel2")] + [get(n) for n in names if n != "sentinel2"]
+    return mods

@@ -1,0 +1,406 @@
+"""Pretrain MP-MAE on a corpus store: ``python -m model.pretrain --store data/demo.zarr --out runs/demo``.
+
+Runs on CPU or CUDA (bf16 autocast on GPU); under ``torchrun`` it uses DDP (NCCL on GPU, gloo on CPU)
+with no extra flag. Writes into ``--out``:
+
+- ``model.safetensors``  the MP-MAE weights (encoder under ``encoder.``), safetensors
+- ``state.pt``           step, optimizer state and the run's arguments (plain tensors and numbers, loaded
+                         with ``torch.load(weights_only=True)``)
+- ``metrics.csv``        one row per optimizer step: lr, total loss, per-modality loss, uncertainty weights,
+                         samples/s
+- ``tb/``                the same curves for TensorBoard
+- ``loss_curves.png``    loss per modality against step
+
+``--resume`` continues from ``state.pt``: the same step, optimizer state, learning-rate schedule and data
+stream (the stream is a function of the seed, so the resumed run sees the samples the uninterrupted run
+would have seen, and the same masks). Exit status 2 on bad input, with a message naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from mmearth_data.store import StoreError
+from model.data import DataError, StreamingCorpus, read_tile_list
+from model.encoder import SIZES, check_geometry
+from model.mpmae import MPMAE, PRETEXT_GROUPS, select_pretext
+
+log = logging.getLogger("model.pretrain")
+
+
+class UsageError(Exception):
+    """Bad input: the run stops with exit status 2 before touching anything."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m model.pretrain", description=__doc__.split("\n")[0])
+    ap.add_argument("--store", required=True, help="corpus store (path or fsspec URL)")
+    ap.add_argument("--out", required=True, help="run directory (checkpoints, metrics, curves)")
+    ap.add_argument("--model", default="atto", choices=sorted(SIZES), help="ConvNeXt V2 size")
+    ap.add_argument("--img-size", type=int, default=56, help="crop size in pixels")
+    ap.add_argument("--patch-size", type=int, default=8, help="mask patch size (multiple of 8)")
+    ap.add_argument("--mask-ratio", type=float, default=0.6)
+    ap.add_argument("--batch-size", type=int, default=32, help="per device and micro-step")
+    ap.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-steps per step")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, help="optimizer steps in total")
+    g.add_argument("--epochs", type=float, help="passes over the training tiles (converted to steps)")
+    ap.add_argument("--blr", type=float, default=1.5e-4, help="base lr; lr = blr * global batch / 256")
+    ap.add_argument("--min-lr", type=float, default=0.0)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 10%% of the steps)")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
+    ap.add_argument(
+        "--pretext", default="all", help=f"{'|'.join(PRETEXT_GROUPS)} or a comma list of modalities"
+    )
+    ap.add_argument(
+        "--decoder",
+        default="shared",
+        choices=["per-modality", "shared"],
+        help="one decoder computed once for all targets (default), or one per target as in the paper",
+    )
+    ap.add_argument("--decoder-dim", type=int, default=512)
+    ap.add_argument("--weighting", default="uncertainty", choices=["uncertainty", "sum"])
+    ap.add_argument("--split", default="train", help="tiles of this split (ignored with --tiles)")
+    ap.add_argument("--tiles", help="text file of tile ids to train on (e.g. from `mmearth catalog search`)")
+    ap.add_argument("--shuffle-buffer", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true", help="continue the run in --out")
+    ap.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
+    ap.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N steps in this call")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--log-tiles", action="store_true", help="write the tile indices each rank saw")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+# run arguments that must match on --resume (the model and what it predicts)
+ARCH_KEYS = ("model", "patch_size", "pretext", "decoder", "decoder_dim", "weighting")
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
+    """Linear warmup to ``peak`` then half-cosine down to ``floor``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.startswith("log_vars") or "mask_token" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def setup_distributed(device_arg: str) -> tuple[int, int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible; use --device cpu")
+    if use_cuda:
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, local, device
+
+
+def check_args(args: argparse.Namespace) -> None:
+    try:
+        check_geometry(args.img_size, args.patch_size)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    for name in ("batch_size", "accum"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError("--steps must be at least 1")
+    if args.epochs is not None and args.epochs <= 0:
+        raise UsageError("--epochs must be positive")
+
+
+def load_resume(out: Path, args: argparse.Namespace) -> dict | None:
+    state_path = out / "state.pt"
+    if not args.resume:
+        if state_path.exists():
+            raise UsageError(
+                f"{out} already holds a run (state.pt); pass --resume to continue it or use a new --out"
+            )
+        return None
+    if not state_path.exists():
+        raise UsageError(f"--resume: no checkpoint in {out} (state.pt missing)")
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    saved = json.loads(state["args"])
+    diff = [
+        f"{k}: checkpoint {saved.get(k)!r}, now {getattr(args, k)!r}"
+        for k in ARCH_KEYS
+        if saved.get(k) != getattr(args, k)
+    ]
+    if diff:
+        raise UsageError(f"--resume: the checkpoint in {out} is from another model ({'; '.join(diff)})")
+    return state
+
+
+def save_checkpoint(out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, args) -> None:
+    tmp_w, tmp_s = out / "model.safetensors.tmp", out / "state.pt.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp_w))
+    torch.save(
+        {"step": torch.tensor(step), "optimizer": opt.state_dict(), "args": json.dumps(vars(args))}, tmp_s
+    )
+    os.replace(tmp_w, out / "model.safetensors")
+    os.replace(tmp_s, out / "state.pt")
+
+
+def plot_curves(csv_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = pd.read_csv(csv_path)
+    loss_cols = [c for c in df.columns if c.startswith("loss/")]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    axes[0].plot(df["step"], df["loss"], color="k")
+    axes[0].set(title="total loss", xlabel="step")
+    for c in loss_cols:
+        axes[1].plot(df["step"], df[c], label=c[5:])
+    axes[1].set(title="loss per modality", xlabel="step", yscale="log")
+    axes[1].legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> dict:
+    check_args(args)
+    out = Path(args.out)
+    rank, world, local, device = setup_distributed(args.device)
+    state = load_resume(out, args)
+    try:
+        targets = select_pretext(args.pretext)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    tile_ids = read_tile_list(args.tiles) if args.tiles else None
+    start_step = int(state["step"]) if state is not None else 0
+
+    def dataset(**kw):
+        return StreamingCorpus(
+            args.store,
+            targets,
+            args.img_size,
+            split=None if tile_ids is not None else args.split,
+            tile_ids=tile_ids,
+            shuffle_buffer=args.shuffle_buffer,
+            seed=args.seed,
+            start_batches=start_step * args.accum,
+            batch_size=args.batch_size,
+            **kw,
+        )
+
+    try:
+        ds = dataset()
+    except (DataError, StoreError) as err:
+        raise UsageError(str(err)) from None
+    global_batch = args.batch_size * args.accum * world
+    total = args.steps or max(1, math.ceil((args.epochs or 1.0) * ds.n_eligible / global_batch))
+    warmup = args.warmup if args.warmup is not None else max(1, total // 10)
+    peak = args.blr * global_batch / 256
+
+    torch.manual_seed(args.seed)
+    model = MPMAE(
+        targets,
+        args.model,
+        args.patch_size,
+        mask_ratio=args.mask_ratio,
+        decoder=args.decoder,
+        decoder_dim=args.decoder_dim,
+        weighting=args.weighting,
+    ).to(device)
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak, betas=(0.9, 0.95))
+    if state is not None:
+        try:
+            model.load_state_dict(load_file(str(out / "model.safetensors")))
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise UsageError(
+                f"--resume: the checkpoint in {out} does not fit this model: {str(err)[:300]}"
+            ) from None
+    ddp = world > 1
+    net = (
+        torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local] if device.type == "cuda" else None
+        )
+        if ddp
+        else model
+    )
+    loader = DataLoader(
+        ds,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0,
+    )
+    it = iter(loader)
+    is_main = rank == 0
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    writer = None
+    csv_file = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"), purge_step=start_step)
+        csv_path = out / "metrics.csv"
+        rows_kept = []
+        if state is not None and csv_path.exists():
+            with open(csv_path) as f:
+                rows_kept = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+        names = [t.name for t in model.targets]
+        fields = ["step", "lr", "loss", "samples_per_s", "data_wait_s"] + [f"loss/{n}" for n in names]
+        fields += [f"w/{n}" for n in names] if args.weighting == "uncertainty" else []
+        csv_file = open(csv_path, "w", newline="")
+        cw = csv.DictWriter(csv_file, fieldnames=fields)
+        cw.writeheader()
+        cw.writerows(rows_kept)
+    tiles_file = open(out / f"tiles_rank{rank}.txt", "a") if args.log_tiles else None
+
+    end = total if args.stop_after is None else min(total, start_step + args.stop_after)
+    progress = None
+    if is_main and not args.no_progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(
+            TextColumn("pretrain"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
+        progress.start()
+        task = progress.add_task("steps", total=total, completed=start_step, info="")
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
+    model.train()
+    last = {}
+    t_prev = time.perf_counter()
+    for step in range(start_step, end):
+        lr = lr_at(step, total, warmup, peak, args.min_lr)
+        for gp in opt.param_groups:
+            gp["lr"] = lr
+        sums: dict[str, float] = {}
+        wait = 0.0
+        for micro in range(args.accum):
+            t0 = time.perf_counter()
+            batch = next(it)
+            wait += time.perf_counter() - t0
+            if tiles_file is not None:
+                tiles_file.write("\n".join(str(int(i)) for i in batch["index"]) + "\n")
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            gen = torch.Generator().manual_seed(
+                ((args.seed * 1_000_003 + step) * 131 + micro) * 65_537 + rank
+            )
+            sync = (not ddp) or micro == args.accum - 1
+            ctx = net.no_sync() if not sync else _null()
+            with ctx, autocast:
+                loss, logs = net(batch, generator=gen)
+            (loss / args.accum).backward()
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / args.accum
+            for k, v in logs.items():
+                key = k if k.startswith("w/") else f"loss/{k}"
+                sums[key] = sums.get(key, 0.0) + float(v) / args.accum
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ddp:
+            keys = sorted(sums)
+            vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(vec)
+            sums = {k: float(v) / world for k, v in zip(keys, vec.tolist(), strict=True)}
+        now = time.perf_counter()
+        sps = global_batch / max(now - t_prev, 1e-9)
+        t_prev = now
+        last = {"step": step + 1, "lr": lr, "samples_per_s": sps, "data_wait_s": wait, **sums}
+        if is_main:
+            cw.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in last.items()})
+            for k, v in last.items():
+                if k != "step":
+                    writer.add_scalar(k, v, step + 1)
+            if progress is not None:
+                progress.update(
+                    task, completed=step + 1, info=f"loss {sums['loss']:.4f}  {sps:.1f} samples/s"
+                )
+        if (step + 1) % args.save_every == 0 and step + 1 < end and is_main:
+            save_checkpoint(out, model, opt, step + 1, args)
+    if progress is not None:
+        progress.stop()
+    if tiles_file is not None:
+        tiles_file.close()
+    result = {"out": str(out), "step": end, "total_steps": total, "last": last}
+    if is_main:
+        save_checkpoint(out, model, opt, end, args)
+        csv_file.close()
+        writer.close()
+        plot_curves(out / "metrics.csv", out / "loss_curves.png")
+        result.update(
+            checkpoint=str(out / "model.safetensors"),
+            state=str(out / "state.pt"),
+            metrics=str(out / "metrics.csv"),
+            tensorboard=str(out / "tb"),
+            plot=str(out / "loss_curves.png"),
+        )
+    if ddp:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return result
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    try:
+        res = run(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if "checkpoint" in res:
+        last = res["last"]
+        print(f"step {res['step']}/{res['total_steps']}  loss {last.get('loss', float('nan')):.4f}")
+        for k in ("checkpoint", "state", "metrics", "tensorboard", "plot"):
+            print(f"  {k:<12} {res[k]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""MP-MAE: masked execution equal to sparse convolution, losses from the registry, the streaming
+dataset's coverage and crops, and the training CLI (resume, bad input)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from mmearth_data.build import BuildConfig
+from mmearth_data.registry import MODALITIES, Modality, get
+from mmearth_data.store import CorpusReader
+from model.data import DataError, StreamingCorpus, class_lookup
+from model.encoder import SIZES, MaskedConvNeXtV2
+from model.mpmae import MPMAE, random_mask, select_pretext
+from model.pretrain import main as pretrain_main
+
+from conftest import build_plain
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _perturb_masked(x: torch.Tensor, mask: torch.Tensor, p: int) -> torch.Tensor:
+    big = mask.repeat_interleave(p, -2).repeat_interleave(p, -1)[:, None].bool().expand_as(x)
+    x2 = x.clone()
+    x2[big] = torch.randn(int(big.sum())) * 50
+    return x2
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+@pytest.mark.parametrize("patch,img", [(8, 56), (16, 112)])
+def test_masked_input_never_reaches_visible_outputs(size, patch, img):
+    torch.manual_seed(0)
+    enc = MaskedConvNeXtV2(size, in_chans=13, patch_size=patch).eval()
+    with torch.no_grad():  # non-zero biases, LayerNorm shifts and GRN parameters
+        for prm in enc.parameters():
+            if prm.ndim == 1:
+                prm.normal_(0, 0.05)
+    x = torch.randn(2, 13, img, img)
+    mask = random_mask(2, img // patch, 0.6)
+    x2 = _perturb_masked(x, mask, patch)
+    with torch.no_grad():
+        a, b = enc(x, mask), enc(x2, mask)
+        # the dense fallback that zeroes the input once only is not equivalent: biases and norms at
+        # masked positions leak into visible outputs
+        naive_keep = 1 - mask.repeat_interleave(patch, -2).repeat_interleave(patch, -1)[:, None]
+        naive = enc(x * naive_keep)
+    visible = (mask == 0)[:, None].expand_as(a)
+    assert a.shape == (2, SIZES[size].dims[-1], img // patch, img // patch)
+    assert torch.allclose(a[visible], b[visible], atol=1e-5)
+    assert a[visible].abs().mean() > 1e-3  # the features are not trivially zero
+    assert torch.all(a[~visible] == 0)
+    assert not torch.allclose(naive[visible], a[visible], atol=1e-3)
+
+
+def _dataset(store, mods=None, **kw) -> StreamingCorpus:
+    mods = mods or select_pretext("all")
+    return StreamingCorpus(store, mods, kw.pop("img_size", 56), **kw)
+
+
+def _batch(ds: StreamingCorpus, n: int) -> dict[str, torch.Tensor]:
+    return next(iter(DataLoader(ds, batch_size=n)))
+
+
+def test_loss_finite_with_nan_targets_and_missing_sentinel1(small_store):
+    torch.manual_seed(0)
+    ds = _dataset(small_store, epochs=1)
+    batch = _batch(ds, 6)
+    batch["sentinel1"][0] = float("nan")  # a tile without Sentinel-1 at all
+    batch["dem"][1, :, :10] = float("nan")
+    batch["sentinel2"][2, :, 5:9, 5:9] = float("nan")  # NaN Sentinel-2 must not reach the encoder
+    batch["era5"][3] = float("nan")
+    batch["biome"][4] = -1
+    model = MPMAE(select_pretext("all"), "atto", 8, decoder_dim=64)
+    loss, logs = model(batch)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert set(logs) >= {m.name for m in select_pretext("all")}
+    # every target missing everywhere: zero loss for it, still finite overall
+    batch["sentinel1"][:] = float("nan")
+    loss2, logs2 = model(batch)
+    assert torch.isfinite(loss2) and float(logs2["sentinel1"]) == 0.0
+
+
+def test_per_modality_decoders_and_plain_sum(small_store):
+    ds = _dataset(small_store, epochs=1)
+    batch = _batch(ds, 4)
+    targets = select_pretext("pixel")
+    model = MPMAE(targets, "atto", 8, decoder="per-modality", decoder_dim=32, weighting="sum")
+    assert set(model.decoders) == {m.name for m in targets}
+    loss, logs = model(batch)
+    assert torch.isfinite(loss)
+    assert not any(k.startswith("w/") for k in logs)
+    assert torch.allclose(loss, sum(logs[m.name] for m in targets))
+
+
+def test_a_modality_added_to_the_registry_gets_a_head_and_a_loss():
+    soil = Modality(
+        name="soil_moisture",
+        kind="pixel",
+        bands=("sm",),
+        dtype="float32",
+        fill=float("nan"),
+        units="m3/m3",
+        resampling="bilinear",
+        description="test",
+        provider="test",
+        license="CC0-1.0",
+    )
+    koppen = replace(get("biome"), name="koppen", classes={1: "A", 2: "B", 3: "C", 4: "D", 5: "E"})
+    registry = MODALITIES + (soil, koppen)
+    targets = select_pretext("s2,soil_moisture,koppen", registry)
+    assert [m.name for m in targets] == ["sentinel2", "soil_moisture", "koppen"]
+    model = MPMAE(targets, "atto", 8, decoder_dim=32)
+    assert model.heads["soil_moisture"].pred.out_channels == 8 * 8 * 1
+    assert model.heads["koppen"].pred.out_features == 5
+    batch = {
+        "sentinel2": torch.randn(3, 13, 56, 56),
+        "soil_moisture": torch.rand(3, 1, 56, 56),
+        "koppen": torch.tensor([0, 4, -1]),
+    }
+    loss, logs = model(batch)
+    loss.backward()
+    assert float(logs["soil_moisture"]) > 0 and float(logs["koppen"]) > 0
+    assert model.heads["soil_moisture"].pred.weight.grad.abs().sum() > 0
+
+
+def test_pretext_selection():
+    assert [m.name for m in select_pretext("s2")] == ["sentinel2"]
+    pix = {m.name for m in select_pretext("pixel")}
+    img = {m.name for m in select_pretext("image")}
+    assert "dem" in pix and "era5" not in pix
+    assert {"era5", "biome", "ecoregion", "location", "time"} <= img and "dem" not in img
+    assert "sentinel2_masks" not in {m.name for m in select_pretext("all")}
+    with pytest.raises(ValueError, match="unknown modality nope"):
+        select_pretext("dem,nope")
+
+
+def test_worldcover_tree_cover_is_a_class_not_nodata():
+    lut = class_lookup(get("esa_worldcover"))
+    assert lut[10] == 0 and lut[0] == -1 and lut[100] == len(get("esa_worldcover").classes) - 1
+    assert lut[get("dynamic_world").fill] == -1
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 0), (2, 2), (3, 2)])
+def test_ranks_and_workers_cover_each_tile_exactly_once(small_store, world, workers):
+    seen = []
+    for rank in range(world):
+        ds = _dataset(small_store, epochs=1, rank=rank, world_size=world, shuffle_buffer=8)
+        for b in DataLoader(ds, batch_size=5, num_workers=workers):
+            seen.extend(int(i) for i in b["index"])
+    eligible = np.flatnonzero(_dataset(small_store).eligible)
+    assert sorted(seen) == sorted(eligible.tolist())
+
+
+def test_stream_is_shuffled_and_restartable(small_store):
+    full = [int(s["index"]) for s in _dataset(small_store, epochs=2, shuffle_buffer=16)]
+    n = len(full) // 2
+    assert sorted(full[:n]) == sorted(full[n:]) and full[:n] != full[n:]  # epochs reshuffle
+    resumed = [int(s["index"]) for s in _dataset(small_store, epochs=2, shuffle_buffer=16, start=n + 3)]
+    assert resumed == full[n + 3 :]
+    # a DataLoader with 2 workers resumed after 3 batches yields exactly the rest of the stream
+    kw = dict(shuffle_buffer=8, batch_size=4)
+    dl = DataLoader(_dataset(small_store, **kw), batch_size=4, num_workers=2)
+    whole = [b["index"].tolist() for b in itertools.islice(dl, 20)]
+    dl2 = DataLoader(_dataset(small_store, start_batches=3, **kw), batch_size=4, num_workers=2)
+    assert [b["index"].tolist() for b in itertools.islice(dl2, 17)] == whole[3:]
+
+
+def test_crops_are_aligned_across_modalities_and_normalised_by_level(small_store):
+    reader = CorpusReader(small_store)
+    mods = [get("sentinel2"), get("dem"), get("esa_worldcover")]
+    ds = StreamingCorpus(small_store, mods, 40, epochs=1)
+    stats = reader.statistics["sentinel2"]
+    levels = []
+    for s in list(ds)[:12]:
+        i = int(s["index"])
+        dem = np.asarray(reader.group["dem"][i], np.float32)
+        wc = np.asarray(reader.group["esa_worldcover"][i, 0])
+        s2 = np.asarray(reader.group["sentinel2"][i], np.float32)
+        # locate the crop in the DEM, then check the other modalities at the same window
+        elev = dem[0]
+        target = s["dem"][0, 0, 0].item() * ds.norm["dem"].std[0] + ds.norm["dem"].mean[0]
+        cands = np.argwhere(np.isclose(elev[:-39, :-39], target, rtol=0, atol=1e-2))
+        found = False
+        for y, x in cands:
+            back = s["dem"].numpy() * ds.norm["dem"].std[:, None, None] + ds.norm["dem"].mean[:, None, None]
+            if np.allclose(back, dem[:, y : y + 40, x : x + 40], atol=1e-2):
+                found = True
+                break
+        assert found
+        lut = class_lookup(get("esa_worldcover"))
+        assert np.array_equal(s["esa_worldcover"].numpy(), lut[wc[y : y + 40, x : x + 40]])
+        level = reader.group["s2_product"][i]
+        st = stats[str(level)]
+        b4 = (s2[3, y : y + 40, x : x + 40] - st["B4"]["mean"]) / st["B4"]["std"]
+        assert np.allclose(s["sentinel2"][3].numpy(), b4, atol=1e-4)
+        levels.append(str(level))
+    assert {"L1C", "L2A"} <= set(levels)
+
+
+def test_dataset_reads_an_fsspec_url(small_store):
+    import fsspec
+    import zarr
+
+    url = "memory://model-test/store.zarr"
+    src = zarr.open_group(small_store, mode="r")
+    fs = fsspec.filesystem("memory")
+    local = fsspec.filesystem("file")
+    for path in local.find(small_store):
+        fs.pipe(url.replace("memory://", "/") + path[len(small_store) :], local.cat_file(path))
+    ds = _dataset(url, epochs=1)
+    got = sorted(int(s["index"]) for s in ds)
+    assert got == np.flatnonzero(ds.eligible).tolist() and len(got) > 0
+    assert src.attrs["n_tiles"] == ds.n_tiles
+
+
+def test_missing_modality_and_sizes_are_data_errors(tmp_path, small_store):
+    store = str(tmp_path / "nos1.zarr")
+    mods = tuple(m.name for m in MODALITIES if m.stored and m.name != "sentinel1")
+    build_plain(BuildConfig(store=store, n_tiles=16, tile_size=64, seed=1, modalities=mods))
+    with pytest.raises(DataError, match="lacks sentinel1"):
+        _dataset(store)
+    with pytest.raises(DataError, match="exceeds the store's tile size"):
+        _dataset(small_store, img_size=96)
+
+
+def _pretrain(*args) -> int:
+    return pretrain_main(
+        [
+            "--no-progress",
+            "--model",
+            "atto",
+            "--img-size",
+            "32",
+            "--patch-size",
+            "8",
+            "--batch-size",
+            "4",
+            "--decoder-dim",
+            "32",
+            *args,
+        ]
+    )
+
+
+def test_resume_continues_exactly(tmp_path, small_store, capsys):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert _pretrain("--store", small_store, "--out", a, "--steps", "4") == 0
+    assert _pretrain("--store", small_store, "--out", b, "--steps", "4", "--stop-after", "2") == 0
+    state = torch.load(f"{b}/state.pt", weights_only=True)
+    assert int(state["step"]) == 2
+    assert _pretrain("--store", small_store, "--out", b, "--steps", "4", "--resume") == 0
+    wa, wb = load_file(f"{a}/model.safetensors"), load_file(f"{b}/model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+    sa = torch.load(f"{a}/state.pt", weights_only=True)["optimizer"]["state"]
+    sb = torch.load(f"{b}/state.pt", weights_only=True)["optimizer"]["state"]
+    for k in sa:
+        assert torch.allclose(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"], atol=1e-9)
+    lines = open(f"{b}/metrics.csv").read().splitlines()
+    assert [ln.split(",")[0] for ln in lines[1:]] == ["1", "2", "3", "4"]
+    assert os.path.getsize(f"{b}/loss_curves.png") > 10_000
+    assert "encoder.stages.3.blocks.1.mlp.grn.weight" in wa  # timm's parameter names
+
+
+def test_bad_input_exits_2(tmp_path, small_store, capsys):
+    out = str(tmp_path / "r")
+    assert _pretrain("--store", small_store, "--out", out, "--steps", "1", "--img-size", "36") == 2
+    assert "not a multiple of --patch-size" in capsys.readouterr().err
+    assert _pretrain("--store", small_store, "--out", out, "--steps", "1", "--patch-size", "12") == 2
+    assert "multiple of 8" in capsys.readouterr().err
+    assert _pretrain("--store", str(tmp_path / "none.zarr"), "--out", out, "--steps", "1") == 2
+    assert "not a corpus store" in capsys.readouterr().err
+    assert _pretrain("--store", small_store, "--out", out, "--steps", "1") == 0
+    capsys.readouterr()
+    assert _pretrain("--store", small_store, "--out", out, "--steps", "2") == 2
+    assert "pass --resume" in capsys.readouterr().err
+    rc = pretrain_main(
+        [
+            "--no-progress",
+            "--model",
+            "femto",
+            "--img-size",
+            "32",
+            "--patch-size",
+            "8",
+            "--batch-size",
+            "4",
+            "--decoder-dim",
+            "32",
+            "--store",
+            small_store,
+            "--out",
+            out,
+            "--steps",
+            "2",
+            "--resume",
+        ]
+    )
+    assert rc == 2
+    assert "another model (model: checkpoint 'atto', now 'femto')" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_see_disjoint_tiles(tmp_path, small_store):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "model.pretrain",
+        "--store",
+        small_store,
+        "--out",
+        str(out),
+        "--model",
+        "atto",
+        "--img-size",
+        "32",
+        "--patch-size",
+        "8",
+        "--batch-size",
+        "4",
+        "--decoder-dim",
+        "32",
+        "--steps",
+        "3",
+        "--log-tiles",
+        "--no-progress",
+    ]
+    subprocess.run(cmd, cwd=REPO, check=True, timeout=600)
+    r0 = [int(x) for x in (out / "tiles_rank0.txt").read_text().split()]
+    r1 = [int(x) for x in (out / "tiles_rank1.txt").read_text().split()]
+    assert len(r0) == len(r1) == 12
+    assert not set(r0) & set(r1)
+    assert (out / "model.safetensors").exists()
