@@ -31,6 +31,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/build.py
 	$(PY) bench/store_size.py
+	$(PY) bench/loader.py
+	$(PY) bench/train.py
 
 ## regenerate the committed offline world layers (maintainers; needs the network to PyPI)
 world: $(STAMP)

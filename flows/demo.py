@@ -1,13 +1,16 @@
-"""The main job on the offline default: build the demo corpus, validate it, print where things are.
+"""The main job on the offline default: build the demo corpus, validate it, pretrain MP-MAE briefly on
+it, print where everything is.
 
-    make run        # or: python -m flows.demo [--tiles 256] [--store data/demo.zarr]
+    make run        # or: python -m flows.demo [--tiles 256] [--store data/demo.zarr] [--steps 30]
 
-Re-running resumes (or does nothing when the store is complete).
+Re-running resumes the build (or does nothing when the store is complete) and starts a fresh short
+pretraining run in ``runs/demo``.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from flows.build_corpus import run_build
 from flows.cli import print_summary
 from mmearth_data.build import BuildConfig, build_dir
 from mmearth_data.validate import print_report, validate_store
+from model.pretrain import main as pretrain_main
 
 console = Console()
 
@@ -26,16 +30,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiles", type=int, default=256)
     ap.add_argument("--store", default="data/demo.zarr")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=30, help="pretraining steps (0: skip pretraining)")
+    ap.add_argument("--run", default="runs/demo", help="pretraining run directory (replaced)")
     args = ap.parse_args(argv)
 
-    console.rule("[bold]1/2 build the demo corpus (offline source)")
+    console.rule("[bold]1/3 build the demo corpus (offline source)")
     cfg = BuildConfig(store=args.store, n_tiles=args.tiles, seed=args.seed)
     summary = run_build(cfg)
     print_summary(summary)
 
-    console.rule("[bold]2/2 validate")
+    console.rule("[bold]2/3 validate")
     report = validate_store(args.store)
     print_report(report, console)
+    if not report["valid"]:
+        return 1
+
+    if args.steps > 0:
+        console.rule(f"[bold]3/3 pretrain MP-MAE briefly ({args.steps} steps, atto, 56 px, CPU or GPU)")
+        shutil.rmtree(args.run, ignore_errors=True)
+        rc = pretrain_main(
+            ["--store", args.store, "--out", args.run, "--model", "atto", "--img-size", "56",
+             "--patch-size", "8", "--batch-size", "32", "--steps", str(args.steps), "--blr", "1.5e-3",
+             "--seed", str(args.seed)]
+        )  # fmt: skip
+        if rc:
+            return rc
 
     art = build_dir(args.store)
     console.rule("[bold]where everything is")
@@ -44,11 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"sample map               {Path(art, 'sample_map.png').resolve()}")
     console.print(f"biome x year counts      {Path(art, 'strata.png').resolve()}")
     console.print(f"failures                 {Path(art, 'failures.json').resolve()}")
+    if args.steps > 0:
+        run = Path(args.run).resolve()
+        console.print(f"checkpoint (safetensors) {run / 'model.safetensors'}")
+        console.print(f"loss curves (CSV, plot)  {run / 'metrics.csv'}  {run / 'loss_curves.png'}")
+        console.print(f"TensorBoard              tensorboard --logdir {run / 'tb'}")
     console.print(
         'open it:  python -c "import xarray as xr; '
         f"print(xr.open_zarr('{args.store}', consolidated=False))\""
     )
-    return 0 if report["valid"] else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from mmearth_data.sources.base import TileResult
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = "1.0"
-COMPRESSOR = BloscCodec(cname="zstd", clevel=9, shuffle="shuffle")
+COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 
 EPOCH = np.datetime64("1970-01-01", "D")
 DATE_FILL = np.iinfo(np.int32).min

@@ -184,8 +184,9 @@ def plot_curves(csv_path: Path, png: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     axes[0].plot(df["step"], df["loss"], color="k")
     axes[0].set(title="total loss", xlabel="step")
-    for c in loss_cols:
-        axes[1].plot(df["step"], df[c], label=c[5:])
+    colours = plt.get_cmap("tab20").colors
+    for k, c in enumerate(loss_cols):
+        axes[1].plot(df["step"], df[c], label=c[5:], color=colours[k % len(colours)])
     axes[1].set(title="loss per modality", xlabel="step", yscale="log")
     axes[1].legend(fontsize=8, ncol=2)
     fig.tight_layout()
