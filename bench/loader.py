@@ -112,8 +112,10 @@ def main() -> None:
     rows.append(("streaming Zarr (model.data.StreamingCorpus)", 0, ours))
     ours2 = rate(DataLoader(ours_ds, batch_size=b, num_workers=2), args.batches, b)
     rows.append(("streaming Zarr, 2 workers (both cores)", 2, ours2))
-    print(f"| loader ({args.tiles} tiles of {args.tile_size} px, crops {args.img_size}, all modalities) "
-          "| workers | samples/s |")
+    print(
+        f"| loader ({args.tiles} tiles of {args.tile_size} px, crops {args.img_size}, all modalities) "
+        "| workers | samples/s |"
+    )
     print("|---|---:|---:|")
     for name, w, r in rows:
         print(f"| {name} | {w} | {r:.0f} |")

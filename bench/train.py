@@ -42,11 +42,21 @@ def measure(store, img, patch, batch, steps, device, workers, decoder) -> dict:
     model = MPMAE(targets, "atto", patch, decoder=decoder).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     ds = StreamingCorpus(store, targets, img, split=None, seed=0, shuffle_buffer=max(256, batch))
-    dl = DataLoader(ds, batch_size=batch, num_workers=workers, pin_memory=device.type == "cuda",
-                    persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+    dl = DataLoader(
+        ds,
+        batch_size=batch,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
+    )
     it = iter(dl)
     cuda = device.type == "cuda"
-    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (lambda: torch.autocast("cpu", enabled=False))
+    ctx = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if cuda
+        else (lambda: torch.autocast("cpu", enabled=False))
+    )
     times, waits = [], []
     for step in range(steps + 2):  # two warm-up steps
         t0 = time.perf_counter()
@@ -95,8 +105,10 @@ def main() -> None:
     print(f"| {name}: atto, all targets, batch {batch}, {workers} workers | step s | samples/s | data wait |")
     print("|---|---:|---:|---:|")
     for img, patch, decoder, r in rows:
-        print(f"| {img} px, patch {patch}, {decoder} decoder | {r['step_s']:.3f} | {r['samples_s']:.1f} "
-              f"| {100 * r['wait']:.0f} % |")
+        print(
+            f"| {img} px, patch {patch}, {decoder} decoder | {r['step_s']:.3f} | {r['samples_s']:.1f} "
+            f"| {100 * r['wait']:.0f} % |"
+        )
     if cuda:
         busy = 1 - max(r["wait"] for *_, r in rows)
         print(f"bench: train gpu_busy={busy:.2f} target=0.9 {'ok' if busy >= 0.9 else 'short'}")

@@ -24,12 +24,13 @@ continuous modalities per band. Categorical values map onto 0..K-1 in the regist
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmearth_data.registry import Modality, get
 from mmearth_data.store import DATE_FILL, CorpusReader, strings
@@ -376,3 +377,11 @@ def resolve_modalities(names: Sequence[str]) -> list[Modality]:
     """Registry entries for ``names`` with sentinel2 first."""
     mods = [get("sentinel2")] + [get(n) for n in names if n != "sentinel2"]
     return mods
+
+
+def make_loader(ds: StreamingCorpus, batch_size: int, workers: int = 0, **kw) -> DataLoader:
+    """A DataLoader over ``ds``. Workers are forked as usual, except in a process that has run Prefect:
+    Prefect's after-fork handlers make forked children exit, so workers then start from a fork server."""
+    if workers > 0 and "prefect" in sys.modules:
+        kw.setdefault("multiprocessing_context", "forkserver")
+    return DataLoader(ds, batch_size=batch_size, num_workers=workers, **kw)

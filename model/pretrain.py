@@ -30,10 +30,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
 
 from mmearth_data.store import StoreError
-from model.data import DataError, StreamingCorpus, read_tile_list
+from model.data import DataError, StreamingCorpus, make_loader, read_tile_list
 from model.encoder import SIZES, check_geometry
 from model.mpmae import MPMAE, PRETEXT_GROUPS, select_pretext
 
@@ -256,10 +255,10 @@ def run(args: argparse.Namespace) -> dict:
         if ddp
         else model
     )
-    loader = DataLoader(
+    loader = make_loader(
         ds,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
+        args.batch_size,
+        args.workers,
         pin_memory=device.type == "cuda",
         persistent_workers=args.workers > 0,
     )

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from mmearth_data.build import BuildConfig
 from mmearth_data.registry import MODALITIES, Modality, get
 from mmearth_data.store import CorpusReader
-from model.data import DataError, StreamingCorpus, class_lookup
+from model.data import DataError, StreamingCorpus, class_lookup, make_loader
 from model.encoder import SIZES, MaskedConvNeXtV2
 from model.mpmae import MPMAE, random_mask, select_pretext
 from model.pretrain import main as pretrain_main
@@ -156,7 +156,7 @@ def test_ranks_and_workers_cover_each_tile_exactly_once(small_store, world, work
     seen = []
     for rank in range(world):
         ds = _dataset(small_store, epochs=1, rank=rank, world_size=world, shuffle_buffer=8)
-        for b in DataLoader(ds, batch_size=5, num_workers=workers):
+        for b in make_loader(ds, 5, workers):
             seen.extend(int(i) for i in b["index"])
     eligible = np.flatnonzero(_dataset(small_store).eligible)
     assert sorted(seen) == sorted(eligible.tolist())
@@ -170,9 +170,9 @@ def test_stream_is_shuffled_and_restartable(small_store):
     assert resumed == full[n + 3 :]
     # a DataLoader with 2 workers resumed after 3 batches yields exactly the rest of the stream
     kw = dict(shuffle_buffer=8, batch_size=4)
-    dl = DataLoader(_dataset(small_store, **kw), batch_size=4, num_workers=2)
+    dl = make_loader(_dataset(small_store, **kw), 4, 2)
     whole = [b["index"].tolist() for b in itertools.islice(dl, 20)]
-    dl2 = DataLoader(_dataset(small_store, start_batches=3, **kw), batch_size=4, num_workers=2)
+    dl2 = make_loader(_dataset(small_store, start_batches=3, **kw), 4, 2)
     assert [b["index"].tolist() for b in itertools.islice(dl2, 17)] == whole[3:]
 
 

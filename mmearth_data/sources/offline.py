@@ -389,7 +389,8 @@ class OfflineSource:
             refl[..., 10] = 0.002 + cirrus * 2 + 0.02 * alpha
         refl = refl.transpose(2, 0, 1)
         # noise per native pixel: the block mean below divides it by the block width
-        refl += rng.standard_normal(refl.shape, dtype=np.float32) * (S2_NOISE * S2_NATIVE_FACTOR)[:, None, None]
+        noise_std = (S2_NOISE * S2_NATIVE_FACTOR)[:, None, None]
+        refl += rng.standard_normal(refl.shape, dtype=np.float32) * noise_std
         refl = to_native_resolution(refl, S2_NATIVE_FACTOR)
         s2 = np.clip(np.rint(refl * 10000), 1, 65535).astype(np.uint16)
         if product == "L2A":
