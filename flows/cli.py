@@ -1,4 +1,4 @@
-"""The ``mmearth`` command line: ``build`` and ``validate``.
+"""The ``mmearth`` command line: ``build``, ``validate`` and ``catalog build|search|serve``.
 
 Exit codes: 0 success, 1 the build or the store is not valid (reasons printed), 2 bad input (the
 message names the problem and the fix; nothing already written is touched).
@@ -16,7 +16,7 @@ from rich.console import Console
 from mmearth_data.build import DEFAULT_MODALITIES, BuildConfig, BuildInputError
 
 console = Console(stderr=False)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def parse_years(text: str) -> tuple[int, ...]:
@@ -66,6 +66,31 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a store against the contract and summarise it")
     v.add_argument("--store", required=True)
     v.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("catalog", help="STAC catalog of a store: build, search, serve")
+    csub = c.add_subparsers(dest="catalog_command", required=True)
+    cb = csub.add_parser("build", help="write collection.json, items.parquet and quicklooks")
+    cb.add_argument("--store", required=True)
+    cb.add_argument("--out", required=True, help="catalog directory")
+    cb.add_argument("--quicklooks", default="auto", help="auto (up to 20000 tiles), all or none")
+    cb.add_argument("--json-items", action="store_true", help="also write static JSON items (small corpora)")
+    cb.add_argument("--batch-tiles", type=int, default=50_000, help="tiles per streamed batch")
+    cs = csub.add_parser("search", help="find tiles; print a table or GeoJSON, or write a tile list")
+    cs.add_argument("--catalog", required=True)
+    cs.add_argument("--bbox", help="west,south,east,north (degrees)")
+    cs.add_argument("--datetime", help="YYYY-MM-DD or START/END (.. for open)")
+    cs.add_argument("--biome", help="biome numbers or names, comma separated")
+    cs.add_argument("--year", help="years, comma separated or a range 2017-2020")
+    cs.add_argument("--has", default="", help="modalities the tiles must have, comma separated")
+    cs.add_argument("--max-cloud", type=float, help="maximum cloud cover, per cent")
+    cs.add_argument("--split", choices=["train", "val", "test"])
+    cs.add_argument("--limit", type=int, default=None)
+    cs.add_argument("--format", choices=["table", "geojson"], default="table")
+    cs.add_argument("--write-tiles", help="write the matching tile ids here (for model.pretrain --tiles)")
+    cv = csub.add_parser("serve", help="local read-only browse page")
+    cv.add_argument("--catalog", required=True)
+    cv.add_argument("--host", default="127.0.0.1")
+    cv.add_argument("--port", type=int, default=8765)
     return ap
 
 
@@ -129,6 +154,88 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report["valid"] else 1
 
 
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from catalog.build import CatalogError
+    from catalog.search import SearchError
+    from mmearth_data.store import StoreError
+
+    try:
+        if args.catalog_command == "build":
+            from catalog.build import build_catalog
+
+            res = build_catalog(
+                args.store, args.out, args.batch_tiles, quicklooks=args.quicklooks, json_items=args.json_items
+            )
+            console.print(
+                f"catalog of {res['n_items']} items in {res['seconds']:.1f} s: {res['collection']}, "
+                f"{res['items']} ({res['quicklooks']} quicklooks)"
+            )
+            return 0
+        if args.catalog_command == "search":
+            return _catalog_search(args)
+        if args.catalog_command == "serve":
+            from catalog.serve import create_app
+
+            create_app(args.catalog)  # fails fast on a missing catalog
+            import uvicorn
+
+            console.print(f"browse the catalog at http://{args.host}:{args.port}/  (Ctrl-C stops)")
+            uvicorn.run(create_app(args.catalog), host=args.host, port=args.port, log_level="warning")
+            return 0
+    except (SearchError, CatalogError, StoreError, FileNotFoundError) as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        return 2
+    return 2
+
+
+def _catalog_search(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from catalog.search import (
+        Query,
+        geojson,
+        parse_bbox,
+        parse_biomes,
+        parse_datetime,
+        search,
+        to_rows,
+        write_tile_list,
+    )
+
+    q = Query(
+        bbox=parse_bbox(args.bbox) if args.bbox else None,
+        datetime=parse_datetime(args.datetime) if args.datetime else None,
+        biome=parse_biomes(args.biome) if args.biome else None,
+        year=parse_years(args.year) if args.year else None,
+        has=tuple(h.strip() for h in args.has.split(",") if h.strip()),
+        max_cloud=args.max_cloud,
+        split=args.split,
+        limit=args.limit,
+    )
+    table = search(args.catalog, q)
+    if args.write_tiles:
+        n = write_tile_list(table, args.write_tiles, " ".join(sys.argv[1:]))
+        err_console.print(f"{n} tile ids written to {args.write_tiles}")
+    if args.format == "geojson":
+        print(json.dumps(geojson(args.catalog, table)))
+        return 0
+    rows = to_rows(table)
+    t = Table(title=f"{len(rows)} tiles")
+    for col in ("id", "date", "biome", "year", "split", "S2", "cloud %", "lat", "lon"):
+        t.add_column(col)
+    for r in rows[:200]:
+        cloud = r["eo:cloud_cover"]
+        t.add_row(
+            r["id"], r["datetime"], f"{r['mmearth:biome']} {r['biome_name'][:28]}", str(r["mmearth:year"]),
+            r["mmearth:split"], r["mmearth:s2_product"], "" if cloud is None else f"{cloud:.1f}",
+            f"{r['lat']:.4f}", f"{r['lon']:.4f}",
+        )  # fmt: skip
+    console.print(t)
+    if len(rows) > 200:
+        console.print(f"... {len(rows) - 200} more (use --write-tiles or --format geojson for all)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
@@ -138,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_build(args)
         if args.command == "validate":
             return cmd_validate(args)
+        if args.command == "catalog":
+            return cmd_catalog(args)
     except BuildInputError as err:
         err_console.print(f"[bold red]error:[/] {err}")
         return 2

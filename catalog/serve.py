@@ -1,0 +1,191 @@
+"""A local, read-only browse page for a corpus catalog: ``mmearth catalog serve --catalog DIR``.
+
+Routes (everything else is 404):
+
+- ``/``                        the page (``catalog/static/index.html``)
+- ``/api/collection``          the collection JSON
+- ``/api/land.png``            the land outline, drawn from the committed world layers (no tile server)
+- ``/api/tiles?...``           tiles matching the filters of ``mmearth catalog search`` (capped by ``limit``)
+- ``/api/tiles/<tile id>``     one tile: item properties and its tile-level values read from the store
+- ``/quicklooks/<tile id>.png`` the tile's quicklook (the catalog's file, else drawn from the store)
+
+Nothing is served by path: a tile id must look like a grid id and be one of the catalog's items, so no
+request can reach a file outside the catalog or the store. Binds 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.dataset as ds
+from fastapi import FastAPI, HTTPException, Query
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from catalog.build import resolve_store
+from catalog.quicklook import PANELS, png_bytes, strip
+from catalog.search import Query as SearchQuery
+from catalog.search import SearchError, items_path, parse_bbox, parse_biomes, parse_datetime, search, to_rows
+from mmearth_data.registry import BIOME_CLASSES
+from mmearth_data.store import CorpusReader
+
+TILE_ID = re.compile(r"^G\d{1,6}_\d{1,6}[UD]_\d{1,6}[RL]$")
+STATIC = Path(__file__).resolve().parent / "static"
+MAX_TILES = 20_000
+
+
+def land_png(width: int = 1440) -> bytes:
+    """Equirectangular land/sea image (width x width/2) from the world layers' 0.05 degree land share."""
+    from mmearth_data.world import get_world
+
+    land = get_world().land  # (3600, 7200), per cent land, row 0 at 90 N
+    f = land.shape[1] // width
+    coarse = (
+        land[: land.shape[0] // f * f, : width * f].reshape(land.shape[0] // f, f, width, f).mean(axis=(1, 3))
+    )
+    img = np.empty(coarse.shape + (3,), np.uint8)
+    img[:] = (203, 219, 232)  # sea
+    img[coarse >= 50] = (236, 231, 220)  # land
+    edge = (coarse >= 50) != (np.roll(coarse, 1, 0) >= 50)
+    edge |= (coarse >= 50) != (np.roll(coarse, 1, 1) >= 50)
+    img[edge] = (150, 150, 140)
+    return png_bytes(img)
+
+
+def create_app(catalog: str | Path) -> FastAPI:
+    catalog = Path(catalog).resolve()
+    items_path(catalog)
+    coll = json.loads((catalog / "collection.json").read_text())
+    store_url = resolve_store(catalog, coll["assets"]["store"]["href"])
+    table = ds.dataset(items_path(catalog), format="parquet").to_table(columns=["id", "mmearth:index"])
+    index = dict(zip(table.column("id").to_pylist(), table.column("mmearth:index").to_pylist(), strict=True))
+    app = FastAPI(title=f"{coll['id']} catalog", docs_url=None, redoc_url=None, openapi_url=None)
+    reader_box: dict[str, CorpusReader] = {}
+
+    def reader() -> CorpusReader:
+        if "r" not in reader_box:
+            reader_box["r"] = CorpusReader(store_url)
+        return reader_box["r"]
+
+    def tile_index(tile_id: str) -> int:
+        if not TILE_ID.match(tile_id) or tile_id not in index:
+            raise HTTPException(404, "no such tile")
+        return int(index[tile_id])
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return (STATIC / "index.html").read_text()
+
+    @app.get("/api/collection")
+    def collection() -> JSONResponse:
+        return JSONResponse(coll)
+
+    @lru_cache(maxsize=1)
+    def _land() -> bytes:
+        return land_png()
+
+    @app.get("/api/land.png")
+    def land() -> Response:
+        return Response(_land(), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/api/tiles")
+    def tiles(
+        bbox: str | None = None,
+        datetime: str | None = None,
+        biome: str | None = None,
+        year: str | None = None,
+        has: str | None = None,
+        max_cloud: float | None = None,
+        split: str | None = None,
+        limit: int = Query(5000, ge=1, le=MAX_TILES),
+    ) -> dict[str, Any]:
+        try:
+            q = SearchQuery(
+                bbox=parse_bbox(bbox) if bbox else None,
+                datetime=parse_datetime(datetime) if datetime else None,
+                biome=parse_biomes(biome) if biome else None,
+                year=tuple(int(y) for y in year.split(",")) if year else None,
+                has=tuple(h for h in (has or "").split(",") if h),
+                max_cloud=max_cloud,
+                split=split or None,
+                limit=limit + 1,
+            )
+            rows = to_rows(search(catalog, q))
+        except (SearchError, ValueError) as err:
+            raise HTTPException(400, str(err)) from None
+        out = [
+            {
+                "id": r["id"],
+                "lon": round(r["lon"], 5),
+                "lat": round(r["lat"], 5),
+                "biome": r["mmearth:biome"],
+                "year": r["mmearth:year"],
+                "cloud": r["eo:cloud_cover"],
+                "date": r["datetime"],
+            }
+            for r in rows[:limit]
+        ]
+        return {"tiles": out, "count": len(out), "truncated": len(rows) > limit}
+
+    @app.get("/api/tiles/{tile_id}")
+    def tile(tile_id: str) -> dict[str, Any]:
+        i = tile_index(tile_id)
+        from catalog.search import full_items
+
+        item = full_items(catalog, [tile_id])[0]
+        r = reader()
+        values: dict[str, Any] = {}
+        for m in r.modalities:
+            if m.kind != "tile":
+                continue
+            v = np.asarray(r.group[m.name][i])
+            if m.scalar:
+                code = int(v)
+                values[m.name] = {"value": code, "name": (m.classes or {}).get(code, "")}
+            else:
+                values[m.name] = {
+                    b: {"value": None if not np.isfinite(x) else round(float(x), 4), "unit": m.unit_of(b)}
+                    for b, x in zip(m.bands, v.tolist(), strict=True)
+                }
+        build = coll.get("mmearth:build", {})
+        return {
+            "id": tile_id,
+            "properties": item["properties"],
+            "bbox": item["bbox"],
+            "values": values,
+            "biome_name": BIOME_CLASSES.get(item["properties"]["mmearth:biome"], ""),
+            "provenance": {
+                "source": (build.get("config") or {}).get("source"),
+                "config_hash": build.get("config_hash"),
+                "schema_version": build.get("schema_version"),
+                "versions": build.get("versions"),
+            },
+            "quicklook": f"/quicklooks/{tile_id}.png",
+            "panels": list(PANELS),
+        }
+
+    @app.get("/quicklooks/{name}")
+    def quicklook(name: str) -> Response:
+        if not name.endswith(".png"):
+            raise HTTPException(404, "no such quicklook")
+        tile_id = name[: -len(".png")]
+        i = tile_index(tile_id)
+        f = catalog / "quicklooks" / f"{tile_id}.png"  # tile_id is a validated grid id of this catalog
+        if f.is_file():
+            return Response(f.read_bytes(), media_type="image/png")
+        r = reader()
+        names = [p for p in PANELS if p in {m.name for m in r.modalities}]
+        arrays = {n: np.asarray(r.group[n][i]) for n in names if bool(np.asarray(r.group[f"{n}_present"][i]))}
+        return Response(png_bytes(strip(arrays)), media_type="image/png")
+
+    return app
+
+
+def serve(catalog: str | Path, host: str = "127.0.0.1", port: int = 8765) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(catalog), host=host, port=port, log_level="warning")

@@ -1,0 +1,267 @@
+"""STAC catalog: schema validity offline, round trip through stac-geoparquet, search, the CLI, the
+server's refusal of traversal paths, and the browse page driven in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from catalog.build import build_catalog, footprints, metadata_batches
+from catalog.search import Query, SearchError, parse_biomes, search, to_rows
+from catalog.serve import create_app
+from catalog.validate import validate_catalog, validate_collection, validate_item
+from flows.cli import main as cli
+from mmearth_data.store import CorpusReader
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "artifacts"
+
+
+@pytest.fixture(scope="module")
+def catalog_dir(small_store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("catalog") / "cat"
+    build_catalog(small_store, out, batch_tiles=20, json_items=True)  # 20: several streamed batches
+    return out
+
+
+def test_collection_and_every_item_validate_offline(catalog_dir, small_store):
+    n = validate_catalog(catalog_dir)
+    reader = CorpusReader(small_store)
+    assert n == int(np.asarray(reader.group["complete"][:]).sum())
+    coll = json.loads((catalog_dir / "collection.json").read_text())
+    assert coll["stac_version"] == "1.1.0"
+    assert set(coll["summaries"]["mmearth:modality"]) == {m.name for m in reader.modalities}
+    bands = {b["name"]: b for b in coll["assets"]["store"]["bands"]}
+    assert bands["dem/elevation"]["statistics"]["mean"] == pytest.approx(
+        reader.statistics["dem"]["elevation"]["mean"]
+    )
+    assert coll["assets"]["store"]["cube:variables"]["sentinel2"]["dimensions"] == [
+        "tile", "sentinel2_band", "y", "x"
+    ]  # fmt: skip
+    w, s, e, n_ = coll["extent"]["spatial"]["bbox"][0]
+    assert -180 <= w < e <= 180 and -90 <= s < n_ <= 90
+    for f in (catalog_dir / "items").glob("*.json"):
+        validate_item(json.loads(f.read_text()))
+    broken = json.loads((catalog_dir / "collection.json").read_text())
+    del broken["extent"]
+    with pytest.raises(Exception, match="extent"):
+        validate_collection(broken)
+
+
+def test_items_read_back_with_stac_geoparquet_into_geopandas(catalog_dir, small_store):
+    import geopandas as gpd
+    import pyarrow.parquet as pq
+    import stac_geoparquet
+    from stac_geoparquet.arrow import stac_table_to_items
+
+    table = pq.read_table(catalog_dir / "items.parquet")
+    items = list(stac_table_to_items(table))
+    gdf = stac_geoparquet.to_geodataframe(items)
+    assert isinstance(gdf, gpd.GeoDataFrame) and len(gdf) == len(items)
+    reader = CorpusReader(small_store)
+    tiles = reader.tiles().set_index("tile_id")
+    for item, geom in zip(items, gdf.geometry, strict=True):
+        row = tiles.loc[item["id"]]
+        assert geom.contains(gpd.points_from_xy([row["lon"]], [row["lat"]])[0])
+        assert item["properties"]["mmearth:index"] == int(
+            np.flatnonzero(reader.tiles()["tile_id"] == item["id"])[0]
+        )
+        assert item["properties"]["proj:code"] == f"EPSG:{int(row['epsg'])}"
+        assert item["properties"]["datetime"].startswith(str(row["s2_date"])[:10])
+
+
+def test_footprints_follow_the_utm_transform(small_store):
+    reader = CorpusReader(small_store)
+    df = next(metadata_batches(reader, 8))
+    rings, bboxes = footprints(df, reader.tile_size)
+    side_deg = reader.tile_size * 10 / 111_320
+    assert np.allclose(bboxes[:, 3] - bboxes[:, 1], side_deg, rtol=0.1)
+    assert np.all((bboxes[:, 0] <= df["lon"]) & (df["lon"] <= bboxes[:, 2]))
+
+
+def test_search_filters(catalog_dir, small_store):
+    all_rows = to_rows(search(catalog_dir, Query()))
+    tiles = CorpusReader(small_store).tiles()
+    tiles = tiles[tiles["complete"]]
+    assert len(all_rows) == len(tiles)
+    biome = int(tiles["biome"].iloc[0])
+    got = to_rows(search(catalog_dir, Query(biome=(biome,))))
+    assert {r["id"] for r in got} == set(tiles.loc[tiles["biome"] == biome, "tile_id"])
+    year = int(tiles["year"].iloc[0])
+    got = to_rows(search(catalog_dir, Query(year=(year,), has=("sentinel1",))))
+    want = tiles[(tiles["year"] == year) & tiles["sentinel1_present"]]
+    assert {r["id"] for r in got} == set(want["tile_id"])
+    got = to_rows(search(catalog_dir, Query(bbox=(-180.0, 0.0, 180.0, 90.0))))
+    assert {r["id"] for r in got} == set(tiles.loc[tiles["lat"] > 0, "tile_id"])
+    got = to_rows(search(catalog_dir, Query(max_cloud=5.0)))
+    assert {r["id"] for r in got} == set(tiles.loc[tiles["cloud_fraction"] * 100 <= 5.0, "tile_id"])
+    d0 = str(tiles["s2_date"].min())[:10]
+    got = to_rows(search(catalog_dir, Query(datetime=(d0, d0))))
+    assert got and all(r["datetime"] == d0 for r in got)
+    assert len(to_rows(search(catalog_dir, Query(limit=3)))) == 3
+    assert parse_biomes("desert,4") == (13, 4)
+    with pytest.raises(SearchError, match="no modality"):
+        search(catalog_dir, Query(has=("radar",)))
+
+
+def test_cli_build_search_and_tile_list(tmp_path, small_store, capsys):
+    out = tmp_path / "c"
+    assert cli(["catalog", "build", "--store", small_store, "--out", str(out), "--quicklooks", "none"]) == 0
+    assert not (out / "quicklooks").exists()
+    lst = tmp_path / "tiles.txt"
+    assert (
+        cli(["catalog", "search", "--catalog", str(out), "--year", "2017-2018", "--write-tiles", str(lst)])
+        == 0
+    )
+    ids = [x for x in lst.read_text().splitlines() if not x.startswith("#")]
+    tiles = CorpusReader(small_store).tiles()
+    assert set(ids) == set(tiles.loc[tiles["complete"] & tiles["year"].isin([2017, 2018]), "tile_id"])
+    capsys.readouterr()
+    assert cli(["catalog", "search", "--catalog", str(out), "--limit", "2", "--format", "geojson"]) == 0
+    fc = json.loads(capsys.readouterr().out)
+    assert fc["type"] == "FeatureCollection" and len(fc["features"]) == 2
+    assert cli(["catalog", "search", "--catalog", str(out), "--bbox", "10,0,5,1"]) == 2
+    assert "west <= east" in capsys.readouterr().err
+    assert cli(["catalog", "search", "--catalog", str(tmp_path / "none")]) == 2
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    assert cli(["catalog", "build", "--store", small_store, "--out", str(tmp_path / "busy")]) == 2
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+
+
+TRAVERSALS = [
+    "/../collection.json",
+    "/quicklooks/../collection.json",
+    "/quicklooks/..%2Fcollection.json",
+    "/quicklooks/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+    "/quicklooks/..%252F..%252Fetc%252Fpasswd",
+    "/api/tiles/..%2F..%2Fetc%2Fpasswd",
+    "/api/tiles/%2e%2e",
+    "/static/../../etc/passwd",
+    "/collection.json",
+    "/items.parquet",
+    "/quicklooks/",
+]
+
+
+def test_server_refuses_traversal_and_unknown_tiles(catalog_dir):
+    client = TestClient(create_app(catalog_dir))
+    first = client.get("/api/tiles?limit=1").json()["tiles"][0]["id"]
+    assert client.get(f"/quicklooks/{first}.png").headers["content-type"] == "image/png"
+    for path in TRAVERSALS:
+        r = client.get(path)
+        assert r.status_code == 404, path
+        assert b"root:" not in r.content and b"stac_version" not in r.content, path
+    for tid in ("G1850_1U_1R", "G1850_1U_1R.png", "x" * 300, first + "%00", first.lower()):
+        assert client.get(f"/api/tiles/{tid}").status_code == 404
+        assert client.get(f"/quicklooks/{tid}.png").status_code == 404
+    assert client.get("/api/tiles?bbox=1,2,3").status_code == 400
+
+
+def test_quicklook_drawn_from_the_store_when_no_file(tmp_path, small_store):
+    out = tmp_path / "nq"
+    build_catalog(small_store, out, quicklooks="none")
+    client = TestClient(create_app(out))
+    tid = client.get("/api/tiles?limit=1").json()["tiles"][0]["id"]
+    r = client.get(f"/quicklooks/{tid}.png")
+    assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
+    detail = client.get(f"/api/tiles/{tid}").json()
+    assert len(detail["values"]["era5"]) == 12
+    assert detail["provenance"]["source"] == "offline"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(catalog_dir):
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(catalog_dir), host="127.0.0.1", port=port, log_level="warning")
+    )
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    for _ in range(100):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    t.join(timeout=10)
+
+
+def _chromium():
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (binary and driver):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (make test installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = binary
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1500,950"):
+        opts.add_argument(a)
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+def test_browse_page_in_headless_chromium(live_server, catalog_dir, small_store):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    drv = _chromium()
+    try:
+        wait = WebDriverWait(drv, 30)
+        drv.get(live_server + "/")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "rect.tile")) > 0)
+        n_all = len(drv.find_elements(By.CSS_SELECTOR, "rect.tile"))
+        tiles = CorpusReader(small_store).tiles()
+        assert n_all == int(tiles["complete"].sum())
+        land = drv.execute_script("const i = document.querySelector('#map image'); return i.getBBox().width;")
+        assert land > 0
+        biome = int(tiles.loc[tiles["complete"], "biome"].value_counts().index[0])
+        Select(drv.find_element(By.ID, "biome")).select_by_value(str(biome))
+        drv.find_element(By.ID, "apply").click()
+        want = int((tiles["complete"] & (tiles["biome"] == biome)).sum())
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "rect.tile")) == want)
+        rects = drv.find_elements(By.CSS_SELECTOR, "rect.tile")
+        assert {r.get_attribute("data-biome") for r in rects} == {str(biome)}
+        target = rects[0]
+        tid = target.get_attribute("data-id")
+        drv.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", target)
+        wait.until(ec.text_to_be_present_in_element((By.ID, "tile-id"), tid))
+        wait.until(lambda d: d.execute_script(
+            "const i = document.getElementById('quicklook'); return i && i.complete && i.naturalWidth > 0;"
+        ))  # fmt: skip
+        width = drv.execute_script("return document.getElementById('quicklook').naturalWidth;")
+        assert width > 5 * CorpusReader(small_store).tile_size
+        values = drv.find_element(By.ID, "values").text
+        assert "era5" in values and "biome" in values and "offline" in values
+        assert "tree_cover" in drv.find_element(By.ID, "detail").text  # WorldCover legend
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "catalog_page.png"
+        drv.save_screenshot(str(shot))
+        assert shot.stat().st_size > 20_000
+    finally:
+        drv.quit()
+
+
+def test_serve_binds_localhost_by_default():
+    from flows.cli import build_parser
+
+    args = build_parser().parse_args(["catalog", "serve", "--catalog", "x"])
+    assert args.host == "127.0.0.1"
