@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install run test test-all lint bench world
+.PHONY: install browser run test test-all lint bench world
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,11 +17,20 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m flows.demo
 
-## the fast test suite (slow tests: make test-all)
-test: $(STAMP)
+## Debian's chromium + chromedriver for the browse-page test (installed once, when missing)
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+	  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "note: cannot install chromium here; the browse-page test will be skipped"; fi
+
+## the fast test suite (slow tests: make test-all); the page screenshot lands in artifacts/
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(PY) -m pytest -q -m ''
 
 lint: $(STAMP)
@@ -33,6 +42,7 @@ bench: $(STAMP)
 	$(PY) bench/store_size.py
 	$(PY) bench/loader.py
 	$(PY) bench/train.py
+	$(PY) bench/catalog.py
 
 ## regenerate the committed offline world layers (maintainers; needs the network to PyPI)
 world: $(STAMP)

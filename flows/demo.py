@@ -1,5 +1,5 @@
-"""The main job on the offline default: build the demo corpus, validate it, pretrain MP-MAE briefly on
-it, print where everything is.
+"""The main job on the offline default: build the demo corpus, validate it, write its STAC catalog,
+pretrain MP-MAE briefly on it, print where everything is.
 
     make run        # or: python -m flows.demo [--tiles 256] [--store data/demo.zarr] [--steps 30]
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from catalog.build import build_catalog
 from flows.build_corpus import run_build
 from flows.cli import print_summary
 from mmearth_data.build import BuildConfig, build_dir
@@ -32,21 +33,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=30, help="pretraining steps (0: skip pretraining)")
     ap.add_argument("--run", default="runs/demo", help="pretraining run directory (replaced)")
+    ap.add_argument("--catalog", default="data/demo.catalog", help="catalog directory (replaced)")
     args = ap.parse_args(argv)
 
-    console.rule("[bold]1/3 build the demo corpus (offline source)")
+    console.rule("[bold]1/4 build the demo corpus (offline source)")
     cfg = BuildConfig(store=args.store, n_tiles=args.tiles, seed=args.seed)
     summary = run_build(cfg)
     print_summary(summary)
 
-    console.rule("[bold]2/3 validate")
+    console.rule("[bold]2/4 validate")
     report = validate_store(args.store)
     print_report(report, console)
     if not report["valid"]:
         return 1
 
+    console.rule("[bold]3/4 STAC catalog (collection, items in GeoParquet, quicklooks)")
+    shutil.rmtree(args.catalog, ignore_errors=True)
+    cat = build_catalog(args.store, args.catalog)
+    console.print(f"{cat['n_items']} items, {cat['quicklooks']} quicklooks in {cat['seconds']:.1f} s")
+
     if args.steps > 0:
-        console.rule(f"[bold]3/3 pretrain MP-MAE briefly ({args.steps} steps, atto, 56 px, CPU or GPU)")
+        console.rule(f"[bold]4/4 pretrain MP-MAE briefly ({args.steps} steps, atto, 56 px, CPU or GPU)")
         shutil.rmtree(args.run, ignore_errors=True)
         rc = pretrain_main(
             ["--store", args.store, "--out", args.run, "--model", "atto", "--img-size", "56",
@@ -63,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"sample map               {Path(art, 'sample_map.png').resolve()}")
     console.print(f"biome x year counts      {Path(art, 'strata.png').resolve()}")
     console.print(f"failures                 {Path(art, 'failures.json').resolve()}")
+    catdir = Path(args.catalog).resolve()
+    console.print(f"STAC collection          {catdir / 'collection.json'}")
+    console.print(f"STAC items (GeoParquet)  {catdir / 'items.parquet'}")
+    console.print(f"browse page              .venv/bin/mmearth catalog serve --catalog {args.catalog}")
+    console.print("                         then open http://127.0.0.1:8765/")
     if args.steps > 0:
         run = Path(args.run).resolve()
         console.print(f"checkpoint (safetensors) {run / 'model.safetensors'}")

@@ -6,7 +6,7 @@ from typing import Any
 
 from mmearth_data.sources.base import Source, SourceError, TileFailure, TileRequest, TileResult
 
-SOURCES = ("offline",)
+SOURCES = ("offline", "earthengine")
 
 
 def make_source(name: str, **options: Any) -> Source:
@@ -15,6 +15,10 @@ def make_source(name: str, **options: Any) -> Source:
         from mmearth_data.sources.offline import OfflineSource
 
         return OfflineSource(seed=options.get("seed", 0))
+    if name == "earthengine":
+        from mmearth_data.sources.earthengine import make_earthengine_source
+
+        return make_earthengine_source(options)
     raise SourceError(f"unknown source {name!r}; available sources: {', '.join(SOURCES)}")
 
 
@@ -23,6 +27,10 @@ def source_years(name: str) -> range:
         from mmearth_data.sources.offline import YEARS
 
         return YEARS
+    if name == "earthengine":
+        from mmearth_data.sources.earthengine import YEARS as EE_YEARS
+
+        return EE_YEARS
     raise SourceError(f"unknown source {name!r}; available sources: {', '.join(SOURCES)}")
 
 
