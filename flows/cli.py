@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="build or resume a corpus store")
-    b.add_argument("--source", default="offline", help="offline (default)")
+    b.add_argument("--source", default="offline", choices=["offline", "earthengine"], help="default: offline")
     b.add_argument("--tiles", type=int, required=True, help="number of tiles (store size)")
     b.add_argument("--store", required=True, help="store path or fsspec URL, e.g. data/demo.zarr")
     b.add_argument("--seed", type=int, default=0)
@@ -62,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=None, help="parallel shard tasks (default: CPU count)")
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--json", action="store_true", help="print the summary as JSON")
+    e = b.add_argument_group("earthengine source (see README: Earth Engine)")
+    e.add_argument("--project", help="Cloud project registered for Earth Engine (or EE_PROJECT)")
+    e.add_argument("--ee-key", help="service-account key JSON (or EE_SERVICE_ACCOUNT_KEY); default: ADC")
+    e.add_argument("--max-in-flight", type=int, default=40, help="cap on concurrent requests (quota)")
+    e.add_argument("--s2-level", default="auto", choices=["auto", "L2A", "L1C"])
+    e.add_argument("--max-scene-cloud", type=float, default=10.0, help="per cent, scene-level filter")
+    e.add_argument("--scene-choice", default="least_cloudy", choices=["least_cloudy", "random"])
+    e.add_argument("--max-gap-days", type=int, default=30, help="Sentinel-1 to Sentinel-2 date gap")
+    e.add_argument("--no-high-volume", action="store_true", help="use the standard endpoint")
 
     v = sub.add_parser("validate", help="check a store against the contract and summarise it")
     v.add_argument("--store", required=True)
@@ -94,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def ee_options(args: argparse.Namespace) -> dict:
+    return {
+        "project": args.project,
+        "key_file": args.ee_key,
+        "max_in_flight": args.max_in_flight,
+        "s2_level": args.s2_level,
+        "max_scene_cloud": args.max_scene_cloud,
+        "scene_choice": args.scene_choice,
+        "max_gap_days": args.max_gap_days,
+        "high_volume": not args.no_high_volume,
+    }
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     cfg = BuildConfig(
         store=args.store,
@@ -106,6 +128,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         reserve=args.reserve,
         chunk_tiles=args.chunk_tiles,
         shard_tiles=args.shard_tiles,
+        source_options=ee_options(args) if args.source == "earthengine" else {},
     )
     from mmearth_data.build import check_request
 

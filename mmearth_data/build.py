@@ -101,6 +101,13 @@ def check_config(cfg: BuildConfig) -> None:
             raise BuildInputError(f"modality {name!r} is derived from tile metadata and is not exported")
     if "sentinel2" not in cfg.modalities:
         raise BuildInputError("sentinel2 must be among --modalities: its scene defines every tile")
+    try:  # source-specific checks (project, credentials, request size); no network
+        source = make_source(cfg.source, seed=cfg.seed, **cfg.source_options)
+        check = getattr(source, "check", None)
+        if check is not None:
+            check(cfg.tile_size, registry.stored_modalities(cfg.modalities))
+    except SourceError as err:
+        raise BuildInputError(str(err)) from None
     if cfg.chunk_tiles <= 0 or cfg.resolved_shard_tiles() % cfg.chunk_tiles:
         raise BuildInputError(
             f"shard size {cfg.resolved_shard_tiles()} must be a positive multiple of the chunk size "

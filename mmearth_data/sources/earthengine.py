@@ -555,6 +555,26 @@ class EarthEngineSource:
                 self._transport = EETransport(self.cfg)
         return self._transport
 
+    def check(self, tile_size: int, modalities: tuple[Modality, ...]) -> None:
+        """Everything that can be checked without a request: scene policy, request size, project and
+        credentials (skipped with a registered transport). Raises SourceError naming the problem."""
+        c = self.cfg
+        if c.scene_choice not in ("least_cloudy", "random"):
+            raise SourceError(f"--scene-choice {c.scene_choice!r}: use least_cloudy or random")
+        if c.s2_level not in ("auto", "L2A", "L1C"):
+            raise SourceError(f"--s2-level {c.s2_level!r}: use auto, L2A or L1C")
+        if c.max_in_flight < 1:
+            raise SourceError("--max-in-flight must be at least 1")
+        n = request_bytes(modalities, tile_size)
+        if n > REQUEST_LIMIT_BYTES:
+            raise SourceError(
+                f"one tile of {tile_size} px is {n / 2**20:.0f} MB per computePixels request, over Earth "
+                "Engine's 48 MB limit; use a smaller --tile-size or fewer --modalities"
+            )
+        if c.transport is None:
+            resolve_project(c)
+            credentials(c)
+
     def describe(self) -> dict[str, Any]:
         c = self.cfg
         return {
@@ -573,7 +593,8 @@ class EarthEngineSource:
         self, tiles: list[TileRequest], modalities: tuple[Modality, ...]
     ) -> list[TileResult | TileFailure]:
         self.transport  # noqa: B018 (initialises ee, or fails with a clear message, before any tile)
-        workers = max(1, min(len(tiles), self.cfg.max_in_flight))
+        # twice the cap: tiles building their expressions queue up while the cap is kept full
+        workers = max(1, min(len(tiles), 2 * self.cfg.max_in_flight))
         with ThreadPoolExecutor(workers, thread_name_prefix="ee") as pool:
             return list(pool.map(lambda t: self.fetch_one(t, modalities), tiles))
 

@@ -30,11 +30,14 @@ FAILURES = (
 
 
 def http_error(status: int, message: str = "simulated"):
-    """A googleapiclient HttpError, as ee.data raises for HTTP failures."""
+    """A googleapiclient HttpError with Google's JSON error body, as ee.data raises for HTTP failures."""
+    import json
+
     import httplib2
     from googleapiclient.errors import HttpError
 
-    return HttpError(httplib2.Response({"status": status, "reason": message}), message.encode())
+    body = {"error": {"code": status, "message": message, "status": "SIMULATED"}}
+    return HttpError(httplib2.Response({"status": status}), json.dumps(body).encode())
 
 
 @dataclass
