@@ -19,9 +19,9 @@ from mmearth_data.build import BuildConfig, BuildInputError, check_config, prepa
 from mmearth_data.registry import stored_modalities
 from mmearth_data.sources.base import SourceError, TileFailure, TileResult
 from mmearth_data.sources.earthengine import (
+    EarthEngineSource,
     EEAuthError,
     EEConfig,
-    EarthEngineSource,
     Limiter,
     PermanentError,
     register_transport,
@@ -71,9 +71,10 @@ def test_golden_requests_say_what_the_recipe_says():
     assert len(px["bandIds"]) == sum(m.n_bands for m in MODS if m.kind == "pixel")
     assert px["bandIds"][:2] == ["sentinel2__B1", "sentinel2__B2"]
     text = _text("amazon_2019_l2a")
-    for token in ('"COPERNICUS/S1_GRD"', '"IW"', '"ASCENDING"', '"DESCENDING"', '"bilinear"', '"Terrain.slope"',
-                  '"ECMWF/ERA5_LAND/MONTHLY_AGGR"', '"GOOGLE/DYNAMICWORLD/V1"', '"ESA/WorldCover/v100"',
-                  '"RESOLVE/ECOREGIONS/2017"', '"BIOME_NUM"', '"ECO_ID"', '"QA60"'):  # fmt: skip
+    tokens = ['"COPERNICUS/S1_GRD"', '"IW"', '"ASCENDING"', '"DESCENDING"', '"bilinear"', '"Terrain.slope"',
+              '"ECMWF/ERA5_LAND/MONTHLY_AGGR"', '"GOOGLE/DYNAMICWORLD/V1"', '"ESA/WorldCover/v100"',
+              '"RESOLVE/ECOREGIONS/2017"', '"BIOME_NUM"', '"ECO_ID"', '"QA60"']  # fmt: skip
+    for token in tokens:
         assert token in text, token
     assert '"Collection.randomColumn"' in _text("alps_2020_random_scene")
     assert "randomColumn" not in text
@@ -246,8 +247,8 @@ def test_flow_against_the_simulated_transport(tmp_path, prefect_harness):
 def test_prepare_records_the_recipe_not_the_credentials(tmp_path):
     register_transport("prep", SimulatedTransport())
     store = str(tmp_path / "p.zarr")
-    prepare(BuildConfig(store=store, n_tiles=8, tile_size=64, source="earthengine",
-                        source_options={"transport": "prep", "key_file": "/k.json", "max_gap_days": 12}))  # fmt: skip
+    opts = {"transport": "prep", "key_file": "/k.json", "max_gap_days": 12}
+    prepare(BuildConfig(store=store, n_tiles=8, tile_size=64, source="earthengine", source_options=opts))
     src = CorpusReader(store).attrs["build"]["source"]
     assert src["source"] == "earthengine" and src["max_gap_days"] == 12 and "key_file" not in src
 
