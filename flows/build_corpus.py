@@ -100,8 +100,10 @@ def prefect_api() -> Iterator[None]:
 
 def run_build(cfg: BuildConfig, workers: int | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Run the flow with a task runner suited to the source: processes for the CPU-bound offline
-    source, threads otherwise."""
-    workers = workers or os.cpu_count() or 1
+    source, threads otherwise (network-bound: several shards in flight, each fetching its tiles
+    concurrently under the source's own cap on requests)."""
+    if workers is None:
+        workers = (os.cpu_count() or 1) if cfg.source == "offline" else 4
     if cfg.source == "offline" and workers > 1:
         runner = ProcessPoolTaskRunner(max_workers=workers)
     else:

@@ -257,14 +257,26 @@ def test_limiter_counts_under_threads():
     lim = Limiter(3)
     seen = []
 
-    def work():
-        with lim:
-            seen.append(lim.in_flight)
-            time.sleep(0.005)
+    order = []
 
-    threads = [threading.Thread(target=work) for _ in range(20)]
+    def work(k):
+        with lim.slot((k,)):
+            seen.append(lim.in_flight)
+            order.append(k)
+            time.sleep(0.03)
+
+    threads = [threading.Thread(target=work, args=(20 - k,)) for k in range(20)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert max(seen) <= 3 and lim.peak == 3 and lim.requests == 20
+    # one at a time: once queued, lower priorities go first
+    lim = Limiter(1)
+    order.clear()
+    threads = [threading.Thread(target=work, args=(20 - k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert order[1:] == sorted(order[1:]) and len(order) == 8

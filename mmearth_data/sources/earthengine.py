@@ -31,6 +31,9 @@ ecoregion labels are RESOLVE's, read in the tile-values request.
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
 import logging
 import os
 import random
@@ -38,7 +41,7 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -211,31 +214,55 @@ def retryable(err: BaseException) -> bool:
 
 @dataclass
 class Limiter:
-    """A cap on requests in flight shared by every thread of the process, with counters."""
+    """A cap on requests in flight shared by every thread of the process. Waiting requests go in
+    priority order (lowest first), and a finishing request hands its slot straight to the next one
+    (one wake-up, not a stampede). The source gives a shard's tiles consecutive priorities, so an
+    earlier shard finishes and is written while later ones still fetch, instead of all shards
+    advancing in lockstep and leaving the cap idle while they write."""
 
     cap: int
     in_flight: int = 0
     peak: int = 0
     requests: int = 0
     retries: int = 0
-    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _waiting: list = field(default_factory=list)
+    _tickets: Any = field(default_factory=itertools.count)
 
-    def __enter__(self) -> Limiter:
-        with self._cond:
-            while self.in_flight >= self.cap:
-                self._cond.wait()
-            self.in_flight += 1
-            self.requests += 1
-            self.peak = max(self.peak, self.in_flight)
-        return self
+    def _granted(self) -> None:  # under the lock
+        self.requests += 1
+        self.peak = max(self.peak, self.in_flight)
 
-    def __exit__(self, *exc) -> None:
-        with self._cond:
-            self.in_flight -= 1
-            self._cond.notify()
+    @contextlib.contextmanager
+    def slot(self, priority: tuple = ()) -> Iterator[None]:
+        event = None
+        with self._lock:
+            if self.in_flight < self.cap and not self._waiting:
+                self.in_flight += 1
+                self._granted()
+            else:
+                event = threading.Event()
+                heapq.heappush(self._waiting, ((*priority, next(self._tickets)), event))
+        if event is not None:
+            event.wait()  # the releasing request counted us in
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._waiting:
+                    _, nxt = heapq.heappop(self._waiting)
+                    self._granted()
+                    nxt.set()
+                else:
+                    self.in_flight -= 1
+
+    def count_retry(self) -> None:
+        with self._lock:
+            self.retries += 1
 
 
 _LIMITERS: dict[int, Limiter] = {}
+_BATCHES = itertools.count()  # fetch calls (shards) in start order: earlier ones are served first
 _LIMITERS_LOCK = threading.Lock()
 
 
@@ -250,20 +277,20 @@ def with_retries(
     limiter: Limiter,
     sleep: Callable[[float], None],
     rng: random.Random,
+    priority: tuple = (),
 ) -> Any:
-    """Run ``call`` under the cap; on a retryable error wait base * 2^attempt (capped) times a jitter
-    in [0.5, 1.5) and try again, at most ``max_retries`` times."""
+    """Run ``call`` under the cap (queued by ``priority``); on a retryable error wait base * 2^attempt
+    (capped) times a jitter in [0.5, 1.5) and try again, at most ``max_retries`` times."""
     attempt = 0
     while True:
         try:
-            with limiter:
+            with limiter.slot(priority):
                 return call()
         except Exception as err:
             if not retryable(err) or attempt >= cfg.max_retries:
                 raise
             delay = min(cfg.backoff_cap_s, cfg.backoff_base_s * 2**attempt) * (0.5 + rng.random())
-            with limiter._cond:
-                limiter.retries += 1
+            limiter.count_retry()
             log.debug("retrying after %s (attempt %d, %.1f s)", type(err).__name__, attempt + 1, delay)
             sleep(delay)
             attempt += 1
@@ -595,10 +622,15 @@ class EarthEngineSource:
         self.transport  # noqa: B018 (initialises ee, or fails with a clear message, before any tile)
         # twice the cap: tiles building their expressions queue up while the cap is kept full
         workers = max(1, min(len(tiles), 2 * self.cfg.max_in_flight))
+        batch = next(_BATCHES)
         with ThreadPoolExecutor(workers, thread_name_prefix="ee") as pool:
-            return list(pool.map(lambda t: self.fetch_one(t, modalities), tiles))
+            return list(
+                pool.map(lambda it: self.fetch_one(it[1], modalities, (batch, it[0])), enumerate(tiles))
+            )
 
-    def fetch_one(self, t: TileRequest, modalities: tuple[Modality, ...]) -> TileResult | TileFailure:
+    def fetch_one(
+        self, t: TileRequest, modalities: tuple[Modality, ...], priority: tuple = ()
+    ) -> TileResult | TileFailure:
         rng = random.Random(zlib.crc32(f"{self.cfg.seed}/{t.tile_id}".encode()))
         if t.year not in self.years:
             return TileFailure(
@@ -614,6 +646,7 @@ class EarthEngineSource:
                     self.limiter,
                     self.sleep,
                     rng,
+                    priority,
                 )
             )
             if values["n_scenes"] == 0:
@@ -625,7 +658,12 @@ class EarthEngineSource:
             stage = "pixels"
             req = pixels_request(t, modalities, self.cfg)
             raw = with_retries(
-                lambda: self.transport.compute_pixels(req, t.tile_id), self.cfg, self.limiter, self.sleep, rng
+                lambda: self.transport.compute_pixels(req, t.tile_id),
+                self.cfg,
+                self.limiter,
+                self.sleep,
+                rng,
+                priority,
             )
             stage = "decode"
             pixels = decode_pixels(raw, t, modalities)

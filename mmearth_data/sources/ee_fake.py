@@ -54,6 +54,8 @@ class SimulatedTransport:
     in_flight: int = 0
     peak: int = 0
     total: int = 0
+    first_start: float | None = None
+    last_end: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -77,11 +79,14 @@ class SimulatedTransport:
             self.total += 1
             self.peak = max(self.peak, self.in_flight)
             self.calls[(tile_id, kind)] += 1
+            if self.first_start is None:
+                self.first_start = time.perf_counter()
             return self.total
 
     def _exit(self) -> None:
         with self._lock:
             self.in_flight -= 1
+            self.last_end = time.perf_counter()
 
     def _common(self, tile_id: str, kind: str) -> tuple[str | None, int]:
         n = self._enter(tile_id, kind)
