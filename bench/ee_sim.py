@@ -76,9 +76,10 @@ def main() -> None:
     plan = sample_plan(SampleConfig(args.replay_tiles, (2019,), 1, 128, 0))
     reqs = [TileRequest.from_row(r, 128) for _, r in plan.iterrows()][: args.replay_tiles]
     replay = replay_mmearth(SimulatedTransport(latency_s=args.latency), reqs)
-    print(
-        f"| Earth Engine simulation: {args.tiles} tiles of 128 px, latency {args.latency:g} s, cap {args.cap} | value |"
+    title = (
+        f"Earth Engine simulation: {args.tiles} tiles of 128 px, latency {args.latency:g} s, cap {args.cap}"
     )
+    print(f"| {title} | value |")
     print("|---|---:|")
     print(f"| requests sent | {sim.total} |")
     print(f"| peak requests in flight | {sim.peak} |")
