@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) bench/loader.py
 	$(PY) bench/train.py
 	$(PY) bench/catalog.py
+	$(PY) bench/ee_sim.py
 
 ## regenerate the committed offline world layers (maintainers; needs the network to PyPI)
 world: $(STAMP)
