@@ -4,6 +4,7 @@ dataset's coverage and crops, and the training CLI (resume, bad input)."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -348,3 +349,18 @@ def test_torchrun_two_ranks_see_disjoint_tiles(tmp_path, small_store):
     assert len(r0) == len(r1) == 12
     assert not set(r0) & set(r1)
     assert (out / "model.safetensors").exists()
+
+
+def test_linear_probe_runs_on_a_pretrained_run(tmp_path, small_store, capsys):
+    from model.probe import main as probe_main
+
+    out = str(tmp_path / "p")
+    assert _pretrain("--store", small_store, "--out", out, "--steps", "2") == 0
+    assert probe_main(["--store", small_store, "--run", out, "--target", "biome"]) == 0
+    res = json.loads((tmp_path / "p" / "probe_biome.json").read_text())
+    for name in ("pretrained", "random init"):
+        r = res["results"][name]
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["n_train"] > 0 and r["n_test"] > 0
+    assert probe_main(["--store", small_store, "--run", out, "--target", "dem"]) == 2
+    assert "tile-level categorical" in capsys.readouterr().err
+    assert probe_main(["--store", small_store, "--run", str(tmp_path / "none")]) == 2
