@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="build or resume a corpus store")
-    b.add_argument("--source", default="offline", choices=["offline", "earthengine"], help="default: offline")
+    b.add_argument("--source", default="offline", help="offline (default) or earthengine")
     b.add_argument("--tiles", type=int, required=True, help="number of tiles (store size)")
     b.add_argument("--store", required=True, help="store path or fsspec URL, e.g. data/demo.zarr")
     b.add_argument("--seed", type=int, default=0)
