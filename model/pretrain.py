@@ -264,8 +264,7 @@ def run(args: argparse.Namespace) -> dict:
     )
     it = iter(loader)
     is_main = rank == 0
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # every rank: each may write its own tile log
     writer = None
     csv_file = None
     if is_main:
