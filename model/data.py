@@ -3,7 +3,7 @@
 Data flow: store (local path or fsspec URL) -> :class:`CorpusReader` -> :class:`StreamingCorpus` ->
 ``DataLoader`` -> MP-MAE. Each sample is a dict of tensors keyed by modality name (see
 :meth:`StreamingCorpus.sample_keys`): ``sentinel2`` (normalised float, NaN where no data), continuous
-targets (normalised float, NaN where missing), categorical targets (class index, -1 where missing),
+targets (normalised float, NaN where missing), categorical targets (int16 class index, -1 where missing),
 and ``index`` (the tile's store index).
 
 How the stream is cut (deterministic for ``seed`` and the epoch):
@@ -48,14 +48,18 @@ class Normaliser:
     std: np.ndarray
 
     def apply(self, x: np.ndarray, level: np.ndarray | None = None) -> np.ndarray:
-        """Normalise ``x`` (tile axis first); ``level`` picks the row per tile for Sentinel-2."""
+        """Normalise ``x`` (tile axis first) in float32; ``level`` picks the row per tile (Sentinel-2)."""
+        x = np.asarray(x, np.float32)  # a fresh float32 copy of the integer or float16 data
         extra = (1,) * (x.ndim - 2)
+        mean, std = self.mean.astype(np.float32), self.std.astype(np.float32)
         if level is None:
-            mean, std = self.mean.reshape((1, -1) + extra), self.std.reshape((1, -1) + extra)
+            mean, std = mean.reshape((1, -1) + extra), std.reshape((1, -1) + extra)
         else:
-            mean = self.mean[level].reshape(level.shape + (-1,) + extra)
-            std = self.std[level].reshape(level.shape + (-1,) + extra)
-        return ((x - mean) / std).astype(np.float32)
+            mean = mean[level].reshape(level.shape + (-1,) + extra)
+            std = std[level].reshape(level.shape + (-1,) + extra)
+        x -= mean
+        x /= std
+        return x
 
 
 S2_LEVELS = ("L1C", "L2A")
@@ -127,6 +131,14 @@ def read_tile_list(path: str) -> list[str]:
     if not ids:
         raise DataError(f"{path} lists no tile ids (one id per line expected)")
     return ids
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64 finaliser: a well-mixed 64-bit hash of an integer."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
 
 
 class StreamingCorpus(IterableDataset):
@@ -219,6 +231,7 @@ class StreamingCorpus(IterableDataset):
         }
         self.lut = {m.name: class_lookup(m) for m in self.modalities if m.categorical}
         self._reader: CorpusReader | None = None
+        self._arrays: dict = {}
 
     # --- geometry of the stream ------------------------------------------------------------------------
     @property
@@ -286,41 +299,50 @@ class StreamingCorpus(IterableDataset):
         """All modalities of tiles s0:s1, normalised / mapped, as numpy (tile axis first)."""
         if self._reader is None:
             self._reader = CorpusReader(self.url)
-        g = self._reader.group
+            self._arrays = {m.name: self._reader.group[m.name] for m in self.modalities if m.stored}
         idx = np.arange(s0, s1)
         out: dict[str, np.ndarray] = {}
         for m in self.modalities:
             if not m.stored:
                 out[m.name] = derived_values(m, self.meta, idx)
                 continue
-            raw = np.asarray(g[m.name][s0:s1])
+            raw = np.asarray(self._arrays[m.name][s0:s1])
             absent = ~self.present[m.name][s0:s1]
             if m.categorical:
-                vals = self.lut[m.name][np.clip(raw.astype(np.int64), 0, len(self.lut[m.name]) - 1)]
-                vals[raw.astype(np.int64) >= len(self.lut[m.name])] = -1
+                vals = self._full_lut(m)[raw]  # one gather over the dtype's whole value range
                 if m.kind == "pixel":
                     vals = vals[:, 0]  # one band: (tile, y, x)
                 vals[absent] = -1
                 out[m.name] = vals
                 continue
             invalid = m.is_fill(raw)
-            x = raw.astype(np.float32)
             level = self.meta["level"][s0:s1] if m.name == "sentinel2" else None
-            x = self.norm[m.name].apply(x, level)
+            x = self.norm[m.name].apply(raw, level)
             x[invalid] = np.nan
             x[absent] = np.nan
             out[m.name] = x
         return out
 
+    def _full_lut(self, m: Modality) -> np.ndarray:
+        """Class index (int16, -1 = no data) for every value the on-disk dtype can hold."""
+        key = f"full/{m.name}"
+        if key not in self.lut:
+            full = np.full(np.iinfo(m.np_dtype).max + 1, -1, np.int16)
+            lut = self.lut[m.name]
+            full[: len(lut)] = lut
+            self.lut[key] = full
+        return self.lut[key]
+
     def _crop(self, tile: int, epoch: int) -> tuple[int, int]:
+        """Crop offset of ``tile`` in ``epoch``: a hash of (seed, epoch, tile), so any sample can be
+        regenerated on its own (resume) without a random generator per sample."""
         span = self.tile_size - self.img_size
         if span == 0:
             return 0, 0
         if not self.random_crop:
             return span // 2, span // 2
-        r = np.random.default_rng([self.seed, epoch, int(tile), 11])
-        y, x = r.integers(0, span + 1, 2)
-        return int(y), int(x)
+        h = _mix64((self.seed * 1_000_003 + epoch) * 2_654_435_761 + int(tile))
+        return int(h % (span + 1)), int((h >> 32) % (span + 1))
 
     def skip_count(self) -> int:
         """Samples this part skips: ``start``, plus its share of the ``start_batches`` batches already
