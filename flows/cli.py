@@ -104,9 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def ee_options(args: argparse.Namespace) -> dict:
+    """Earth Engine options for the build. The key file's path goes through the environment, not the
+    options, so that it never reaches Prefect's flow-run parameters."""
+    if args.ee_key:
+        import os
+
+        os.environ["EE_SERVICE_ACCOUNT_KEY"] = args.ee_key
     return {
         "project": args.project,
-        "key_file": args.ee_key,
         "max_in_flight": args.max_in_flight,
         "s2_level": args.s2_level,
         "max_scene_cloud": args.max_scene_cloud,

@@ -280,3 +280,18 @@ def test_limiter_counts_under_threads():
     for t in threads:
         t.join()
     assert order[1:] == sorted(order[1:]) and len(order) == 8
+
+
+def test_cli_keeps_the_key_path_out_of_the_flow_parameters(monkeypatch):
+    from flows.cli import build_parser, ee_options
+
+    monkeypatch.delenv("EE_SERVICE_ACCOUNT_KEY", raising=False)
+    args = build_parser().parse_args(
+        ["build", "--source", "earthengine", "--tiles", "4", "--store", "x.zarr", "--project", "p",
+         "--ee-key", "/secret/key.json"]
+    )  # fmt: skip
+    opts = ee_options(args)
+    assert "/secret/key.json" not in json.dumps(opts) and opts["project"] == "p"
+    import os
+
+    assert os.environ["EE_SERVICE_ACCOUNT_KEY"] == "/secret/key.json"
