@@ -55,7 +55,6 @@ CITATION = (
 )
 CITATION_DOI = "10.48550/arXiv.2405.02771"
 QUICKLOOK_AUTO_MAX = 20_000
-TILE_COLUMNS = ("tile_id", "lat", "lon", "epsg", "s2_date", "s2_product", "year", "split", "cloud_fraction")
 
 
 class CatalogError(ValueError):
@@ -188,27 +187,19 @@ def items_from_metadata(
 
 
 def metadata_batches(reader: CorpusReader, batch_tiles: int) -> Iterator[pd.DataFrame]:
-    """Per-tile metadata of complete tiles, ``batch_tiles`` store indices at a time."""
-    g = reader.group
-    stored = [m.name for m in reader.modalities]
-    scalars = [m.name for m in reader.modalities if m.scalar]
+    """Per-tile metadata of complete tiles (column ``index``: the store index), ``batch_tiles`` store
+    indices at a time."""
     for s0 in range(0, reader.n_tiles, batch_tiles):
         s1 = min(s0 + batch_tiles, reader.n_tiles)
-        complete = np.asarray(g["complete"][s0:s1]).astype(bool)
-        if not complete.any():
+        if not np.asarray(reader.group["complete"][s0:s1]).any():
             continue
-        cols: dict[str, Any] = {"index": np.arange(s0, s1)}
-        for c in TILE_COLUMNS + tuple(scalars) + tuple(f"{m}_present" for m in stored):
-            v = g[c][s0:s1]
-            cols[c] = strings(v) if g[c].dtype.kind == "T" else np.asarray(v)
-        df = pd.DataFrame(cols)
-        df["s2_date"] = reader.s2_dates(s0, s1)
-        df["transform"] = list(np.asarray(g["transform"][s0:s1]))
+        df = reader.tiles(s0, s1)
+        df = df[df["complete"]].rename_axis("index").reset_index()
         if "biome" not in df:
             df["biome"] = 0
         if "ecoregion" not in df:
             df["ecoregion"] = 0
-        yield df[complete].reset_index(drop=True)
+        yield df
 
 
 def write_items(

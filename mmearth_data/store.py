@@ -306,21 +306,19 @@ class CorpusReader:
         out = (EPOCH + days.astype("timedelta64[D]")).astype("datetime64[D]")
         return np.where(days == DATE_FILL, np.datetime64("NaT"), out)
 
-    def tiles(self) -> pd.DataFrame:
-        """Per-tile metadata as a DataFrame (one row per store index)."""
+    def tiles(self, start: int = 0, stop: int | None = None) -> pd.DataFrame:
+        """Per-tile metadata of store indices ``start:stop`` as a DataFrame indexed by store index."""
+        stop = self.n_tiles if stop is None else min(stop, self.n_tiles)
         cols = ["tile_id", "lat", "lon", "epsg", "year", "split", "s2_product", "cloud_fraction", "complete"]
         cols += [f"{m.name}_present" for m in self.modalities]
         cols += [m.name for m in self.modalities if m.scalar]
-        df = pd.DataFrame(
-            {
-                c: strings(self.group[c][:])
-                if self.group[c].dtype.kind == "T"
-                else np.asarray(self.group[c][:])
-                for c in cols
-            }
-        )
-        df["s2_date"] = self.s2_dates()
-        df["transform"] = list(np.asarray(self.group["transform"][:]))
+        data = {}
+        for c in cols:
+            v = self.group[c][start:stop]
+            data[c] = strings(v) if v.dtype.kind == "T" else np.asarray(v)
+        df = pd.DataFrame(data, index=pd.RangeIndex(start, stop))
+        df["s2_date"] = self.s2_dates(start, stop)
+        df["transform"] = list(np.asarray(self.group["transform"][start:stop]))
         return df
 
     def dataset(self, **kwargs) -> xr.Dataset:

@@ -98,9 +98,10 @@ def normaliser_for(m: Modality, statistics: dict) -> Normaliser:
 
 
 def class_lookup(m: Modality) -> np.ndarray:
-    """Value -> class index (0..K-1 in registry order), -1 for fill and unknown values."""
+    """Value -> class index (int16, 0..K-1 in registry order), -1 for fill and unknown values; one entry
+    for every value the on-disk dtype can hold, so a map is translated by a single gather."""
     values = sorted(m.classes)
-    lut = np.full(max(max(values), int(m.fill)) + 1, -1, np.int64)
+    lut = np.full(np.iinfo(m.np_dtype).max + 1, -1, np.int16)
     lut[values] = np.arange(len(values))
     lut[int(m.fill)] = -1
     return lut
@@ -309,7 +310,7 @@ class StreamingCorpus(IterableDataset):
             raw = np.asarray(self._arrays[m.name][s0:s1])
             absent = ~self.present[m.name][s0:s1]
             if m.categorical:
-                vals = self._full_lut(m)[raw]  # one gather over the dtype's whole value range
+                vals = self.lut[m.name][raw]
                 if m.kind == "pixel":
                     vals = vals[:, 0]  # one band: (tile, y, x)
                 vals[absent] = -1
@@ -322,16 +323,6 @@ class StreamingCorpus(IterableDataset):
             x[absent] = np.nan
             out[m.name] = x
         return out
-
-    def _full_lut(self, m: Modality) -> np.ndarray:
-        """Class index (int16, -1 = no data) for every value the on-disk dtype can hold."""
-        key = f"full/{m.name}"
-        if key not in self.lut:
-            full = np.full(np.iinfo(m.np_dtype).max + 1, -1, np.int16)
-            lut = self.lut[m.name]
-            full[: len(lut)] = lut
-            self.lut[key] = full
-        return self.lut[key]
 
     def _crop(self, tile: int, epoch: int) -> tuple[int, int]:
         """Crop offset of ``tile`` in ``epoch``: a hash of (seed, epoch, tile), so any sample can be

@@ -19,6 +19,7 @@ would have seen, and the same masks). Exit status 2 on bad input, with a message
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
@@ -324,7 +325,7 @@ def run(args: argparse.Namespace) -> dict:
                 ((args.seed * 1_000_003 + step) * 131 + micro) * 65_537 + rank
             )
             sync = (not ddp) or micro == args.accum - 1
-            ctx = net.no_sync() if not sync else _null()
+            ctx = net.no_sync() if not sync else contextlib.nullcontext()
             with ctx, autocast:
                 loss, logs = net(batch, generator=gen)
             (loss / args.accum).backward()
@@ -375,14 +376,6 @@ def run(args: argparse.Namespace) -> dict:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return result
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -235,23 +235,12 @@ def test_missing_modality_and_sizes_are_data_errors(tmp_path, small_store):
         _dataset(small_store, img_size=96)
 
 
-def _pretrain(*args) -> int:
-    return pretrain_main(
-        [
-            "--no-progress",
-            "--model",
-            "atto",
-            "--img-size",
-            "32",
-            "--patch-size",
-            "8",
-            "--batch-size",
-            "4",
-            "--decoder-dim",
-            "32",
-            *args,
-        ]
-    )
+# a tiny model run: small crops, small batch, small decoder
+TINY = ["--img-size", "32", "--patch-size", "8", "--batch-size", "4", "--decoder-dim", "32"]
+
+
+def _pretrain(*args, model: str = "atto") -> int:
+    return pretrain_main(["--no-progress", "--model", model, *TINY, *args])
 
 
 def test_resume_continues_exactly(tmp_path, small_store, capsys):
@@ -287,28 +276,7 @@ def test_bad_input_exits_2(tmp_path, small_store, capsys):
     capsys.readouterr()
     assert _pretrain("--store", small_store, "--out", out, "--steps", "2") == 2
     assert "pass --resume" in capsys.readouterr().err
-    rc = pretrain_main(
-        [
-            "--no-progress",
-            "--model",
-            "femto",
-            "--img-size",
-            "32",
-            "--patch-size",
-            "8",
-            "--batch-size",
-            "4",
-            "--decoder-dim",
-            "32",
-            "--store",
-            small_store,
-            "--out",
-            out,
-            "--steps",
-            "2",
-            "--resume",
-        ]
-    )
+    rc = _pretrain("--store", small_store, "--out", out, "--steps", "2", "--resume", model="femto")
     assert rc == 2
     assert "another model (model: checkpoint 'atto', now 'femto')" in capsys.readouterr().err
 
@@ -316,33 +284,9 @@ def test_bad_input_exits_2(tmp_path, small_store, capsys):
 @pytest.mark.slow
 def test_torchrun_two_ranks_see_disjoint_tiles(tmp_path, small_store):
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "model.pretrain",
-        "--store",
-        small_store,
-        "--out",
-        str(out),
-        "--model",
-        "atto",
-        "--img-size",
-        "32",
-        "--patch-size",
-        "8",
-        "--batch-size",
-        "4",
-        "--decoder-dim",
-        "32",
-        "--steps",
-        "3",
-        "--log-tiles",
-        "--no-progress",
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "model.pretrain",
+           "--store", small_store, "--out", str(out), "--model", "atto", *TINY,
+           "--steps", "3", "--log-tiles", "--no-progress"]  # fmt: skip
     subprocess.run(cmd, cwd=REPO, check=True, timeout=600)
     r0 = [int(x) for x in (out / "tiles_rank0.txt").read_text().split()]
     r1 = [int(x) for x in (out / "tiles_rank1.txt").read_text().split()]

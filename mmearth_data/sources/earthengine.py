@@ -502,14 +502,19 @@ def request_bytes(modalities: tuple[Modality, ...], size: int) -> int:
     return per_pixel * size * size
 
 
-def pixels_request(t: TileRequest, modalities: tuple[Modality, ...], cfg: EEConfig) -> dict[str, Any]:
-    """The computePixels request of one tile: the stacked expression on the tile's exact grid."""
-    n = request_bytes(modalities, t.size)
+def check_request_size(modalities: tuple[Modality, ...], size: int) -> None:
+    """Raise SourceError when one tile's computePixels response would exceed Earth Engine's limit."""
+    n = request_bytes(modalities, size)
     if n > REQUEST_LIMIT_BYTES:
         raise SourceError(
-            f"one tile of {t.size} px with these modalities is {n / 2**20:.0f} MB, over computePixels' 48 MB "
-            "limit; use a smaller --tile-size or fewer modalities"
+            f"one tile of {size} px is {n / 2**20:.0f} MB per computePixels request, over Earth "
+            "Engine's 48 MB limit; use a smaller --tile-size or fewer --modalities"
         )
+
+
+def pixels_request(t: TileRequest, modalities: tuple[Modality, ...], cfg: EEConfig) -> dict[str, Any]:
+    """The computePixels request of one tile: the stacked expression on the tile's exact grid."""
+    check_request_size(modalities, t.size)
     a, b, c, d, e, f = t.transform
     return {
         "expression": pixel_image(t, modalities, cfg),
@@ -592,12 +597,7 @@ class EarthEngineSource:
             raise SourceError(f"--s2-level {c.s2_level!r}: use auto, L2A or L1C")
         if c.max_in_flight < 1:
             raise SourceError("--max-in-flight must be at least 1")
-        n = request_bytes(modalities, tile_size)
-        if n > REQUEST_LIMIT_BYTES:
-            raise SourceError(
-                f"one tile of {tile_size} px is {n / 2**20:.0f} MB per computePixels request, over Earth "
-                "Engine's 48 MB limit; use a smaller --tile-size or fewer --modalities"
-            )
+        check_request_size(modalities, tile_size)
         if c.transport is None:
             resolve_project(c)
             credentials(c)

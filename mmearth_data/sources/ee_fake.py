@@ -88,7 +88,7 @@ class SimulatedTransport:
             self.in_flight -= 1
             self.last_end = time.perf_counter()
 
-    def _common(self, tile_id: str, kind: str) -> tuple[str | None, int]:
+    def _common(self, tile_id: str, kind: str) -> str | None:
         n = self._enter(tile_id, kind)
         try:
             if self.latency_s:
@@ -105,13 +105,13 @@ class SimulatedTransport:
                 raise http_error(429, "Quota exceeded")
             if f == "timeout_once" and k == 1:
                 raise TimeoutError("The read operation timed out")
-            return f, k
+            return f
         finally:
             self._exit()
 
     def compute_value(self, expression: Any, tile_id: str) -> Any:
         expression.serialize(for_cloud_api=True)  # a real, serialisable expression
-        f, _ = self._common(tile_id, "values")
+        f = self._common(tile_id, "values")
         if f == "no_scene":
             return {"n_scenes": 0}
         r = np.random.default_rng(zlib.crc32(tile_id.encode()))
@@ -134,7 +134,7 @@ class SimulatedTransport:
         grid = request["grid"]
         assert request["fileFormat"] == "NUMPY_NDARRAY", request["fileFormat"]
         assert grid["crsCode"].startswith("EPSG:"), grid
-        f, _ = self._common(tile_id, "pixels")
+        f = self._common(tile_id, "pixels")
         if f == "malformed":
             return b"\x89HDF\r\n truncated"
         w, h = grid["dimensions"]["width"], grid["dimensions"]["height"]
