@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reserve", type=int, default=2, help="alternate tiles planned per tile (backfill)")
     b.add_argument("--shard-tiles", type=int, default=0, help="tiles per shard (default: from --tiles)")
     b.add_argument("--chunk-tiles", type=int, default=4, help="tiles per chunk")
+    b.add_argument(
+        "--compression",
+        default="compact",
+        help="compact (default: Pcodec for Sentinel-2 and DEM, Blosc/Zstd for the rest) or portable "
+        "(Blosc/Zstd only, for Zarr v3 readers without the numcodecs extension codecs); both lossless",
+    )
     b.add_argument("--workers", type=int, default=None, help="parallel shard tasks (default: CPU count)")
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -133,6 +139,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         reserve=args.reserve,
         chunk_tiles=args.chunk_tiles,
         shard_tiles=args.shard_tiles,
+        compression=args.compression,
         source_options=ee_options(args) if args.source == "earthengine" else {},
     )
     from mmearth_data.build import check_request

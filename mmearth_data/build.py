@@ -28,7 +28,7 @@ from mmearth_data import registry
 from mmearth_data.grid import GridError, check_tile_size
 from mmearth_data.sampling import SampleConfig, SamplingError, sample_plan
 from mmearth_data.sources import SourceError, TileFailure, TileRequest, make_source, source_years
-from mmearth_data.store import StoreWriter, _exists, config_hash, create_store
+from mmearth_data.store import COMPRESSION_MODES, StoreWriter, _exists, config_hash, create_store
 from mmearth_data.world import World
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class BuildConfig:
     reserve: int = 2
     chunk_tiles: int = 4
     shard_tiles: int = 0  # 0: chosen from n_tiles (64 .. 1024 tiles, at most ~1000 shards)
+    compression: str = "compact"  # or "portable": core Zarr v3 codecs only (see store.py)
     source_options: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def resolved_shard_tiles(self) -> int:
@@ -71,6 +72,7 @@ class BuildConfig:
             "reserve": self.reserve,
             "chunk_tiles": self.chunk_tiles,
             "shard_tiles": self.resolved_shard_tiles(),
+            "compression": self.compression,
         }
 
 
@@ -108,6 +110,11 @@ def check_config(cfg: BuildConfig) -> None:
             check(cfg.tile_size, registry.stored_modalities(cfg.modalities))
     except SourceError as err:
         raise BuildInputError(str(err)) from None
+    if cfg.compression not in COMPRESSION_MODES:
+        raise BuildInputError(
+            f"--compression {cfg.compression!r} is not known; use compact (default: Pcodec for Sentinel-2 "
+            "and DEM, Blosc/Zstd for the rest) or portable (Blosc/Zstd only, for any Zarr v3 reader)"
+        )
     if cfg.chunk_tiles <= 0 or cfg.resolved_shard_tiles() % cfg.chunk_tiles:
         raise BuildInputError(
             f"shard size {cfg.resolved_shard_tiles()} must be a positive multiple of the chunk size "
@@ -197,6 +204,7 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
             modalities=mods,
             chunk_tiles=cfg.chunk_tiles,
             shard_tiles=shard_tiles,
+            compression=cfg.compression,
             attrs={
                 "build": {
                     "config": ident,

@@ -5,10 +5,13 @@ Data flow: source results -> :class:`StoreWriter` (one region write per array pe
 
 Layout: every variable has the leading dimension ``tile``; pixel modalities are
 ``(tile, <modality>_band, y, x)``, tile-level ones ``(tile, <modality>_band)`` or ``(tile,)``. Chunks
-hold ``chunk_tiles`` whole tiles (all bands), shards ``shard_tiles`` tiles, compressed with
-Blosc/Zstd + byte shuffle. A shard is written in one region write per array, the ``complete`` flags
-last, so a killed build never leaves a tile marked complete that is not fully written; re-running
-redoes exactly the shards with an incomplete tile.
+hold ``chunk_tiles`` whole tiles (all bands), shards ``shard_tiles`` tiles. Compression is lossless:
+Blosc/Zstd + byte shuffle for every array, except that a ``compact`` store (the default) compresses the
+modalities whose registry entry says ``codec="pcodec"`` (Sentinel-2, DEM) with Pcodec, the registered
+Zarr v3 extension codec ``numcodecs.pcodec`` (zarr-python with numcodecs, zarrs); a ``portable`` store
+uses Blosc/Zstd throughout, for readers that know only the core codecs. A shard is written in one
+region write per array, the ``complete`` flags last, so a killed build never leaves a tile marked
+complete that is not fully written; re-running redoes exactly the shards with an incomplete tile.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +29,7 @@ import pandas as pd
 import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.codecs.numcodecs import PCodec
 
 from mmearth_data.registry import MODALITIES, Modality, get, registry_dict
 from mmearth_data.sources.base import TileResult
@@ -32,6 +37,12 @@ from mmearth_data.sources.base import TileResult
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = "1.0"
 COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+PCODEC_LEVEL = 8
+COMPRESSION_MODES = ("compact", "portable")
+
+# zarr-python warns on every array that uses a numcodecs codec that other implementations may not read
+# it; the store says which codecs it uses (attribute ``compression``) and how to avoid them (portable)
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 EPOCH = np.datetime64("1970-01-01", "D")
 DATE_FILL = np.iinfo(np.int32).min
@@ -107,6 +118,15 @@ def _exists(url: str) -> tuple[bool, bool]:
     return True, fs.exists(f"{path.rstrip('/')}/zarr.json")
 
 
+def array_codecs(m: Modality, compression: str) -> dict[str, Any]:
+    """``create_array`` codec arguments of a modality's array in a ``compact`` or ``portable`` store."""
+    if compression not in COMPRESSION_MODES:
+        raise ValueError(f"compression must be one of {', '.join(COMPRESSION_MODES)}, got {compression!r}")
+    if compression == "compact" and m.codec == "pcodec":
+        return {"serializer": PCodec(level=PCODEC_LEVEL), "compressors": None}
+    return {"compressors": COMPRESSOR}
+
+
 def create_store(
     url: str,
     *,
@@ -116,8 +136,10 @@ def create_store(
     chunk_tiles: int,
     shard_tiles: int,
     attrs: dict[str, Any],
+    compression: str = "compact",
 ) -> zarr.Group:
     """Create an empty corpus store (all fill, nothing complete) and return its group."""
+    codecs = {m.name: array_codecs(m, compression) for m in modalities}  # checked before anything is made
     group = zarr.open_group(url, mode="w-", zarr_format=3)
     n_shards = -(-n_tiles // shard_tiles)
 
@@ -143,7 +165,7 @@ def create_store(
             shards=(shard_tiles,) + shape[1:],
             dtype=m.dtype,
             fill_value=m.fill,
-            compressors=COMPRESSOR,
+            **codecs[m.name],
             dimension_names=list(m.dims()),
             attributes={
                 "long_name": m.description,
@@ -181,6 +203,12 @@ def create_store(
             "chunk_tiles": chunk_tiles,
             "shard_tiles": shard_tiles,
             "n_shards": n_shards,
+            "compression": {
+                "mode": compression,
+                "codecs": {
+                    m.name: m.codec if "serializer" in codecs[m.name] else "blosc" for m in modalities
+                },
+            },
             "modalities": [m.name for m in modalities],
             "registry": registry_dict(tuple(MODALITIES)),
             **attrs,

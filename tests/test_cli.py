@@ -27,6 +27,7 @@ def tree_digest(path: Path) -> str:
         (["--tiles", "8", "--years", "2012-2014"], "outside what the offline source covers"),
         (["--tiles", "8", "--tile-size", "100"], "multiple of 32"),
         (["--tiles", "8", "--source", "landsat-archive"], "unknown source"),
+        (["--tiles", "8", "--compression", "jpeg"], "--compression 'jpeg' is not known"),
     ],
 )
 def test_bad_build_requests_exit_2(tmp_path, capsys, args, message):

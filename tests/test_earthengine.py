@@ -134,7 +134,7 @@ def test_backoff_is_bounded_exponential_with_jitter():
 
 
 def test_cap_on_requests_in_flight_is_never_exceeded():
-    register_transport("cap-test", sim := SimulatedTransport(latency_s=0.01))
+    register_transport("cap-test", sim := SimulatedTransport(latency_s=0.05))
     src = EarthEngineSource(EEConfig(transport="cap-test", max_in_flight=5))
     src.limiter = Limiter(5)
     reqs = _requests(24)

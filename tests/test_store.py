@@ -34,12 +34,26 @@ def test_xarray_opens_it_with_named_dims_and_bands(small_store):
     assert set(ds["s2_product"].values.tolist()) <= {"L1C", "L2A"}
 
 
-def test_layout_chunks_whole_tiles_in_sharded_blosc_zstd(small_store):
+def inner_codecs(array) -> list[str]:
+    """Names of the codecs inside the sharding codec, as the array's zarr.json records them."""
+    sharding = array.metadata.to_dict()["codecs"][0]
+    assert sharding["name"] == "sharding_indexed"
+    return [
+        c["name"] + (f":{c['configuration']['cname']}" if c["name"] == "blosc" else "")
+        for c in sharding["configuration"]["codecs"]
+    ]
+
+
+def test_layout_chunks_whole_tiles_in_sharded_compressed_arrays(small_store):
     g = zarr.open_group(small_store, mode="r")
     a = g["sentinel2"]
     assert a.chunks == (4, 13, 64, 64) and a.shards == (16, 13, 64, 64)
-    codec = a.metadata.codecs[0].codecs  # sharding codec -> inner codecs
-    assert any(type(c).__name__ == "BloscCodec" and c.cname.value == "zstd" for c in codec)
+    # compact (default): Pcodec where the registry asks for it, Blosc/Zstd everywhere else
+    assert inner_codecs(g["sentinel2"]) == inner_codecs(g["dem"]) == ["numcodecs.pcodec"]
+    for name in ("sentinel1", "sentinel2_masks", "canopy_height", "era5", "biome", "lat", "complete"):
+        assert inner_codecs(g[name]) == ["bytes", "blosc:zstd"], name
+    assert g.attrs["compression"]["mode"] == "compact"
+    assert g.attrs["compression"]["codecs"]["dem"] == "pcodec"
     attrs = g.attrs
     assert attrs["schema_version"] == "1.0" and attrs["tile_size"] == 64
     assert "sentinel2" in attrs["registry"] and attrs["build"]["source"]["source"] == "offline"
@@ -123,6 +137,19 @@ def test_validate_reports_broken_stores(small_store, tmp_path):
     assert not report["valid"]
     text = " ".join(report["problems"])
     assert "2 of 56 tiles are not complete" in text and "statistics for dem missing" in text
+
+
+def test_portable_store_uses_core_codecs_and_holds_the_same_arrays(tmp_path):
+    opts = dict(n_tiles=8, tile_size=32, shard_tiles=8, chunk_tiles=4, years=(2020,), seed=3)
+    compact, portable = str(tmp_path / "c.zarr"), str(tmp_path / "p.zarr")
+    build_plain(BuildConfig(store=compact, **opts))
+    build_plain(BuildConfig(store=portable, compression="portable", **opts))
+    a, b = zarr.open_group(compact, mode="r"), zarr.open_group(portable, mode="r")
+    assert b.attrs["compression"]["mode"] == "portable"
+    for m in stored_modalities():
+        assert inner_codecs(b[m.name]) == ["bytes", "blosc:zstd"], m.name
+        assert np.asarray(a[m.name][:]).tobytes() == np.asarray(b[m.name][:]).tobytes(), m.name
+    assert validate_store(portable)["valid"]
 
 
 def test_store_on_an_fsspec_url():

@@ -8,9 +8,12 @@ machines with the same numpy. What is grounded in real layers and what is modell
 
 - **Scene date**: eight candidate days of the tile's year; the least cloudy one wins (expected cloud
   from the month's precipitation, low sun penalised), as MMEarth's documented least-cloudy choice.
-- **Terrain**: mean elevation from the world's lapse-rate proxy; relief grows with elevation and the
-  proxy's local gradient (x1.5 in montane grasslands); fractal (power-law) surface (spectral slope 4);
-  slope from its gradient at 10 m, so slope and elevation agree exactly.
+- **Terrain**: mean elevation from the world's lapse-rate proxy; relief (elevation standard deviation
+  within the tile: about 1-3 m on lowland plains, 15-60 m in mountains at 128 px) grows with elevation
+  and the proxy's local gradient (x1.5 in montane grasslands), so tile-mean slopes run from about 1
+  degree on plains to 15-25 degrees in mountains; fractal (power-law) surface (spectral slope 4)
+  on the DEM's native 30 m grid; slope from that grid's gradient, both resampled bilinearly to 10 m
+  as the Earth Engine recipe resamples GLO-30 and its ``ee.Terrain.slope``.
 - **Land cover**: the MODIS IGBP mix of the surrounding 0.05 deg cells -> fractions of 11 surface
   classes (a fixed IGBP -> class table, :data:`IGBP_TO_CLASS`), perturbed per tile (Dirichlet), then
   placed with spatially smooth fields so that water sits in low terrain, crops on flat land in parcels,
@@ -112,6 +115,9 @@ S2_NOISE = np.array(
     [0.0015, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.002, 0.001, 0.0015, 0.0015], np.float32
 )
 
+# native pixel size of the DEM (Copernicus GLO-30) in 10 m pixels
+DEM_NATIVE_FACTOR = 3
+
 # native pixel size of each Sentinel-2 band in 10 m pixels (B1, B9, B10 at 60 m; red edge, B8A, SWIR at 20 m)
 S2_NATIVE_FACTOR = np.array([6, 1, 1, 1, 2, 2, 2, 1, 2, 6, 6, 2, 2])
 
@@ -205,6 +211,15 @@ def slope_degrees(elevation: np.ndarray, resolution: float = 10.0) -> np.ndarray
     return np.degrees(np.arctan(np.hypot(dzdx, dzdy))).astype(np.float32)
 
 
+def dem_on_tile_grid(z_native: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Elevation and slope of a DEM grid at its native 30 m, each resampled bilinearly to ``size`` 10 m
+    pixels (pixel centres aligned): what the Earth Engine recipe returns for GLO-30."""
+    res = 10.0 * DEM_NATIVE_FACTOR
+    slope = slope_degrees(z_native, res)
+    z10 = _bilinear_up(z_native.astype(np.float32), DEM_NATIVE_FACTOR, size).astype(np.float32)
+    return z10, _bilinear_up(slope, DEM_NATIVE_FACTOR, size).astype(np.float32)
+
+
 class OfflineSource:
     """Deterministic synthetic corpus grounded in real global layers (the default source)."""
 
@@ -269,13 +284,19 @@ class OfflineSource:
         T_m, P_m, P_prev = float(T12[m]), float(P12[m]), float(P12[m - 1])
 
         # --- terrain ---------------------------------------------------------------------------------
-        relief = np.clip(3 + 0.03 * elev0 + 0.3 * relief0, 2, 300) * float(rng.lognormal(0, 0.35))
+        # relief: standard deviation of elevation across a 1.28 km tile, growing with altitude and with
+        # the regional relief; a k^-4 surface's deviation grows with the extent, hence the S / 128
+        relief = np.clip(0.5 + 0.004 * elev0 + 0.08 * relief0, 0.3, 150) * float(rng.lognormal(0, 0.5))
         if t.biome == 10:
             relief *= 1.5
-        z = (elev0 + relief * fractal_field(rng, S, 4.0)).astype(np.float32)
-        dzdy_rows, dzdx = np.gradient(z.astype(np.float64), 10.0)
+        relief *= S / 128
+        # the DEM is a 30 m product: elevation and slope (ee.Terrain, on the DEM's own 30 m grid) are
+        # made at 30 m and resampled bilinearly to the 10 m tile grid, as the Earth Engine recipe does
+        n30 = -(-S // DEM_NATIVE_FACTOR)
+        z30 = (elev0 + relief * fractal_field(rng, n30, 4.0)).astype(np.float32)
+        z, slope = dem_on_tile_grid(z30, S)
+        dzdy_rows, dzdx = np.gradient(z.astype(np.float64), 10.0)  # the surface that sun and radar see
         dzdy = -dzdy_rows  # rows run south
-        slope = np.degrees(np.arctan(np.hypot(dzdx, dzdy))).astype(np.float32)
         zn = (z - z.mean()) / (z.std() + 1e-6)
         slope_n = (slope - slope.mean()) / (slope.std() + 1e-6)
 
