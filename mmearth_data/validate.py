@@ -3,7 +3,8 @@
 Data flow: store -> ``validate_store`` -> report (``valid``, ``problems``, summary tables) -> CLI.
 Checks: schema version; every modality's array (dims, dtype, fill, shape, band names); per-tile
 variables; completeness; georeferencing (UTM EPSG, north-up 10 m transform whose centre is the tile's
-lat/lon); unique, well-formed tile ids; absent modalities stored as pure fill; statistics present.
+lat/lon); unique, well-formed tile ids; absent modalities stored as pure fill; statistics present;
+every array compressed with lossless codecs only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,22 @@ import numpy as np
 from mmearth_data.grid import GlobalGrid, tile_center_lonlat
 from mmearth_data.registry import BIOME_CLASSES
 from mmearth_data.store import SCHEMA_VERSION, TILE_VARS, CorpusReader, StoreError, strings
+
+# codecs that give back exactly what was written (lossy ones such as bitround or quantize are refused)
+LOSSLESS_CODECS = frozenset(
+    {"bytes", "blosc", "zstd", "gzip", "crc32c", "transpose", "numcodecs.pcodec", "vlen-utf8", "vlen-bytes"}
+)
+
+
+def codec_names(array) -> list[str]:
+    """Codec names of an array as its zarr.json records them, inside the sharding codec if any."""
+    out = []
+    for c in array.metadata.to_dict()["codecs"]:
+        if c["name"] == "sharding_indexed":
+            out += [inner["name"] for inner in c["configuration"]["codecs"]]
+        else:
+            out.append(c["name"])
+    return out
 
 
 def _same_fill(a: Any, b: Any) -> bool:
@@ -57,6 +74,12 @@ def validate_store(url: str) -> dict[str, Any]:
                 problems.append(f"{m.name}: band names differ from the registry")
         if f"{m.name}_present" not in names:
             problems.append(f"{m.name}_present flag missing")
+        lossy = [c for c in codec_names(a) if c not in LOSSLESS_CODECS]
+        if lossy:
+            problems.append(
+                f"{m.name}: codec {', '.join(lossy)} is not lossless; the contract allows "
+                f"{', '.join(sorted(LOSSLESS_CODECS))} (rebuild with --compression compact or portable)"
+            )
     for v in TILE_VARS:
         if v.name not in names:
             problems.append(f"per-tile variable {v.name} missing")
@@ -108,6 +131,7 @@ def validate_store(url: str) -> dict[str, Any]:
                     problems.append(f"statistics for sentinel2 {level} missing")
 
     summary: dict[str, Any] = {"n_tiles": n, "complete": int(complete.sum()), "tile_size": r.tile_size}
+    summary["codecs"] = {m.name: [c for c in codec_names(g[m.name]) if c != "bytes"] for m in r.modalities}
     if "biome" in meta and len(done):
         years = sorted(int(y) for y in done["year"].unique())
         summary["biome_x_year"] = {
@@ -143,11 +167,13 @@ def print_report(report: dict[str, Any], console) -> None:
             t.add_row(f"{b} {BIOME_CLASSES[b][:40]}", *[str(row[y]) for y in years])
         console.print(t)
     if "present_share" in s:
-        t = Table(title="share of tiles with each modality")
+        t = Table(title="share of tiles with each modality, and its codec")
         t.add_column("modality")
         t.add_column("present", justify="right")
+        t.add_column("codec")
+        codecs = s.get("codecs", {})
         for name, share in s["present_share"].items():
-            t.add_row(name, f"{share:.1%}")
+            t.add_row(name, f"{share:.1%}", " + ".join(codecs.get(name, [])))
         console.print(t)
     if report["valid"]:
         console.print(f"[bold green]valid[/]: {report['store']}")

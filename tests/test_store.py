@@ -161,3 +161,20 @@ def test_store_on_an_fsspec_url():
     r = CorpusReader(url)
     assert r.read(["sentinel2"], 0, 8)["sentinel2"].shape == (8, 13, 32, 32)
     assert validate_store(url)["valid"]
+
+
+def test_validate_refuses_a_lossy_codec(small_store, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "lossy.zarr"
+    shutil.copytree(small_store, copy)
+    meta_path = copy / "dem" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    inner = meta["codecs"][0]["configuration"]["codecs"]
+    inner.insert(0, {"name": "numcodecs.bitround", "configuration": {"keepbits": 10}})
+    meta_path.write_text(json.dumps(meta))
+    report = validate_store(str(copy))
+    assert not report["valid"]
+    assert any("dem: codec numcodecs.bitround is not lossless" in p for p in report["problems"])
+    assert validate_store(small_store)["summary"]["codecs"]["dem"] == ["numcodecs.pcodec"]
