@@ -27,7 +27,14 @@ import numpy as np
 from mmearth_data import registry
 from mmearth_data.grid import GridError, check_tile_size
 from mmearth_data.sampling import SampleConfig, SamplingError, sample_plan
-from mmearth_data.sources import SourceError, TileFailure, TileRequest, make_source, source_years
+from mmearth_data.sources import (
+    SourceError,
+    TileFailure,
+    TileRequest,
+    make_source,
+    source_version,
+    source_years,
+)
 from mmearth_data.store import COMPRESSION_MODES, StoreWriter, _exists, config_hash, create_store
 from mmearth_data.world import World
 
@@ -64,6 +71,7 @@ class BuildConfig:
         """What must match for a re-run to resume this store (credentials and paths excluded)."""
         return {
             "source": self.source,
+            "source_version": source_version(self.source),
             "n_tiles": self.n_tiles,
             "seed": self.seed,
             "tile_size": self.tile_size,

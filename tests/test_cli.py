@@ -66,6 +66,18 @@ def test_store_built_with_other_options_is_left_alone(small_store, capsys):
     assert tree_digest(Path(small_store)) == before
 
 
+def test_store_from_another_generator_version_is_left_alone(small_store, capsys, monkeypatch):
+    from mmearth_data.sources.offline import OfflineSource
+
+    same = ["--tiles", "56", "--tile-size", "64", "--shard-tiles", "16", "--chunk-tiles", "4", "--seed", "7"]
+    before = tree_digest(Path(small_store))
+    monkeypatch.setattr(OfflineSource, "version", "99")  # tiles would differ from the stored ones
+    assert main(["build", "--store", small_store, *same]) == 2
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "another configuration" in err and "source_version" in err
+    assert tree_digest(Path(small_store)) == before
+
+
 def test_validate_exit_codes(small_store, tmp_path, capsys):
     assert main(["validate", "--store", small_store]) == 0
     assert "valid" in capsys.readouterr().out

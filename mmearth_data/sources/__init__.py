@@ -22,16 +22,36 @@ def make_source(name: str, **options: Any) -> Source:
     raise SourceError(f"unknown source {name!r}; available sources: {', '.join(SOURCES)}")
 
 
-def source_years(name: str) -> range:
+def source_class(name: str) -> type:
+    """The class of the source called ``name`` (its ``years`` and ``version``), without building one."""
     if name == "offline":
-        from mmearth_data.sources.offline import YEARS
+        from mmearth_data.sources.offline import OfflineSource
 
-        return YEARS
+        return OfflineSource
     if name == "earthengine":
-        from mmearth_data.sources.earthengine import YEARS as EE_YEARS
+        from mmearth_data.sources.earthengine import EarthEngineSource
 
-        return EE_YEARS
+        return EarthEngineSource
     raise SourceError(f"unknown source {name!r}; available sources: {', '.join(SOURCES)}")
 
 
-__all__ = ["Source", "SourceError", "TileFailure", "TileRequest", "TileResult", "make_source", "source_years"]
+def source_years(name: str) -> range:
+    return source_class(name).years
+
+
+def source_version(name: str) -> str:
+    """Version of what the source delivers for a tile; a store is resumed only by the same version."""
+    return source_class(name).version
+
+
+__all__ = [
+    "Source",
+    "SourceError",
+    "TileFailure",
+    "TileRequest",
+    "TileResult",
+    "make_source",
+    "source_class",
+    "source_version",
+    "source_years",
+]

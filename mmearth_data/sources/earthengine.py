@@ -569,6 +569,7 @@ def decode_values(v: Any) -> dict[str, Any]:
 class EarthEngineSource:
     name = "earthengine"
     years = YEARS
+    version = "1"  # the recipe; changes whenever the requests it sends for a tile do
 
     def __init__(self, cfg: EEConfig, sleep: Callable[[float], None] = time.sleep):
         self.cfg = cfg

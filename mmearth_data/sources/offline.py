@@ -225,6 +225,9 @@ class OfflineSource:
 
     name = "offline"
     years = YEARS
+    # what a tile's arrays are for a given (tile, seed); changes whenever the generator's output does
+    # (2: DEM on GLO-30's 30 m grid, relief scaled to real terrain)
+    version = "2"
 
     def __init__(self, seed: int = 0, world: World | None = None, l2a_from: str = "2019-01-01"):
         self.seed = int(seed)
