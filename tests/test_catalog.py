@@ -64,7 +64,7 @@ def test_items_read_back_with_stac_geoparquet_into_geopandas(catalog_dir, small_
 
     table = pq.read_table(catalog_dir / "items.parquet")
     items = list(stac_table_to_items(table))
-    gdf = stac_geoparquet.to_geodataframe(items)
+    gdf = stac_geoparquet.to_geodataframe(items, dtype_backend="pyarrow")
     assert isinstance(gdf, gpd.GeoDataFrame) and len(gdf) == len(items)
     reader = CorpusReader(small_store)
     tiles = reader.tiles().set_index("tile_id")
