@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mmearth_data.build import BuildConfig, export_shard, finish, prepare
+from mmearth_data.build import BuildConfig, build_in_process
 from mmearth_data.registry import get
 from mmearth_data.store import CorpusReader, strings
 from model.data import StreamingCorpus, class_lookup, normaliser_for
@@ -94,8 +94,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench-loader-")
     store = f"{tmp}/s.zarr"
     cfg = BuildConfig(store=store, n_tiles=args.tiles, tile_size=args.tile_size, seed=5)
-    prep = prepare(cfg)
-    finish(cfg, [export_shard(cfg, k, prep.candidates[k]) for k in prep.shards], 1.0)
+    build_in_process(cfg)
     reader = CorpusReader(store)
     mods = [m for m in select_pretext("all") if m.stored]
     names = [m.name for m in mods]

@@ -25,7 +25,7 @@ import tempfile
 import h5py
 import numpy as np
 
-from mmearth_data.build import BuildConfig, export_shard, finish, prepare
+from mmearth_data.build import BuildConfig, build_in_process
 from mmearth_data.registry import N_ECOREGIONS
 from mmearth_data.store import CorpusReader
 
@@ -51,8 +51,7 @@ def dir_bytes(path: str) -> int:
 
 def build(path: str, n: int, size: int, compression: str) -> CorpusReader:
     cfg = BuildConfig(store=path, n_tiles=n, tile_size=size, compression=compression)
-    prep = prepare(cfg)
-    finish(cfg, [export_shard(cfg, k, prep.candidates[k]) for k in prep.shards], 1.0)
+    build_in_process(cfg)
     return CorpusReader(path)
 
 

@@ -21,7 +21,7 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from mmearth_data.build import BuildConfig, export_shard, finish, prepare
+from mmearth_data.build import BuildConfig, build_in_process
 from model.data import StreamingCorpus
 from model.mpmae import MPMAE, select_pretext
 
@@ -31,8 +31,7 @@ MMEARTH_CPU_STEP_S = 4.8  # MMEarth-train, atto, 112 px, patch 16, batch 32, thi
 def build(tile_size: int, n: int) -> str:
     store = f"{tempfile.mkdtemp(prefix='bench-train-')}/s.zarr"
     cfg = BuildConfig(store=store, n_tiles=n, tile_size=tile_size, seed=9)
-    prep = prepare(cfg)
-    finish(cfg, [export_shard(cfg, k, prep.candidates[k]) for k in prep.shards], 1.0)
+    build_in_process(cfg)
     return store
 
 

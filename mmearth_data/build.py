@@ -335,3 +335,13 @@ def finish(cfg: BuildConfig, reports: list[ShardReport], seconds: float) -> dict
         "tiles_per_s": round(tiles_done / seconds, 2) if seconds > 0 else None,
         "config": asdict(cfg) | {"source_options": "<hidden>"},
     }
+
+
+def build_in_process(cfg: BuildConfig, world: World | None = None) -> dict[str, Any]:
+    """The whole build in this process without Prefect, shard after shard: :func:`prepare`, then
+    :func:`export_shard` for every pending shard, then :func:`finish` (the flow runs the same steps as
+    Prefect tasks). For tests, benchmarks and notebooks; returns the build summary."""
+    t0 = time.perf_counter()
+    prep = prepare(cfg, world)
+    reports = [export_shard(cfg, k, prep.candidates[k]) for k in prep.shards]
+    return finish(cfg, reports, time.perf_counter() - t0)

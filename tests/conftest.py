@@ -13,15 +13,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import pytest  # noqa: E402
 
-from mmearth_data.build import BuildConfig, export_shard, finish, prepare  # noqa: E402
-
-
-def build_plain(cfg: BuildConfig) -> dict:
-    """Build a store without Prefect: prepare, export every pending shard, finish."""
-    prep = prepare(cfg)
-    reports = [export_shard(cfg, k, prep.candidates[k]) for k in prep.shards]
-    return finish(cfg, reports, 1.0)
-
+from mmearth_data.build import BuildConfig, build_in_process  # noqa: E402
 
 SMALL = dict(n_tiles=56, tile_size=64, shard_tiles=16, chunk_tiles=4, seed=7)
 
@@ -30,7 +22,7 @@ SMALL = dict(n_tiles=56, tile_size=64, shard_tiles=16, chunk_tiles=4, seed=7)
 def small_store(tmp_path_factory) -> str:
     """56 tiles (one per biome x year) of 64 px in 4 shards, statistics written."""
     path = str(tmp_path_factory.mktemp("stores") / "small.zarr")
-    build_plain(BuildConfig(store=path, **SMALL))
+    build_in_process(BuildConfig(store=path, **SMALL))
     return path
 
 

@@ -9,10 +9,8 @@ import time
 import numpy as np
 import zarr
 
-from mmearth_data.build import BuildConfig
+from mmearth_data.build import BuildConfig, build_in_process
 from mmearth_data.registry import stored_modalities
-
-from conftest import build_plain
 
 OPTS = dict(n_tiles=320, tile_size=64, shard_tiles=8, chunk_tiles=4, seed=11, years=(2018, 2020))
 ARGS = ["--tiles", "320", "--tile-size", "64", "--shard-tiles", "8", "--seed", "11", "--years", "2018,2020"]
@@ -55,7 +53,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
 
     fresh = str(tmp_path / "fresh.zarr")
-    build_plain(BuildConfig(store=fresh, **OPTS))
+    build_in_process(BuildConfig(store=fresh, **OPTS))
     a, b = zarr.open_group(killed, mode="r"), zarr.open_group(fresh, mode="r")
     names = [m.name for m in stored_modalities()] + [f"{m.name}_present" for m in stored_modalities()]
     names += ["tile_id", "lat", "lon", "epsg", "transform", "s2_date", "s2_product", "split", "complete"]

@@ -16,15 +16,13 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from mmearth_data.build import BuildConfig
+from mmearth_data.build import BuildConfig, build_in_process
 from mmearth_data.registry import MODALITIES, Modality, get
 from mmearth_data.store import CorpusReader
 from model.data import DataError, StreamingCorpus, class_lookup, make_loader
 from model.encoder import SIZES, MaskedConvNeXtV2
 from model.mpmae import MPMAE, random_mask, select_pretext
 from model.pretrain import main as pretrain_main
-
-from conftest import build_plain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -228,7 +226,7 @@ def test_dataset_reads_an_fsspec_url(small_store):
 def test_missing_modality_and_sizes_are_data_errors(tmp_path, small_store):
     store = str(tmp_path / "nos1.zarr")
     mods = tuple(m.name for m in MODALITIES if m.stored and m.name != "sentinel1")
-    build_plain(BuildConfig(store=store, n_tiles=16, tile_size=64, seed=1, modalities=mods))
+    build_in_process(BuildConfig(store=store, n_tiles=16, tile_size=64, seed=1, modalities=mods))
     with pytest.raises(DataError, match="lacks sentinel1"):
         _dataset(store)
     with pytest.raises(DataError, match="exceeds the store's tile size"):

@@ -7,12 +7,12 @@ import xarray as xr
 import zarr
 from pyproj import Transformer
 
-from mmearth_data.build import BuildConfig
+from mmearth_data.build import BuildConfig, build_in_process
 from mmearth_data.registry import stored_modalities
 from mmearth_data.store import CorpusReader, StoreError, StoreWriter, open_corpus
 from mmearth_data.validate import validate_store
 
-from conftest import SMALL, build_plain
+from conftest import SMALL
 
 
 def test_small_store_is_valid(small_store):
@@ -92,7 +92,7 @@ def test_rioxarray_writes_a_geotiff_whose_footprint_holds_the_tile(small_store, 
 
 def test_same_seed_gives_byte_identical_store(small_store, tmp_path):
     other = str(tmp_path / "again.zarr")
-    build_plain(BuildConfig(store=other, **SMALL))
+    build_in_process(BuildConfig(store=other, **SMALL))
     a, b = zarr.open_group(small_store, mode="r"), zarr.open_group(other, mode="r")
     for m in stored_modalities():
         assert np.asarray(a[m.name][:]).tobytes() == np.asarray(b[m.name][:]).tobytes(), m.name
@@ -111,7 +111,7 @@ def test_incomplete_shard_is_redone_and_ends_identical(small_store, tmp_path):
     w.group["complete"][16:20] = False  # ... whose tiles were never marked complete
     assert w.incomplete_shards() == [1]
     cfg = BuildConfig(store=copy, **SMALL)
-    summary = build_plain(cfg)
+    summary = build_in_process(cfg)
     assert summary["shards_exported"] == 1 and summary["complete"] == 56
     np.testing.assert_array_equal(np.asarray(w.group["sentinel2"][16:32]), before)
 
@@ -142,8 +142,8 @@ def test_validate_reports_broken_stores(small_store, tmp_path):
 def test_portable_store_uses_core_codecs_and_holds_the_same_arrays(tmp_path):
     opts = dict(n_tiles=8, tile_size=32, shard_tiles=8, chunk_tiles=4, years=(2020,), seed=3)
     compact, portable = str(tmp_path / "c.zarr"), str(tmp_path / "p.zarr")
-    build_plain(BuildConfig(store=compact, **opts))
-    build_plain(BuildConfig(store=portable, compression="portable", **opts))
+    build_in_process(BuildConfig(store=compact, **opts))
+    build_in_process(BuildConfig(store=portable, compression="portable", **opts))
     a, b = zarr.open_group(compact, mode="r"), zarr.open_group(portable, mode="r")
     assert b.attrs["compression"]["mode"] == "portable"
     for m in stored_modalities():
@@ -154,7 +154,7 @@ def test_portable_store_uses_core_codecs_and_holds_the_same_arrays(tmp_path):
 
 def test_store_on_an_fsspec_url():
     url = "memory://corpus/tiny.zarr"
-    summary = build_plain(
+    summary = build_in_process(
         BuildConfig(store=url, n_tiles=8, tile_size=32, shard_tiles=8, chunk_tiles=4, years=(2020,))
     )
     assert summary["complete"] == 8
