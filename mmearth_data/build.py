@@ -35,7 +35,7 @@ from mmearth_data.sources import (
     source_version,
     source_years,
 )
-from mmearth_data.store import COMPRESSION_MODES, StoreWriter, _exists, config_hash, create_store
+from mmearth_data.store import StoreWriter, _exists, check_compression, config_hash, create_store
 from mmearth_data.world import World
 
 log = logging.getLogger(__name__)
@@ -118,11 +118,10 @@ def check_config(cfg: BuildConfig) -> None:
             check(cfg.tile_size, registry.stored_modalities(cfg.modalities))
     except SourceError as err:
         raise BuildInputError(str(err)) from None
-    if cfg.compression not in COMPRESSION_MODES:
-        raise BuildInputError(
-            f"--compression {cfg.compression!r} is not known; use compact (default: Pcodec for Sentinel-2 "
-            "and DEM, Blosc/Zstd for the rest) or portable (Blosc/Zstd only, for any Zarr v3 reader)"
-        )
+    try:
+        check_compression(cfg.compression)
+    except ValueError as err:
+        raise BuildInputError(str(err)) from None
     if cfg.chunk_tiles <= 0 or cfg.resolved_shard_tiles() % cfg.chunk_tiles:
         raise BuildInputError(
             f"shard size {cfg.resolved_shard_tiles()} must be a positive multiple of the chunk size "

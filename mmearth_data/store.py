@@ -118,10 +118,18 @@ def _exists(url: str) -> tuple[bool, bool]:
     return True, fs.exists(f"{path.rstrip('/')}/zarr.json")
 
 
+def check_compression(compression: str) -> None:
+    """Raise ValueError naming the choices when ``compression`` is not a store compression mode."""
+    if compression not in COMPRESSION_MODES:
+        raise ValueError(
+            f"--compression {compression!r} is not known; use compact (default: Pcodec for Sentinel-2 "
+            "and DEM, Blosc/Zstd for the rest) or portable (Blosc/Zstd only, for any Zarr v3 reader)"
+        )
+
+
 def array_codecs(m: Modality, compression: str) -> dict[str, Any]:
     """``create_array`` codec arguments of a modality's array in a ``compact`` or ``portable`` store."""
-    if compression not in COMPRESSION_MODES:
-        raise ValueError(f"compression must be one of {', '.join(COMPRESSION_MODES)}, got {compression!r}")
+    check_compression(compression)
     if compression == "compact" and m.codec == "pcodec":
         return {"serializer": PCodec(level=PCODEC_LEVEL), "compressors": None}
     return {"compressors": COMPRESSOR}

@@ -10,7 +10,7 @@ from pyproj import Transformer
 from mmearth_data.build import BuildConfig, build_in_process
 from mmearth_data.registry import stored_modalities
 from mmearth_data.store import CorpusReader, StoreError, StoreWriter, open_corpus
-from mmearth_data.validate import validate_store
+from mmearth_data.validate import codec_names, validate_store
 
 from conftest import SMALL
 
@@ -35,13 +35,10 @@ def test_xarray_opens_it_with_named_dims_and_bands(small_store):
 
 
 def inner_codecs(array) -> list[str]:
-    """Names of the codecs inside the sharding codec, as the array's zarr.json records them."""
-    sharding = array.metadata.to_dict()["codecs"][0]
-    assert sharding["name"] == "sharding_indexed"
-    return [
-        c["name"] + (f":{c['configuration']['cname']}" if c["name"] == "blosc" else "")
-        for c in sharding["configuration"]["codecs"]
-    ]
+    """Codec names inside the sharding codec, Blosc with its compressor (``blosc:zstd``)."""
+    assert array.metadata.to_dict()["codecs"][0]["name"] == "sharding_indexed"
+    blosc = [c.cname.value for c in array.metadata.codecs[0].codecs if type(c).__name__ == "BloscCodec"]
+    return [f"blosc:{blosc[0]}" if n == "blosc" else n for n in codec_names(array)]
 
 
 def test_layout_chunks_whole_tiles_in_sharded_compressed_arrays(small_store):
