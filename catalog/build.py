@@ -118,6 +118,32 @@ def footprints(df: pd.DataFrame, tile_size: int) -> tuple[np.ndarray, np.ndarray
     return rings, bboxes
 
 
+def _text(v: Any) -> str | None:
+    return str(v) if isinstance(v, str) and v else None
+
+
+def _number(v: Any, digits: int = 3) -> float | None:
+    return round(float(v), digits) if v is not None and np.isfinite(v) else None
+
+
+def scene_provenance(row: Any) -> dict[str, Any]:
+    """Which scenes a tile was made from (store schema 1.1; None where the source records none): the
+    Sentinel-2 scene id, the tile cloud score and its mask, and per Sentinel-1 orbit the slice ids, the
+    pass date and its gap to the Sentinel-2 scene in days."""
+    out: dict[str, Any] = {
+        "mmearth:s2_id": _text(getattr(row, "s2_id", None)),
+        "mmearth:cloud_score": _number(getattr(row, "cloud_score", None)),
+        "mmearth:cloud_score_source": _text(getattr(row, "cloud_score_source", None)),
+    }
+    for orbit in ("asc", "desc"):
+        ids = _text(getattr(row, f"s1_ids_{orbit}", None))
+        day = getattr(row, f"s1_date_{orbit}", None)
+        out[f"mmearth:s1_ids_{orbit}"] = ids.split(",") if ids else None
+        out[f"mmearth:s1_date_{orbit}"] = None if day is None or pd.isna(day) else str(day)[:10]
+        out[f"mmearth:s1_gap_days_{orbit}"] = _number(getattr(row, f"s1_gap_days_{orbit}", None), 2)
+    return out
+
+
 def items_from_metadata(
     df: pd.DataFrame,
     tile_size: int,
@@ -150,6 +176,7 @@ def items_from_metadata(
         }
         for m in stored:
             props[f"mmearth:has_{m}"] = bool(getattr(row, f"{m}_present"))
+        props.update(scene_provenance(row))
         assets: dict[str, Any] = {
             "data": {
                 "href": store_href,

@@ -51,8 +51,16 @@ ITEM_FIELDS = {
                 "mmearth:year": {"type": "integer", "minimum": 2015},
                 "mmearth:split": {"enum": ["train", "val", "test"]},
                 "mmearth:s2_product": {"enum": ["L1C", "L2A"]},
+                "mmearth:s2_id": {"type": ["string", "null"]},
+                "mmearth:cloud_score": {"type": ["number", "null"], "minimum": 0, "maximum": 100},
+                "mmearth:cloud_score_source": {"type": ["string", "null"]},
             },
-            "patternProperties": {"^mmearth:has_": {"type": "boolean"}},
+            "patternProperties": {
+                "^mmearth:has_": {"type": "boolean"},
+                "^mmearth:s1_ids_(asc|desc)$": {"type": ["array", "null"], "items": {"type": "string"}},
+                "^mmearth:s1_date_(asc|desc)$": {"type": ["string", "null"], "format": "date"},
+                "^mmearth:s1_gap_days_(asc|desc)$": {"type": ["number", "null"], "minimum": 0},
+            },
         },
         "assets": {
             "type": "object",

@@ -1,4 +1,4 @@
-"""The ``mmearth`` command line: ``build``, ``validate`` and ``catalog build|search|serve``.
+"""The ``mmearth`` command line: ``build``, ``ee-check``, ``validate`` and ``catalog build|search|serve``.
 
 Exit codes: 0 success, 1 the build or the store is not valid (reasons printed), 2 bad input (the
 message names the problem and the fix; nothing already written is touched).
@@ -69,14 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--json", action="store_true", help="print the summary as JSON")
     e = b.add_argument_group("earthengine source (see README: Earth Engine)")
-    e.add_argument("--project", help="Cloud project registered for Earth Engine (or EE_PROJECT)")
-    e.add_argument("--ee-key", help="service-account key JSON (or EE_SERVICE_ACCOUNT_KEY); default: ADC")
-    e.add_argument("--max-in-flight", type=int, default=40, help="cap on concurrent requests (quota)")
-    e.add_argument("--s2-level", default="auto", choices=["auto", "L2A", "L1C"])
-    e.add_argument("--max-scene-cloud", type=float, default=10.0, help="per cent, scene-level filter")
-    e.add_argument("--scene-choice", default="least_cloudy", choices=["least_cloudy", "random"])
-    e.add_argument("--max-gap-days", type=int, default=30, help="Sentinel-1 to Sentinel-2 date gap")
-    e.add_argument("--no-high-volume", action="store_true", help="use the standard endpoint")
+    add_ee_arguments(e)
+
+    k = sub.add_parser(
+        "ee-check",
+        help="build 4 fixed tiles from Earth Engine into a temporary store and check their physics",
+        description="The first thing to run after setting up Earth Engine (README: Building from Earth "
+        "Engine). Exit 0: every check passed; 1: a check failed; 2: cannot run (network, credentials).",
+    )
+    add_ee_arguments(k)
+    k.add_argument("--simulate", action="store_true", help="run against the offline world (no account)")
+    k.add_argument("--keep", help="keep the 4-tile store in this folder (default: deleted)")
 
     v = sub.add_parser("validate", help="check a store against the contract and summarise it")
     v.add_argument("--store", required=True)
@@ -109,6 +112,58 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def parse_months(text: str) -> tuple[int, int]:
+    """'6-8' or '11-2' (wrapping the year) or '7' -> (first, last) calendar months."""
+    try:
+        a, _, b = text.partition("-")
+        first, last = int(a), int(b or a)
+        if not (1 <= first <= 12 and 1 <= last <= 12):
+            raise ValueError
+        return first, last
+    except ValueError:
+        raise argparse.ArgumentTypeError(  # noqa: B904 (argparse prints only the message)
+            f"months {text!r}: use FIRST-LAST calendar months from 1 to 12, e.g. 6-8 or 11-2"
+        )
+
+
+def add_ee_arguments(e: argparse._ActionsContainer) -> None:
+    """The earthengine source's options (build and ee-check)."""
+    e.add_argument("--project", help="Cloud project registered for Earth Engine (or EE_PROJECT)")
+    e.add_argument("--ee-key", help="service-account key JSON (or EE_SERVICE_ACCOUNT_KEY); default: ADC")
+    e.add_argument("--max-in-flight", type=int, default=40, help="cap on concurrent requests (quota)")
+    e.add_argument(
+        "--s2-level",
+        default="auto",
+        choices=["auto", "L2A", "L1C"],
+        help="auto: L2A where the tile has an acceptable L2A scene, else L1C (every year)",
+    )
+    e.add_argument(
+        "--max-scene-cloud",
+        type=float,
+        default=10.0,
+        help="per cent of the tile's pixels cloudy (tile score)",
+    )
+    e.add_argument(
+        "--max-granule-cloud",
+        type=float,
+        default=60.0,
+        help="per cent, granule CLOUDY_PIXEL_PERCENTAGE pre-filter (saves EECU)",
+    )
+    e.add_argument("--cs-threshold", type=float, default=0.6, help="Cloud Score+ cs below this is cloudy")
+    e.add_argument(
+        "--scene-choice",
+        default="random",
+        choices=["random", "least_cloudy"],
+        help="among acceptable scenes: seeded at random per tile, or the least cloudy (random ties)",
+    )
+    e.add_argument("--months", type=parse_months, help="calendar months the scene may come from, e.g. 6-8")
+    e.add_argument("--max-gap-days", type=int, default=30, help="Sentinel-1 to Sentinel-2 date gap")
+    e.add_argument(
+        "--resolve-buffer-m", type=float, default=2000.0, help="reach of the nearest RESOLVE polygon (coasts)"
+    )
+    e.add_argument("--no-high-volume", action="store_true", help="use the standard endpoint")
+
+
 def ee_options(args: argparse.Namespace) -> dict:
     """Earth Engine options for the build. The key file's path goes through the environment, not the
     options, so that it never reaches Prefect's flow-run parameters."""
@@ -121,8 +176,12 @@ def ee_options(args: argparse.Namespace) -> dict:
         "max_in_flight": args.max_in_flight,
         "s2_level": args.s2_level,
         "max_scene_cloud": args.max_scene_cloud,
+        "max_granule_cloud": args.max_granule_cloud,
+        "cs_threshold": args.cs_threshold,
         "scene_choice": args.scene_choice,
+        "months": args.months,
         "max_gap_days": args.max_gap_days,
+        "resolve_buffer_m": args.resolve_buffer_m,
         "high_volume": not args.no_high_volume,
     }
 
@@ -176,6 +235,39 @@ def print_summary(s: dict) -> None:
     for reason, n in s.get("failure_reasons", {}).items():
         t.add_row("failure", f"{n} x {reason}")
     console.print(t)
+
+
+def cmd_ee_check(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from mmearth_data.ee_check import EECheckError, run_ee_check
+
+    opts = ee_options(args)
+    opts.pop("months")  # each check tile has its own season
+    try:
+        checks, info = run_ee_check(opts, simulate=args.simulate, keep=args.keep, say=console.print)
+    except EECheckError as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        return 2
+    title = "ee-check" + (" (SIMULATED: the offline world, not Earth Engine)" if args.simulate else "")
+    t = Table(title=title)
+    for col in ("check", "result", "value", "expected"):
+        t.add_column(col)
+    for c in checks:
+        t.add_row(c.name, "[green]pass[/]" if c.passed else "[bold red]FAIL[/]", c.value, c.expect)
+    console.print(t)
+    if args.simulate:
+        eecu = "none (simulated)"
+    elif info["eecu_s"] is None:
+        eecu = "not reported (the profile service did not answer)"
+    else:
+        eecu = f"{info['eecu_s']:.1f} EECU-seconds for 4 tiles ({info['eecu_s'] / 4:.1f} per tile)"
+    console.print(f"EECU used: {eecu}; {info['seconds']:.1f} s")
+    if info.get("store"):
+        console.print(f"store kept: {info['store']}")
+    ok = all(c.passed for c in checks)
+    console.print("all checks passed" if ok else "[bold red]some checks failed[/]")
+    return 0 if ok else 1
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -280,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_build(args)
         if args.command == "validate":
             return cmd_validate(args)
+        if args.command == "ee-check":
+            return cmd_ee_check(args)
         if args.command == "catalog":
             return cmd_catalog(args)
     except BuildInputError as err:

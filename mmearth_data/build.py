@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from typing import Any
@@ -69,7 +70,10 @@ class BuildConfig:
 
     def identity(self) -> dict[str, Any]:
         """What must match for a re-run to resume this store (credentials and paths excluded)."""
+        from mmearth_data.store import SCHEMA_VERSION
+
         return {
+            "schema_version": SCHEMA_VERSION,
             "source": self.source,
             "source_version": source_version(self.source),
             "n_tiles": self.n_tiles,
@@ -194,12 +198,19 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
     resumed = check_request(cfg)
     ident = cfg.identity()
     chash = config_hash(ident)
+    labeler = plan_labeler(cfg)
     try:
         plan = sample_plan(
-            SampleConfig(cfg.n_tiles, tuple(cfg.years), cfg.seed, cfg.tile_size, cfg.reserve), world
+            SampleConfig(cfg.n_tiles, tuple(cfg.years), cfg.seed, cfg.tile_size, cfg.reserve),
+            world,
+            labeler,
         )
     except SamplingError as err:
         raise BuildInputError(str(err)) from None
+    except SourceError as err:  # labelling the candidates failed; nothing was written
+        raise BuildInputError(str(err)) from None
+    if labeler is not None:
+        labeler.save()
     shard_tiles = cfg.resolved_shard_tiles()
     mods = registry.stored_modalities(cfg.modalities)
     if not resumed:
@@ -217,6 +228,7 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
                     "config": ident,
                     "config_hash": chash,
                     "source": source.describe(),
+                    "plan_labels": plan.attrs.get("labels"),
                     "versions": {p: version(p) for p in ("mmearth-corpus", "numpy", "zarr", "xarray")},
                 },
                 "grid": {
@@ -246,6 +258,54 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
         fs.pipe_file(path, buf.getvalue())
         _write_plots(plan, out)
     return Prepared(cfg, todo, -(-cfg.n_tiles // shard_tiles), cand, resumed, plan_path)
+
+
+class CachedLabeler:
+    """A source's ``label_locations`` (e.g. RESOLVE biomes from Earth Engine) behind a cache kept
+    beside the store (``labels.parquet``: lat, lon, biome, ecoregion, distance_m; biome -1: no label
+    within reach), so that a resumed build plans the same tiles without asking again."""
+
+    def __init__(self, label: Callable[[np.ndarray, np.ndarray], np.ndarray], path: str):
+        self.label, self.path = label, path
+        self.known: dict[tuple[float, float], tuple[float, float, float]] = {}
+        self.asked = 0
+        fs, p = fsspec.core.url_to_fs(path)
+        if fs.exists(p):
+            import pandas as pd
+
+            df = pd.read_parquet(io.BytesIO(fs.cat_file(p)))
+            for r in df.itertuples(index=False):
+                self.known[(r.lat, r.lon)] = (r.biome, r.ecoregion, r.distance_m)
+
+    def __call__(self, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+        keys = [(round(float(a), 6), round(float(b), 6)) for a, b in zip(lat, lon, strict=True)]
+        todo = sorted({k for k in keys if k not in self.known})
+        if todo:
+            got = self.label(np.array([k[0] for k in todo]), np.array([k[1] for k in todo]))
+            self.asked += len(todo)
+            for k, row in zip(todo, got, strict=True):
+                self.known[k] = tuple(float(x) for x in row)
+        return np.array([self.known[k] for k in keys], float).reshape(len(keys), 3)
+
+    def save(self) -> None:
+        import pandas as pd
+
+        rows = [(k[0], k[1], *v) for k, v in sorted(self.known.items())]
+        df = pd.DataFrame(rows, columns=["lat", "lon", "biome", "ecoregion", "distance_m"])
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        fs, p = fsspec.core.url_to_fs(self.path)
+        fs.makedirs(fs._parent(p), exist_ok=True)
+        fs.pipe_file(p, buf.getvalue())
+
+
+def plan_labeler(cfg: BuildConfig) -> CachedLabeler | None:
+    """The biome labeler of the build's source (None: the world's own biome map)."""
+    source = make_source(cfg.source, seed=cfg.seed, **cfg.source_options)
+    label = getattr(source, "label_locations", None)
+    if label is None:
+        return None
+    return CachedLabeler(label, f"{build_dir(cfg.store)}/labels.parquet")
 
 
 def _write_plots(plan: gpd.GeoDataFrame, out: str) -> None:

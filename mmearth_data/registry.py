@@ -223,9 +223,11 @@ MODALITIES: tuple[Modality, ...] = (
             "scene",
             {
                 "l1c_collection": "COPERNICUS/S2_HARMONIZED",
-                "cloud_property": "CLOUDY_PIXEL_PERCENTAGE",
+                "cloud_score_collection": "GOOGLE/CLOUD_SCORE_PLUS/V1/S2_HARMONIZED",
+                "cloud_score_band": "cs",
+                "granule_cloud_property": "CLOUDY_PIXEL_PERCENTAGE",
                 "max_scene_cloud": 10,
-                "choice": "least_cloudy",
+                "choice": "random",
             },
         ),
     ),
@@ -260,7 +262,7 @@ MODALITIES: tuple[Modality, ...] = (
             "COPERNICUS/S1_GRD",
             ("VV", "VH", "HH", "HV"),
             "closest_orbit",
-            {"instrumentMode": "IW", "max_gap_days": 30},
+            {"instrumentMode": "IW", "max_gap_days": 30, "coverage": "complete same-day pass"},
         ),
     ),
     Modality(
@@ -275,7 +277,7 @@ MODALITIES: tuple[Modality, ...] = (
         provider="ESA Copernicus DEM GLO-30",
         license="Copernicus DEM licence (free)",
         codec="pcodec",
-        ee=EERecipe("COPERNICUS/DEM/GLO30", ("DEM",), "mosaic"),
+        ee=EERecipe("COPERNICUS/DEM/GLO30", ("DEM",), "mosaic", {"native_m": 30}),
     ),
     Modality(
         name="era5",

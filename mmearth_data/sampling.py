@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import geopandas as gpd
@@ -93,11 +94,19 @@ def split_of(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     return np.array(out, dtype=object)
 
 
-class _BiomeStream:
-    """Deterministic stream of accepted, unique grid cells inside one biome."""
+Labeler = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""(lat, lon) -> (n, 3) array of (biome, ecoregion, distance_m); biome -1 where the location has no
+label (outside every polygon within the labeler's reach)."""
 
-    def __init__(self, world: World, grid: GlobalGrid, biome: int, seed: int):
-        self.world, self.grid, self.biome = world, grid, biome
+
+class _BiomeStream:
+    """Deterministic stream of accepted, unique grid cells inside one biome: cells are drawn from the
+    world's biome map and accepted where the biome label (the world's, or ``labeler``'s) is this one."""
+
+    def __init__(self, world: World, grid: GlobalGrid, biome: int, seed: int, labeler: Labeler | None = None):
+        self.world, self.grid, self.biome, self.labeler = world, grid, biome, labeler
+        self.labels: dict[tuple[int, int], tuple[int, float]] = {}  # cell -> (ecoregion, distance_m)
+        self.rejected = {"outside": 0, "other_biome": 0}
         cells = world.sampling_cells[biome]
         lat = 90 - (cells // 7200 + 0.5) * CELL
         w = np.cos(np.radians(lat))
@@ -118,19 +127,32 @@ class _BiomeStream:
             lon = -180 + (c % 7200 + self.rng.random(batch)) * CELL
             rows, cols = self.grid.cell_of(lat, lon)
             clat, clon = self.grid.center(rows, cols)
-            ok = (
-                (self.world.biome(clat, clon) == self.biome)
-                & (self.world.land_pct(clat, clon) >= 50)
-                & (clat <= MAX_LAT)
-                & (clat >= MIN_LAT)
-            )
+            ok = (self.world.land_pct(clat, clon) >= 50) & (clat <= MAX_LAT) & (clat >= MIN_LAT)
+            if self.labeler is None:
+                ok &= self.world.biome(clat, clon) == self.biome
             before = len(self.rows)
+            fresh = []
             for r, cc in zip(rows[ok], cols[ok], strict=True):
                 key = (int(r), int(cc))
                 if key not in self.seen:
                     self.seen.add(key)
-                    self.rows.append(key[0])
-                    self.cols.append(key[1])
+                    fresh.append(key)
+            if self.labeler is not None and fresh:
+                fr = np.array([k[0] for k in fresh]), np.array([k[1] for k in fresh])
+                labels = np.asarray(self.labeler(*self.grid.center(*fr)))
+                keep = []
+                for key, (b, eco, dist) in zip(fresh, labels, strict=True):
+                    if b < 1:
+                        self.rejected["outside"] += 1
+                    elif int(b) != self.biome:
+                        self.rejected["other_biome"] += 1
+                    else:
+                        self.labels[key] = (int(eco), float(dist))
+                        keep.append(key)
+                fresh = keep
+            for key in fresh:
+                self.rows.append(key[0])
+                self.cols.append(key[1])
             rounds += 1
             if len(self.rows) == before and rounds > 3 or rounds >= max_rounds:
                 self.exhausted = True
@@ -148,8 +170,15 @@ def biome_capacity(world: World, grid: GlobalGrid) -> dict[int, int]:
     return cap
 
 
-def sample_plan(cfg: SampleConfig, world: World | None = None) -> gpd.GeoDataFrame:
+def sample_plan(
+    cfg: SampleConfig, world: World | None = None, labeler: Labeler | None = None
+) -> gpd.GeoDataFrame:
     """Plan ``cfg.n_tiles`` primary tiles plus ``cfg.reserve`` alternates each.
+
+    Strata are the world's biome map's, or ``labeler``'s when one is given (an Earth Engine build
+    labels candidates with RESOLVE): candidates are drawn from the world's biome map and kept where the
+    labeler agrees; ecoregions then come from the labeler too, and the plan records how many candidates
+    were dropped (``attrs['labels']``: no label within reach, or another biome).
 
     Returns one row per candidate: ``slot`` (store index of the primary it stands for), ``rank`` (0 for
     the primary, 1.. for alternates), ``tile_id``, ``row``, ``col``, ``lat``, ``lon``, ``epsg``,
@@ -161,7 +190,7 @@ def sample_plan(cfg: SampleConfig, world: World | None = None) -> gpd.GeoDataFra
     ny = len(years)
     per = 1 + cfg.reserve
     cap_biome = biome_capacity(world, grid)
-    streams = {b: _BiomeStream(world, grid, b, cfg.seed) for b in BIOMES}
+    streams = {b: _BiomeStream(world, grid, b, cfg.seed, labeler) for b in BIOMES}
     # strata in a seeded order so that remainders do not always favour the same biomes
     order = np.random.default_rng([cfg.seed, 11]).permutation(len(BIOMES) * ny)
     strata = [(BIOMES[k // ny], years[k % ny]) for k in order]
@@ -219,7 +248,12 @@ def sample_plan(cfg: SampleConfig, world: World | None = None) -> gpd.GeoDataFra
     df["tile_id"] = grid.tile_ids(df["row"].to_numpy(), df["col"].to_numpy())
     df["lat"], df["lon"], df["epsg"] = lat, lon, epsg
     df["transform"] = list(transforms)
-    df["ecoregion"] = world.ecoregion(lat, lon)
+    if labeler is None:
+        df["ecoregion"] = world.ecoregion(lat, lon)
+    else:
+        got = [streams[b].labels[(r, c)] for b, r, c in zip(df["biome"], df["row"], df["col"], strict=True)]
+        df["ecoregion"] = np.array([g[0] for g in got], np.int64)
+        df["label_distance_m"] = np.array([g[1] for g in got], np.float64)
     df["split"] = split_of(lat, lon)
     df = df.drop(columns=["primary"])
     cols = [
@@ -237,6 +271,8 @@ def sample_plan(cfg: SampleConfig, world: World | None = None) -> gpd.GeoDataFra
         "year",
         "split",
     ]
+    if labeler is not None:
+        cols.append("label_distance_m")
     gdf = gpd.GeoDataFrame(df[cols], geometry=footprints(transforms, epsg, cfg.tile_size), crs="EPSG:4326")
     gdf.attrs.update(
         n_tiles=cfg.n_tiles,
@@ -246,6 +282,12 @@ def sample_plan(cfg: SampleConfig, world: World | None = None) -> gpd.GeoDataFra
         reserve=cfg.reserve,
         grid_spacing_m=grid.spacing_m,
     )
+    if labeler is not None:
+        gdf.attrs["labels"] = {
+            "outside": sum(st.rejected["outside"] for st in streams.values()),
+            "other_biome": sum(st.rejected["other_biome"] for st in streams.values()),
+            "accepted": sum(len(st.labels) for st in streams.values()),
+        }
     return gdf
 
 

@@ -35,7 +35,7 @@ from mmearth_data.registry import MODALITIES, Modality, get, registry_dict
 from mmearth_data.sources.base import TileResult
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: scene provenance (s2_id, cloud score, Sentinel-1 passes)
 COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 PCODEC_LEVEL = 8
 COMPRESSION_MODES = ("compact", "portable")
@@ -78,13 +78,56 @@ TILE_VARS = (
         "s2_date",
         "int32",
         DATE_FILL,
-        attrs=(("units", "days since 1970-01-01"), ("calendar", "proleptic_gregorian")),
+        attrs=(
+            ("units", "days since 1970-01-01"),
+            ("calendar", "proleptic_gregorian"),
+            ("_FillValue", int(DATE_FILL)),  # xarray masks Zarr v3 data by this attribute only
+        ),
     ),
     TileVar("s2_product", str, "", attrs=(("long_name", "Sentinel-2 processing level: L1C or L2A"),)),
     TileVar("year", "int16", 0),
     TileVar("split", str, "", attrs=(("long_name", "train, val or test (by 1-degree block)"),)),
     TileVar("cloud_fraction", "float32", np.nan, attrs=(("long_name", "share of opaque-cloud pixels"),)),
+    # provenance of the scenes (empty / fill where the source has none, e.g. the offline source's ids)
+    TileVar("s2_id", str, "", attrs=(("long_name", "Sentinel-2 scene id (system:index) in its collection"),)),
+    TileVar(
+        "cloud_score",
+        "float32",
+        np.nan,
+        attrs=(
+            ("units", "percent"),
+            ("long_name", "cloudy share of the tile's pixels when the scene was chosen"),
+        ),
+    ),
+    TileVar("cloud_score_source", str, "", attrs=(("long_name", "mask behind cloud_score"),)),
+    TileVar(
+        "s1_ids",
+        str,
+        "",
+        extra_dims=(("orbit", 2),),
+        attrs=(("long_name", "Sentinel-1 GRD slice ids of the pass used, comma separated"),),
+    ),
+    TileVar(
+        "s1_date",
+        "int32",
+        DATE_FILL,
+        extra_dims=(("orbit", 2),),
+        attrs=(
+            ("units", "days since 1970-01-01"),
+            ("calendar", "proleptic_gregorian"),
+            ("_FillValue", int(DATE_FILL)),  # xarray masks Zarr v3 data by this attribute only
+            ("long_name", "Sentinel-1 pass date"),
+        ),
+    ),
+    TileVar(
+        "s1_gap_days",
+        "float32",
+        np.nan,
+        extra_dims=(("orbit", 2),),
+        attrs=(("units", "days"), ("long_name", "time between the Sentinel-1 pass and the Sentinel-2 scene")),
+    ),
 )
+ORBIT_NAMES = ("asc", "desc")  # coordinate of the orbit dimension
 
 
 class StoreError(ValueError):
@@ -201,6 +244,8 @@ def create_store(
         arr.attrs.update(dict(v.attrs))
     coef = group.create_array("transform_coef", shape=(6,), dtype=str, dimension_names=["transform_coef"])
     coef[:] = np.array(list("abcdef"), dtype=object)
+    orbit = group.create_array("orbit", shape=(len(ORBIT_NAMES),), dtype=str, dimension_names=["orbit"])
+    orbit[:] = np.array(ORBIT_NAMES, dtype=object)
     tile_flag("complete", "every modality of the tile is written (as data or as fill)")
     group.attrs.update(
         {
@@ -223,6 +268,20 @@ def create_store(
         }
     )
     return group
+
+
+def _write_provenance(data: dict[str, np.ndarray], i: int, extra: dict[str, Any]) -> None:
+    """Scene provenance a source reports in ``TileResult.extra`` into the shard's arrays (row ``i``)."""
+    data["s2_id"][i] = str(extra.get("s2_id") or "")
+    data["cloud_score"][i] = np.nan if extra.get("cloud_score") is None else extra["cloud_score"]
+    data["cloud_score_source"][i] = str(extra.get("cloud_score_source") or "")
+    for k, orbit in enumerate(ORBIT_NAMES):
+        data["s1_ids"][i, k] = str((extra.get("s1_ids") or {}).get(orbit) or "")
+        day = (extra.get("s1_date") or {}).get(orbit)
+        if day is not None:
+            data["s1_date"][i, k] = int((np.datetime64(day, "D") - EPOCH).astype(int))
+        gap = (extra.get("s1_gap_days") or {}).get(orbit)
+        data["s1_gap_days"][i, k] = np.nan if gap is None else gap
 
 
 class StoreWriter:
@@ -274,6 +333,7 @@ class StoreWriter:
             data["year"][i] = row["year"]
             data["split"][i] = row["split"]
             data["cloud_fraction"][i] = res.extra.get("cloud_fraction", np.nan)
+            _write_provenance(data, i, res.extra)
             complete[i] = True
         for name, values in data.items():
             self.group[name][s0:s1] = values
@@ -354,6 +414,18 @@ class CorpusReader:
             data[c] = strings(v) if v.dtype.kind == "T" else np.asarray(v)
         df = pd.DataFrame(data, index=pd.RangeIndex(start, stop))
         df["s2_date"] = self.s2_dates(start, stop)
+        if "s2_id" in self.group:  # scene provenance (schema 1.1)
+            df["s2_id"] = strings(self.group["s2_id"][start:stop])
+            df["cloud_score"] = np.asarray(self.group["cloud_score"][start:stop])
+            df["cloud_score_source"] = strings(self.group["cloud_score_source"][start:stop])
+            ids = np.asarray(self.group["s1_ids"][start:stop])
+            days = np.asarray(self.group["s1_date"][start:stop])
+            gaps = np.asarray(self.group["s1_gap_days"][start:stop])
+            for k, orbit in enumerate(ORBIT_NAMES):
+                df[f"s1_ids_{orbit}"] = strings(ids[:, k])
+                d = (EPOCH + days[:, k].astype("timedelta64[D]")).astype("datetime64[D]")
+                df[f"s1_date_{orbit}"] = np.where(days[:, k] == DATE_FILL, np.datetime64("NaT"), d)
+                df[f"s1_gap_days_{orbit}"] = gaps[:, k]
         df["transform"] = list(np.asarray(self.group["transform"][start:stop]))
         return df
 

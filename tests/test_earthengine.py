@@ -1,13 +1,14 @@
-"""The Earth Engine source at its boundary: the expressions it builds (golden files, built offline from
-earthengine-api's shipped algorithm table), its retry and cap logic, auth errors, and the whole flow
-against a simulated transport that answers in computePixels' and computeValue's formats and fails on
-a script."""
+"""The Earth Engine source at its transport boundary: retries and their classification (HttpErrors
+and the EEExceptions ``ee.data`` really raises, with the service's texts), the cap on requests in
+flight, ``ee``'s own retries off and a connection pool as large as the cap, auth errors, RESOLVE
+labelling of the plan, and the whole flow against a simulated transport that answers in
+computePixels' and computeValue's formats, checks every request as the service would, and fails on a
+script."""
 
 from __future__ import annotations
 
 import json
 import random
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ import pytest
 
 from mmearth_data.build import BuildConfig, BuildInputError, check_config, prepare
 from mmearth_data.registry import stored_modalities
+from mmearth_data.sampling import SampleConfig, primaries, sample_plan, stratum_counts
+from mmearth_data.sources import earthengine
 from mmearth_data.sources.base import SourceError, TileFailure, TileResult
 from mmearth_data.sources.earthengine import (
     EarthEngineSource,
@@ -29,56 +32,11 @@ from mmearth_data.sources.earthengine import (
     retryable,
     with_retries,
 )
-from mmearth_data.sources.ee_fake import SimulatedTransport, http_error
-from mmearth_data.sources.ee_offline import offline_ee
+from mmearth_data.sources.ee_fake import EE_MESSAGES, SimulatedTransport, ee_exception, http_error
 from mmearth_data.store import CorpusReader
 from mmearth_data.validate import validate_store
 
-GOLDEN = Path(__file__).resolve().parent / "data" / "ee_golden"
-sys.path.insert(0, str(GOLDEN))
-import make_golden  # noqa: E402
-
 MODS = stored_modalities()
-
-
-@pytest.mark.parametrize("name", sorted(make_golden.LOCATIONS))
-def test_requests_match_the_golden_files(name):
-    with offline_ee():
-        got = make_golden.dumps(make_golden.golden(name))
-    want = (GOLDEN / f"{name}.json").read_text()
-    assert got == want, (
-        f"the recipe changed: run tests/data/ee_golden/make_golden.py and review the diff of {name}.json"
-    )
-
-
-def _text(name: str) -> str:
-    return (GOLDEN / f"{name}.json").read_text()
-
-
-def test_golden_requests_say_what_the_recipe_says():
-    amazon = json.loads(_text("amazon_2019_l2a"))
-    sahara = _text("sahara_2017_l1c")
-    assert '"COPERNICUS/S2_SR_HARMONIZED"' in _text("amazon_2019_l2a")
-    assert '"COPERNICUS/S2_HARMONIZED"' in sahara and "S2_SR_HARMONIZED" not in sahara
-    assert '"CLOUDY_PIXEL_PERCENTAGE"' in sahara and '"2017-01-01"' in sahara and '"2018-01-01"' in sahara
-    px = amazon["pixels"]
-    t = amazon["tile"]
-    assert px["fileFormat"] == "NUMPY_NDARRAY"
-    assert px["grid"]["crsCode"] == f"EPSG:{t['epsg']}"
-    assert px["grid"]["dimensions"] == {"width": 128, "height": 128}
-    assert px["grid"]["affineTransform"]["translateX"] == t["transform"][2]
-    assert px["grid"]["affineTransform"]["scaleY"] == -10.0
-    assert len(px["bandIds"]) == sum(m.n_bands for m in MODS if m.kind == "pixel")
-    assert px["bandIds"][:2] == ["sentinel2__B1", "sentinel2__B2"]
-    text = _text("amazon_2019_l2a")
-    tokens = ['"COPERNICUS/S1_GRD"', '"IW"', '"ASCENDING"', '"DESCENDING"', '"bilinear"', '"Terrain.slope"',
-              '"ECMWF/ERA5_LAND/MONTHLY_AGGR"', '"GOOGLE/DYNAMICWORLD/V1"', '"ESA/WorldCover/v100"',
-              '"RESOLVE/ECOREGIONS/2017"', '"BIOME_NUM"', '"ECO_ID"', '"QA60"']  # fmt: skip
-    for token in tokens:
-        assert token in text, token
-    assert '"Collection.randomColumn"' in _text("alps_2020_random_scene")
-    assert "randomColumn" not in text
-    assert json.loads(_text("siberia_2018_tile64"))["pixels"]["grid"]["dimensions"]["width"] == 64
 
 
 def test_request_size_is_kept_under_the_limit():
@@ -106,6 +64,32 @@ def test_request_size_is_kept_under_the_limit():
 )
 def test_which_failures_are_retried(err, retry):
     assert retryable(err) is retry
+
+
+@pytest.mark.parametrize(
+    "key,retry",
+    [("quota", True), ("concurrent", True), ("internal", True), ("unavailable", True), ("deadline", True),
+     ("timed_out", True), ("user_memory", False), ("invalid", False), ("bad_band", False),
+     ("too_large", False)],
+)  # fmt: skip
+def test_ee_exceptions_are_classified_by_the_services_texts(key, retry):
+    err = ee_exception(EE_MESSAGES[key])
+    assert type(err).__name__ == "EEException" and not hasattr(err, "resp")
+    assert retryable(err) is retry, EE_MESSAGES[key]
+
+
+def test_ee_retries_are_off_and_the_pool_holds_the_cap(monkeypatch):
+    import ee
+
+    seen = {}
+    monkeypatch.setattr(earthengine, "credentials", lambda cfg: (object(), "test"))
+    monkeypatch.setattr(ee, "Initialize", lambda *a, **k: seen.update(k))
+    monkeypatch.setattr(ee.data, "setMaxRetries", lambda n: seen.update(max_retries=n))
+    t = earthengine.EETransport(EEConfig(project="p", max_in_flight=40))
+    assert seen["max_retries"] == 0 and seen["http_transport"] is t.http
+    assert seen["url"] == earthengine.HIGH_VOLUME_URL and seen["project"] == "p"
+    adapter = t.http.session.get_adapter("https://earthengine-highvolume.googleapis.com")
+    assert adapter.poolmanager.connection_pool_kw["maxsize"] == 40
 
 
 def test_backoff_is_bounded_exponential_with_jitter():
@@ -143,6 +127,7 @@ def test_cap_on_requests_in_flight_is_never_exceeded():
     assert sim.peak <= 5 and src.limiter.peak <= 5 and sim.peak >= 4
     r = got[0]
     assert r.arrays["sentinel2"].shape == (13, 64, 64) and r.arrays["sentinel2"].dtype == np.uint16
+    assert r.extra["s2_id"] and set(r.extra["s1_ids"]) == {"asc", "desc"}
     assert r.arrays["sentinel1"].dtype == np.float16 and r.arrays["era5"].shape == (12,)
 
 
@@ -154,22 +139,27 @@ def _requests(n: int):
     return [TileRequest.from_row(row, 64) for _, row in plan.iterrows()][:n]
 
 
-def test_every_failure_kind_becomes_an_accounted_failure():
+@pytest.mark.parametrize("ee_errors", [False, True])
+def test_every_failure_kind_becomes_an_accounted_failure(ee_errors):
     reqs = _requests(9)
     kinds = ["no_scene", "malformed", "missing_band", "http_500_always", "http_400", "http_429_twice",
              "timeout_once", None, None]  # fmt: skip
     plan = {r.tile_id: k for r, k in zip(reqs, kinds, strict=True) if k}
-    register_transport("kinds", sim := SimulatedTransport(plan=plan))
+    register_transport("kinds", sim := SimulatedTransport(plan=plan, ee_errors=ee_errors))
     cfg = EEConfig(transport="kinds", max_retries=3, backoff_base_s=0.0)
     got = EarthEngineSource(cfg, sleep=lambda s: None).fetch(reqs, MODS)
     by = {r.tile_id: r for r in got}
     stage = {tid: (x.stage, x.reason) for tid, x in by.items() if isinstance(x, TileFailure)}
     ids = {k: r.tile_id for r, k in zip(reqs, kinds, strict=True) if k}
-    assert stage[ids["no_scene"]][0] == "sentinel2" and "no scene" in stage[ids["no_scene"]][1]
+    assert (
+        stage[ids["no_scene"]][0] == "sentinel2"
+        and "scene of 2019 covers the tile" in stage[ids["no_scene"]][1]
+    )
     assert stage[ids["malformed"]][0] == "decode" and "not a structured" in stage[ids["malformed"]][1]
     assert stage[ids["missing_band"]][0] == "decode" and "missing" in stage[ids["missing_band"]][1]
-    assert stage[ids["http_500_always"]] == ("values", "HTTP 500: Internal error")
-    assert stage[ids["http_400"]][0] == "pixels" and stage[ids["http_400"]][1].startswith("HTTP 400")
+    kind = "EEException" if ee_errors else "HTTP 500"
+    assert stage[ids["http_500_always"]] == ("values", f"{kind}: {EE_MESSAGES['internal']}")
+    assert stage[ids["http_400"]][0] == "pixels" and "did not match any bands" in stage[ids["http_400"]][1]
     for ok in ("http_429_twice", "timeout_once"):
         assert isinstance(by[ids[ok]], TileResult), ok
     assert sim.calls[(ids["http_500_always"], "values")] == cfg.max_retries + 1  # bounded
@@ -199,6 +189,12 @@ def test_missing_project_or_credentials_is_a_clear_input_error(tmp_path, monkeyp
                       source_options={"project": "p", "key_file": str(tmp_path / "none.json")})  # fmt: skip
     with pytest.raises(BuildInputError, match="does not exist"):
         check_config(bad)
+    key = tmp_path / "key.json"
+    key.write_text("{not json")
+    bad = BuildConfig(store=store, n_tiles=8, source="earthengine",
+                      source_options={"project": "p", "key_file": str(key)})  # fmt: skip
+    with pytest.raises(BuildInputError, match="not a service-account key file"):
+        check_config(bad)
     assert not Path(store).exists()
     with pytest.raises(EEAuthError):
         from mmearth_data.sources.earthengine import resolve_project
@@ -206,10 +202,46 @@ def test_missing_project_or_credentials_is_a_clear_input_error(tmp_path, monkeyp
         resolve_project(EEConfig())
 
 
+def test_resolve_labels_are_asked_in_batches_and_decoded(monkeypatch):
+    monkeypatch.setattr(earthengine, "LABEL_BATCH", 50)
+    register_transport("labels", sim := SimulatedTransport(label_failures=2))
+    src = EarthEngineSource(EEConfig(transport="labels", backoff_base_s=0.0), sleep=lambda s: None)
+    plan = primaries(sample_plan(SampleConfig(140, (2019,), 3, 64, 0)))
+    lat, lon = plan["lat"].to_numpy(), plan["lon"].to_numpy()
+    got = src.label_locations(lat, lon)
+    assert got.shape == (140, 3) and sim.label_points == 140
+    assert sim.label_requests == 3 + 2  # three batches, two 503s retried
+    inside = got[:, 0] > 0
+    agree = (got[inside, 0] == plan["biome"].to_numpy()[inside]).mean()
+    assert 0.7 < agree < 1.0  # the simulated RESOLVE disagrees with the proxy map on some points
+    assert ((got[:, 0] >= 1) & (got[:, 0] <= 14) | (got[:, 0] == -1)).all()
+    register_transport("labels-down", SimulatedTransport(label_failures=100))
+    down = EarthEngineSource(
+        EEConfig(transport="labels-down", backoff_base_s=0.0, max_retries=2), sleep=lambda s: None
+    )
+    with pytest.raises(SourceError, match="labelling 140 locations .* failed .*unavailable"):
+        down.label_locations(lat, lon)
+
+
+def test_plan_strata_are_resolves_not_the_proxy_maps():
+    register_transport("plan-labels", SimulatedTransport(label_noise=0.3, label_outside=0.05))
+    src = EarthEngineSource(EEConfig(transport="plan-labels"))
+    plan = sample_plan(SampleConfig(112, (2019, 2020), 5, 64, 1), labeler=src.label_locations)
+    p = primaries(plan)
+    again = src.label_locations(plan["lat"].to_numpy(), plan["lon"].to_numpy())
+    assert (plan["biome"].to_numpy() == again[:, 0]).all()  # every planned tile carries RESOLVE's biome
+    assert (plan["ecoregion"].to_numpy() == again[:, 1]).all()
+    counts = stratum_counts(plan)
+    assert counts.to_numpy().min() == counts.to_numpy().max() == 4  # balanced on RESOLVE's labels
+    assert len(p) == 112 and plan.attrs["labels"]["outside"] > 0 and plan.attrs["labels"]["other_biome"] > 0
+    proxy = sample_plan(SampleConfig(112, (2019, 2020), 5, 64, 1))
+    assert set(proxy["tile_id"]) != set(plan["tile_id"])
+
+
 def test_flow_against_the_simulated_transport(tmp_path, prefect_harness):
     from flows.build_corpus import run_build
 
-    sim = SimulatedTransport(latency_s=0.002, failure_share=0.25, burst_429=25, seed=1)
+    sim = SimulatedTransport(latency_s=0.002, failure_share=0.25, burst_429=25, seed=1, label_failures=3)
     register_transport("flow-sim", sim)
     secret = "/very/secret/key-file.json"
     opts = {"transport": "flow-sim", "backoff_base_s": 0.001, "max_retries": 4, "max_in_flight": 6,
@@ -223,7 +255,7 @@ def test_flow_against_the_simulated_transport(tmp_path, prefect_harness):
     assert report["valid"], report
     failures = json.loads((tmp_path / "ee.build" / "failures.json").read_text())
     failed_ids = {f["tile_id"] for f in failures}
-    planned = {sim_id for (sim_id, _kind) in sim.calls}
+    planned = {sim_id for (sim_id, kind) in sim.calls if kind != "labels"}
     permanent = {t for t in planned if sim.failure_of(t) in
                  ("no_scene", "malformed", "missing_band", "http_500_always", "http_400")}  # fmt: skip
     # every failure accounted for: the scripted permanent ones, plus tiles whose retries the 429 burst
@@ -234,7 +266,7 @@ def test_flow_against_the_simulated_transport(tmp_path, prefect_harness):
     assert summary["failed_attempts"] == len(failures) and 1 <= summary["backfilled"] <= len(failures)
     stored = set(CorpusReader(store).tiles()["tile_id"])
     assert not stored & failed_ids
-    assert max(sim.calls.values()) <= 4 + 1
+    assert max(v for (_, kind), v in sim.calls.items() if kind != "labels") <= 4 + 1
     assert sim.peak <= 6
     # no secret anywhere in what the build wrote
     for f in Path(tmp_path).rglob("*"):
@@ -242,6 +274,30 @@ def test_flow_against_the_simulated_transport(tmp_path, prefect_harness):
             assert secret.encode() not in f.read_bytes(), f
     attrs = json.dumps(CorpusReader(store).attrs)
     assert "my-ee-project" in attrs and secret not in attrs
+    # biome labels are RESOLVE's (the plan's, labelled once and cached), and so are the stored ones
+    reader = CorpusReader(store)
+    tiles = reader.tiles()
+    import geopandas as gpd
+
+    plan = gpd.read_parquet(tmp_path / "ee.build" / "plan.parquet").set_index("tile_id")
+    assert (tiles["biome"].to_numpy() == plan.loc[tiles["tile_id"], "biome"].to_numpy()).all()
+    assert (tmp_path / "ee.build" / "labels.parquet").exists() and reader.attrs["build"]["plan_labels"][
+        "outside"
+    ] >= 0
+    # provenance of every tile: the scene ids the values answers named, the Sentinel-1 passes
+    for _, row in tiles.iterrows():
+        answer = sim._answers[row["tile_id"]]
+        assert row["s2_id"] == answer["s2_id"] and row["cloud_score_source"] == "cloud_score_plus"
+        assert row["cloud_fraction"] == pytest.approx(answer["s2_cloud"] / 100, rel=1e-5)
+        for orbit in ("asc", "desc"):
+            ids = answer[f"s1_{orbit}"]["ids"]
+            assert row[f"s1_ids_{orbit}"] == ",".join(ids)
+            assert np.isnan(row[f"s1_gap_days_{orbit}"]) == (not ids)
+    calls_before = dict(sim.calls)
+    prepare(cfg)  # a resume plans from the cached labels: no labelling request
+    assert sum(v for (t, k), v in sim.calls.items() if k == "labels") == sum(
+        v for (t, k), v in calls_before.items() if k == "labels"
+    )
 
 
 def test_prepare_records_the_recipe_not_the_credentials(tmp_path):
@@ -295,3 +351,63 @@ def test_cli_keeps_the_key_path_out_of_the_flow_parameters(monkeypatch):
     import os
 
     assert os.environ["EE_SERVICE_ACCOUNT_KEY"] == "/secret/key.json"
+
+
+# --- ee-check ------------------------------------------------------------------------------------------
+def test_ee_check_runs_its_physical_checks_end_to_end_on_the_offline_world(tmp_path):
+    from mmearth_data.ee_check import run_ee_check
+
+    lines = []
+    checks, info = run_ee_check({"seed": 1}, simulate=True, keep=str(tmp_path), say=lines.append)
+    assert len(lines) == 4 and all(line.startswith("(simulated)") for line in lines)
+    assert len(checks) == 6 and all(c.passed for c in checks), checks
+    tiles = CorpusReader(info["store"]).tiles()
+    assert len(tiles) == 4 and tiles["complete"].all() and (tiles["s2_id"] != "").all()
+
+
+def test_ee_check_fails_on_swapped_polarisations_and_flat_slope():
+    from mmearth_data.ee_check import CHECK_TILES, check_tiles, physical_checks
+    from mmearth_data.sources.offline import OfflineSource
+
+    from dataclasses import replace
+
+    from mmearth_data.world import get_world
+
+    w = get_world()
+    reqs = [replace(q, biome=int(w.biome([q.lat], [q.lon])[0]), ecoregion=1) for q in check_tiles()]
+    res = OfflineSource(seed=1).fetch(reqs, MODS)
+    tiles = {
+        name: {"request": q, "arrays": dict(r.arrays), "s2_product": r.s2_product,
+               "s1_ids": {o: "id" if on else "" for o, on in r.extra["s1_orbits"].items()}}
+        for name, q, r in zip(CHECK_TILES, reqs, res, strict=True)
+    }  # fmt: skip
+    assert [c.name for c in physical_checks(tiles) if not c.passed] == []
+    for t in tiles.values():  # VV data stored as VH and the other way round
+        s1 = t["arrays"]["sentinel1"].copy()
+        s1[[0, 1, 4, 5]] = s1[[1, 0, 5, 4]]
+        t["arrays"]["sentinel1"] = s1
+    dem = tiles["mountains"]["arrays"]["dem"].copy()
+    dem[1] = dem[1][::-1, ::-1]  # slope from another place
+    tiles["mountains"]["arrays"]["dem"] = dem
+    failed = {c.name for c in physical_checks(tiles) if not c.passed}
+    assert any(n.startswith("VV above VH") for n in failed) and any(n.startswith("slope") for n in failed)
+
+
+def test_ee_check_without_network_or_credentials_exits_2_before_writing(tmp_path, monkeypatch, capsys):
+    from flows.cli import main
+    from mmearth_data.ee_check import EECheckError, reach
+
+    with pytest.raises(EECheckError, match="cannot reach Earth Engine at 127.0.0.1:9"):
+        reach("127.0.0.1", 9, timeout_s=2)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    for var in ("EE_SERVICE_ACCOUNT_KEY", "GOOGLE_APPLICATION_CREDENTIALS"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["ee-check", "--project", "p"]) == 2
+    assert "no Earth Engine credentials" in capsys.readouterr().err
+    monkeypatch.setattr(earthengine, "credentials", lambda cfg: (object(), "test"))
+    monkeypatch.setattr("mmearth_data.ee_check.HOST_OVERRIDE", ("127.0.0.1", 9))
+    t0 = time.perf_counter()
+    assert main(["ee-check", "--project", "p", "--keep", str(tmp_path / "kept")]) == 2
+    assert "cannot reach Earth Engine" in capsys.readouterr().err and time.perf_counter() - t0 < 30
+    assert not (tmp_path / "kept").exists()

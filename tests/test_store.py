@@ -52,7 +52,7 @@ def test_layout_chunks_whole_tiles_in_sharded_compressed_arrays(small_store):
     assert g.attrs["compression"]["mode"] == "compact"
     assert g.attrs["compression"]["codecs"]["dem"] == "pcodec"
     attrs = g.attrs
-    assert attrs["schema_version"] == "1.0" and attrs["tile_size"] == 64
+    assert attrs["schema_version"] == "1.1" and attrs["tile_size"] == 64
     assert "sentinel2" in attrs["registry"] and attrs["build"]["source"]["source"] == "offline"
 
 
