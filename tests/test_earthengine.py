@@ -366,11 +366,10 @@ def test_ee_check_runs_its_physical_checks_end_to_end_on_the_offline_world(tmp_p
 
 
 def test_ee_check_fails_on_swapped_polarisations_and_flat_slope():
-    from mmearth_data.ee_check import CHECK_TILES, check_tiles, physical_checks
-    from mmearth_data.sources.offline import OfflineSource
-
     from dataclasses import replace
 
+    from mmearth_data.ee_check import CHECK_TILES, check_tiles, physical_checks
+    from mmearth_data.sources.offline import OfflineSource
     from mmearth_data.world import get_world
 
     w = get_world()
