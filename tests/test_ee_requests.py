@@ -79,8 +79,8 @@ def test_every_request_of_an_option_sweep_is_strict_json(ee):
     options = itertools.product(("random", "least_cloudy"), ("auto", "L2A", "L1C"), (0.0, 10.0), (0, 30))
     for (choice, level, cloud, gap), year in itertools.product(options, range(2016, 2026)):
         months = (11, 2) if year % 3 == 0 else None
-        cfg = EEConfig(scene_choice=choice, s2_level=level, max_scene_cloud=cloud, max_gap_days=gap, seed=year,
-                       months=months)  # fmt: skip
+        opts = {"scene_choice": choice, "s2_level": level, "max_scene_cloud": cloud, "max_gap_days": gap}
+        cfg = EEConfig(**opts, seed=year, months=months)
         t = _tile(64 if year % 2 else 128, year)
         strict_json(tile_values_expression(t, cfg).serialize(for_cloud_api=True))
         scene = decode_values(responses[n % len(responses)])
