@@ -287,6 +287,20 @@ class EETransport:
 
 
 _TRANSPORTS: dict[str, Transport] = {}
+_EE_TRANSPORTS: dict[tuple, EETransport] = {}
+_EE_LOCK = threading.Lock()
+
+
+def ee_transport(cfg: EEConfig) -> EETransport:
+    """One :class:`EETransport` per process and account: ``ee`` keeps its state globally, so shards
+    running on threads share one initialisation (and one connection pool) instead of re-initialising
+    it under each other's requests."""
+    key = (cfg.project, cfg.key_file, os.environ.get("EE_SERVICE_ACCOUNT_KEY"), cfg.high_volume,
+           cfg.max_in_flight, cfg.timeout_s)  # fmt: skip
+    with _EE_LOCK:
+        if key not in _EE_TRANSPORTS:
+            _EE_TRANSPORTS[key] = EETransport(cfg)
+        return _EE_TRANSPORTS[key]
 
 
 def register_transport(name: str, transport: Transport) -> None:
@@ -428,6 +442,18 @@ def tile_point(t: TileRequest):
     return ee.Geometry.Point([t.lon, t.lat])
 
 
+def _map(col, body: Callable[[Any], Any], name: str, element: str = "Image"):
+    """``col.map(body)`` with the mapped function's argument named ``name``. ee builds a function with
+    named arguments by calling the body twice; an unnamed one (what ``Collection.map`` makes of a
+    lambda) costs a third call and a serialisation of the whole body to choose a name: most of the
+    recipe's client-side time per tile. Names must differ between nested functions."""
+    import ee
+
+    sig = {"name": "", "returns": element, "args": [{"name": name, "type": element}]}
+    mapped = ee.ApiFunction.call_("Collection.map", col, ee.CustomFunction(sig, body))
+    return ee.ImageCollection(mapped) if element == "Image" else ee.FeatureCollection(mapped)
+
+
 def tile_seed(t: TileRequest, cfg: EEConfig) -> int:
     """The per-tile seed of the random scene choice (a function of the build seed and the tile)."""
     return zlib.crc32(f"{cfg.seed}/{t.tile_id}".encode()) % 2**31
@@ -466,7 +492,6 @@ def s2_candidates(t: TileRequest, level: str, cfg: EEConfig):
     fallback_name = "scl" if level == "L2A" else "qa60"
 
     def score(im):
-        im = ee.Image(im)
         cloudy, has_cs = _cloudy_image(im, level, cfg)
         valid = im.select(["B2"], ["valid"]).mask()
         stats = ee.Image.cat([cloudy, valid]).reduceRegion(
@@ -490,7 +515,7 @@ def s2_candidates(t: TileRequest, level: str, cfg: EEConfig):
     if cfg.months is not None:
         col = col.filter(ee.Filter.calendarRange(int(cfg.months[0]), int(cfg.months[1]), "month"))
     col = (
-        col.map(score)
+        _map(col, score, "_mm_scene")
         .filter(ee.Filter.gte("mmearth_valid", 0.999))
         .filter(ee.Filter.lte("mmearth_cloud", cfg.max_scene_cloud))
         .randomColumn("mmearth_random", tile_seed(t, cfg))
@@ -498,11 +523,13 @@ def s2_candidates(t: TileRequest, level: str, cfg: EEConfig):
     if cfg.scene_choice == "random":
         return col.sort("mmearth_random")
     # least cloudy; ties (many clear scenes score 0) broken at random, not by date
-    col = col.map(
+    col = _map(
+        col,
         lambda im: im.set(
             "mmearth_rank",
             ee.Number(im.get("mmearth_cloud")).add(ee.Number(im.get("mmearth_random")).multiply(1e-3)),
-        )
+        ),
+        "_mm_ranked",
     )
     return col.sort("mmearth_rank")
 
@@ -528,18 +555,19 @@ def s1_pass(t0, region, orbit: str, cfg: EEConfig):
             )
         )
         .filterDate(t0.advance(-gap, "day"), t0.advance(gap, "day"))
-        .map(
-            lambda im: im.set(
-                {
-                    "mmearth_day": ee.Date(im.get("system:time_start")).format("YYYY-MM-dd"),
-                    "mmearth_dt": ee.Number(im.get("system:time_start")).subtract(t0.millis()).abs(),
-                }
-            )
-        )
+    )
+    col = _map(
+        col,
+        lambda im: im.set(
+            {
+                "mmearth_day": ee.Date(im.get("system:time_start")).format("YYYY-MM-dd"),
+                "mmearth_dt": ee.Number(im.get("system:time_start")).subtract(t0.millis()).abs(),
+            }
+        ),
+        "_mm_slice",
     )
 
     def coverage(rep):
-        rep = ee.Image(rep)
         same = col.filter(ee.Filter.eq("relativeOrbitNumber_start", rep.get("relativeOrbitNumber_start")))
         same = same.filter(ee.Filter.eq("mmearth_day", rep.get("mmearth_day")))
         full = same.geometry(MAX_ERROR_M).contains(region, MAX_ERROR_M)
@@ -551,8 +579,7 @@ def s1_pass(t0, region, orbit: str, cfg: EEConfig):
         )
 
     passes = (
-        col.distinct(["relativeOrbitNumber_start", "mmearth_day"])
-        .map(coverage)
+        _map(col.distinct(["relativeOrbitNumber_start", "mmearth_day"]), coverage, "_mm_pass")
         .filter(ee.Filter.eq("mmearth_covered", 1))
         .sort("mmearth_dt")
     )
@@ -776,11 +803,9 @@ def _dem(t: TileRequest, m: Modality):
     r = m.ee
     native = r.params["native_m"]
     _, _, c, _, _, f = t.transform
+    tiles = ee.ImageCollection(r.collection).filterBounds(tile_region(t).buffer(2 * native))
     dem = (
-        ee.ImageCollection(r.collection)
-        .filterBounds(tile_region(t).buffer(2 * native))
-        .select(list(r.bands))
-        .map(lambda im: ee.Image(im).resample("bilinear"))
+        _map(tiles, lambda im: im.select(list(r.bands)).resample("bilinear"), "_mm_dem")
         .mosaic()
         .reproject(crs=f"EPSG:{t.epsg}", crsTransform=[native, 0, c, 0, -native, f])
     )
@@ -909,7 +934,6 @@ def resolve_labels_expression(lat: Sequence[float], lon: Sequence[float], buffer
     )
 
     def row(f):
-        f = ee.Feature(f)
         eco = f.get("eco")
         return ee.Feature(
             None,
@@ -921,7 +945,11 @@ def resolve_labels_expression(lat: Sequence[float], lon: Sequence[float], buffer
             },
         )
 
-    return joined.map(row).reduceColumns(ee.Reducer.toList(4), ["i", "biome", "eco", "dist"]).get("list")
+    return (
+        _map(joined, row, "_mm_point", "Feature")
+        .reduceColumns(ee.Reducer.toList(4), ["i", "biome", "eco", "dist"])
+        .get("list")
+    )
 
 
 # --- decoding ---------------------------------------------------------------------------------------
@@ -1021,7 +1049,7 @@ class EarthEngineSource:
                     raise SourceError(f"no Earth Engine transport registered as {self.cfg.transport!r}")
                 self._transport = _TRANSPORTS[self.cfg.transport]
             else:
-                self._transport = EETransport(self.cfg)
+                self._transport = ee_transport(self.cfg)
         return self._transport
 
     def check(self, tile_size: int, modalities: tuple[Modality, ...]) -> None:

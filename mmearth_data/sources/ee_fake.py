@@ -162,6 +162,7 @@ class SimulatedTransport:
     last_end: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _answers: dict = field(default_factory=dict)
+    _pixel_cache: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from mmearth_data.sources.ee_offline import init_offline
@@ -319,7 +320,19 @@ class SimulatedTransport:
         return out
 
     def pixels_answer(self, tile_id: str, bands: list[str], h: int, w: int) -> np.ndarray:
-        r = np.random.default_rng(zlib.crc32(tile_id.encode()) + 1)
+        """Random values of each band's kind: one field per band, drawn once per (bands, size) and
+        shifted per tile (so that a simulated service costs little CPU beside the code under test)."""
+        key = (tuple(bands), h, w)
+        with self._lock:
+            base = self._pixel_cache.get(key)
+        if base is None:
+            base = self._random_pixels(bands, h, w)
+            with self._lock:
+                self._pixel_cache[key] = base
+        return np.roll(base, zlib.crc32(tile_id.encode()) % (h * w))
+
+    def _random_pixels(self, bands: list[str], h: int, w: int) -> np.ndarray:
+        r = np.random.default_rng(self.seed + 1)
         dtype = [(b, _ee_dtype(b)) for b in bands]
         out = np.zeros((h, w), dtype=dtype)
         for b, _ in dtype:
