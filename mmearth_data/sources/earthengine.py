@@ -605,7 +605,7 @@ def era5_values(s2, point, cfg: EEConfig):
     short = ["t2m", "t2m_min", "t2m_max", "precip"]
     d = s2.date()
     m0 = ee.Date.fromYMD(d.get("year"), d.get("month"), 1)
-    col = ee.ImageCollection(r.collection).select(list(r.bands), short)
+    col = _map(ee.ImageCollection(r.collection), lambda im: im.select(list(r.bands), short), "_mm_era5")
 
     def named(img, period: str):
         return img.select(short, [f"{period}_{v}" for v in short])
@@ -613,10 +613,10 @@ def era5_values(s2, point, cfg: EEConfig):
     window = col.filterDate(m0.advance(-(r.params["window_months"] - 1), "month"), m0.advance(1, "month"))
     year = ee.Image.cat(
         [
-            window.select(["t2m"]).mean(),
-            window.select(["t2m_min"]).min(),
-            window.select(["t2m_max"]).max(),
-            window.select(["precip"]).sum(),
+            window.mean().select(["t2m"]),
+            window.min().select(["t2m_min"]),
+            window.max().select(["t2m_max"]),
+            window.sum().select(["precip"]),
         ]
     )
     img = ee.Image.cat(
@@ -823,8 +823,8 @@ def _dynamic_world(t: TileRequest, scene: SceneChoice, m: Modality):
         ee.ImageCollection(m.ee.collection)
         .filterBounds(tile_region(t))
         .filterDate(f"{year}-01-01", f"{year + 1}-01-01")
-        .select(list(m.ee.bands))
     )
+    col = _map(col, lambda im: im.select(list(m.ee.bands)), "_mm_dw")
     return col.mode().add(1).select(list(m.ee.bands), [_name(m, b) for b in m.bands])
 
 
