@@ -251,6 +251,7 @@ def test_browse_page_in_headless_chromium(live_server, catalog_dir, small_store)
         assert width > 5 * CorpusReader(small_store).tile_size
         values = drv.find_element(By.ID, "values").text
         assert "era5" in values and "biome" in values and "offline" in values
+        assert "S2 scene" in values and "not recorded by this source" in values  # offline: no scene ids
         assert "tree_cover" in drv.find_element(By.ID, "detail").text  # WorldCover legend
         ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / "catalog_page.png"

@@ -363,6 +363,25 @@ def test_ee_check_runs_its_physical_checks_end_to_end_on_the_offline_world(tmp_p
     assert len(checks) == 6 and all(c.passed for c in checks), checks
     tiles = CorpusReader(info["store"]).tiles()
     assert len(tiles) == 4 and tiles["complete"].all() and (tiles["s2_id"] != "").all()
+    # the catalog carries the provenance (validated against the item schema on the way)
+    import pyarrow.parquet as pq
+    from stac_geoparquet.arrow import stac_table_to_items
+
+    from catalog.build import build_catalog
+
+    build_catalog(info["store"], str(tmp_path / "cat"), quicklooks="none")
+    items = stac_table_to_items(pq.read_table(tmp_path / "cat" / "items.parquet"))
+    props = {it["id"]: it["properties"] for it in items}
+    for _, row in tiles.iterrows():
+        p = props[row["tile_id"]]
+        assert p["mmearth:s2_id"] == row["s2_id"] and p["mmearth:cloud_score_source"] == "cloud_score_plus"
+        for orbit in ("asc", "desc"):
+            ids = row[f"s1_ids_{orbit}"]
+            assert p[f"mmearth:s1_ids_{orbit}"] == (ids.split(",") if ids else None)
+            if ids:
+                assert p[f"mmearth:s1_gap_days_{orbit}"] == pytest.approx(
+                    row[f"s1_gap_days_{orbit}"], abs=0.01
+                )
 
 
 def test_ee_check_fails_on_swapped_polarisations_and_flat_slope():

@@ -412,8 +412,9 @@ class OfflineWorldTransport(SimulatedTransport):
                 base[key] = {"ids": []}
             else:
                 mode = "1SDH" if "HH" in pols else "1SDV"
-                base[key] = {"ids": [f"S1A_IW_GRDH_{mode}_{day}T050000_{day}T050025_{orbit}"], "time": t_ms,
-                             "pols": pols, "rel_orbit": 1}  # fmt: skip
+                dt = (-2 if orbit == "asc" else 3) * 86_400_000 + 3_600_000  # passes near the S2 date
+                sid = f"S1A_IW_GRDH_{mode}_{day}T050000_{day}T050025_{orbit}"
+                base[key] = {"ids": [sid], "time": t_ms + dt, "pols": pols, "rel_orbit": 1}
         return base
 
     def pixels_answer(self, tile_id: str, bands: list[str], h: int, w: int) -> np.ndarray:
