@@ -106,6 +106,8 @@ def expected_origin(scene, band_id: str) -> tuple[str, str] | None:
         pol, orbit = band.split("_")
         p = scene.s1[orbit]
         return (",".join(f"COPERNICUS/S1_GRD/{i}" for i in p.ids), pol) if pol in p.pols else None
+    if (modality == "dem" and not scene.n_dem) or (modality == "dynamic_world" and not scene.n_dynamic_world):
+        return None  # the archive has no image here
     return {
         "dem__elevation": ("COPERNICUS/DEM/GLO30/*", "DEM"),
         "dem__slope": ("COPERNICUS/DEM/GLO30/*", "DEM"),
@@ -188,6 +190,21 @@ def test_evaluator_refuses_what_the_service_refuses(ee):
         )
     with pytest.raises(GraphError, match="in both images"):
         band_plumbing(json.loads(img.addBands(img).serialize(for_cloud_api=True)), catalog_bands)
+
+
+def test_archives_without_an_image_over_the_tile_give_masked_placeholders_and_absent_flags(ee):
+    from mmearth_data.sources.earthengine import tile_result
+
+    t = _tile(64)
+    scene = decode_values(dict(make_golden.RESPONSES["amazon_2019_l2a"], n_dem=0, n_dynamic_world=0))
+    req = pixels_request(t, MODS, scene)
+    expr = json.loads(req["expression"].serialize(for_cloud_api=True))
+    assert plumbing_problems(expr, scene, req["bandIds"]) == []
+    bands = band_plumbing(expr, scene_bands(scene.s2_bands))
+    assert all(bands[k].placeholder for k in ("dem__elevation", "dem__slope", "dynamic_world__label"))
+    assert "GLO30" not in json.dumps(expr) and "DYNAMICWORLD" not in json.dumps(expr)
+    res = tile_result(t, MODS, scene, {})
+    assert res.present["dem"] is False and res.present["dynamic_world"] is False and res.present["sentinel2"]
 
 
 def test_l2a_b10_and_l1c_masks_are_masked_placeholders():

@@ -45,6 +45,8 @@ The recipe, with MMEarth's choice beside each (the README lists the same table):
   (east-west gradients wrong by ~12 % rms, stripes at high latitude).
 - ERA5-Land monthly: previous month, S2 month, and the 12 months ending with the S2 month (MMEarth: 13)
   at the tile centre; where ERA5-Land is masked (coasts) the mean of its cells within ``era5_buffer_m``.
+- Archives with gaps: the values request counts Dynamic World images of the year and GLO-30 tiles over
+  the tile; where there are none the modality is stored as fill, flagged absent, and not requested.
 - Dynamic World: mode of the S2 year's labels (+1: classes 1-9); ESA WorldCover v100; ETH canopy height
   2020 and its standard deviation, rounded to whole metres before the uint8 cast (MMEarth: int8 with
   fill 255, truncated).
@@ -661,6 +663,9 @@ def tile_values_expression(t: TileRequest, cfg: EEConfig):
             "s1_asc": s1_pass(s2.date(), region, "ASCENDING", cfg),
             "s1_desc": s1_pass(s2.date(), region, "DESCENDING", cfg),
             "era5": era5_values(s2, tile_point(t), cfg),
+            # archives with gaps: a modality without an image here is stored as absent, not requested
+            "n_dynamic_world": dynamic_world_images(t, t.year).size(),
+            "n_dem": dem_tiles(t).size(),
         }
     )
     return ee.Dictionary(ee.Algorithms.If(scenes.size().gt(0), full, ee.Dictionary({"n_scenes": 0})))
@@ -694,6 +699,8 @@ class SceneChoice:
     era5: tuple[float | None, ...]
     n_scenes: int = 1
     granule_cloud: float | None = None
+    n_dynamic_world: int = 1  # Dynamic World images over the tile in its year
+    n_dem: int = 1  # GLO-30 tiles over the tile (GLO-30 has gaps)
 
     @property
     def s2_collection(self) -> str:
@@ -795,17 +802,18 @@ def _sentinel1(scene: SceneChoice, m: Modality):
     return ee.Image.cat(parts).select([_name(m, b) for b in S1_BANDS])
 
 
-def _dem(t: TileRequest, m: Modality):
+def _dem(t: TileRequest, scene: SceneChoice, m: Modality):
     """GLO-30 onto a 30 m grid in the tile's UTM zone, aligned with the tile's corner; slope there;
     both resampled bilinearly to the tile grid by the request."""
     import ee
 
+    if not scene.n_dem:
+        return _placeholder([_name(m, "elevation"), _name(m, "slope")])
     r = m.ee
     native = r.params["native_m"]
     _, _, c, _, _, f = t.transform
-    tiles = ee.ImageCollection(r.collection).filterBounds(tile_region(t).buffer(2 * native))
     dem = (
-        _map(tiles, lambda im: im.select(list(r.bands)).resample("bilinear"), "_mm_dem")
+        _map(dem_tiles(t), lambda im: im.select(list(r.bands)).resample("bilinear"), "_mm_dem")
         .mosaic()
         .reproject(crs=f"EPSG:{t.epsg}", crsTransform=[native, 0, c, 0, -native, f])
     )
@@ -815,16 +823,30 @@ def _dem(t: TileRequest, m: Modality):
     ).resample("bilinear")
 
 
-def _dynamic_world(t: TileRequest, scene: SceneChoice, m: Modality):
+def dynamic_world_images(t: TileRequest, year: int):
+    """Dynamic World's images over the tile in ``year`` (the values request counts them)."""
     import ee
 
-    year = int(str(scene.s2_date)[:4])
-    col = (
+    m = get("dynamic_world")
+    return (
         ee.ImageCollection(m.ee.collection)
         .filterBounds(tile_region(t))
         .filterDate(f"{year}-01-01", f"{year + 1}-01-01")
     )
-    col = _map(col, lambda im: im.select(list(m.ee.bands)), "_mm_dw")
+
+
+def dem_tiles(t: TileRequest):
+    """The GLO-30 tiles around the tile (a margin of two DEM pixels, for the slope at the edges)."""
+    import ee
+
+    r = get("dem").ee
+    return ee.ImageCollection(r.collection).filterBounds(tile_region(t).buffer(2 * r.params["native_m"]))
+
+
+def _dynamic_world(t: TileRequest, scene: SceneChoice, m: Modality):
+    if not scene.n_dynamic_world:
+        return _placeholder([_name(m, b) for b in m.bands])
+    col = _map(dynamic_world_images(t, t.year), lambda im: im.select(list(m.ee.bands)), "_mm_dw")
     return col.mode().add(1).select(list(m.ee.bands), [_name(m, b) for b in m.bands])
 
 
@@ -853,7 +875,7 @@ def pixel_image(t: TileRequest, modalities: tuple[Modality, ...], scene: SceneCh
         "sentinel2": lambda m: _sentinel2(scene, m),
         "sentinel2_masks": lambda m: _sentinel2_masks(scene, m),
         "sentinel1": lambda m: _sentinel1(scene, m),
-        "dem": lambda m: _dem(t, m),
+        "dem": lambda m: _dem(t, scene, m),
         "dynamic_world": lambda m: _dynamic_world(t, scene, m),
         "esa_worldcover": _first_of,
         "canopy_height": _canopy,
@@ -1011,6 +1033,8 @@ def decode_values(v: Any) -> SceneChoice | None:
         era5=tuple(None if x is None else float(x) for x in v["era5"]),
         n_scenes=int(v["n_scenes"]),
         granule_cloud=None if v.get("s2_granule_cloud") is None else float(v["s2_granule_cloud"]),
+        n_dynamic_world=int(v.get("n_dynamic_world", 1) or 0),
+        n_dem=int(v.get("n_dem", 1) or 0),
     )
 
 
@@ -1194,6 +1218,9 @@ def tile_result(
     present = {m.name: True for m in modalities}
     if "sentinel1" in arrays:
         present["sentinel1"] = any(p.present for p in scene.s1.values())
+    for name, n in (("dynamic_world", scene.n_dynamic_world), ("dem", scene.n_dem)):
+        if name in arrays:
+            present[name] = n > 0
     if "era5" in arrays:
         arrays["era5"] = np.array([np.nan if v is None else v for v in scene.era5], np.float32)
         present["era5"] = bool(np.isfinite(arrays["era5"]).any())

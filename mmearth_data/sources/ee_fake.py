@@ -280,6 +280,8 @@ class SimulatedTransport:
             "s2_cloud_source": "cloud_score_plus",
             "s2_granule_cloud": float(r.uniform(0, 60)),
             "era5": [float(v) for v in r.uniform(250, 300, len(ERA5_BANDS))],
+            "n_dynamic_world": int(r.integers(0, 40)) if r.random() < 0.97 else 0,
+            "n_dem": 1 if r.random() < 0.98 else 0,
         }
         polar = r.random() < 0.05
         for orbit, p in (("s1_asc", 0.85), ("s1_desc", 0.85)):

@@ -57,6 +57,7 @@ def ms(date: str) -> int:
 RESPONSES = {
     "amazon_2019_l2a": {
         "n_scenes": 7, "s2_product": "L2A", "s2_id": "20190815T140051_20190815T140047_T20MRB",
+        "n_dynamic_world": 41, "n_dem": 1,
         "s2_time": ms("2019-08-15T14:00:51"), "s2_bands": L2A_BANDS, "s2_cloud": 1.25,
         "s2_cloud_source": "cloud_score_plus", "s2_granule_cloud": 23.4,
         "s1_asc": {"ids": []},
@@ -66,6 +67,7 @@ RESPONSES = {
     },
     "sahara_2017_l1c": {
         "n_scenes": 31, "s2_product": "L1C", "s2_id": "20170412T093031_20170412T093943_T33QUB",
+        "n_dynamic_world": 57, "n_dem": 2,
         "s2_time": ms("2017-04-12T09:30:31"), "s2_bands": L1C_BANDS, "s2_cloud": 0.0,
         "s2_cloud_source": "cloud_score_plus", "s2_granule_cloud": 0.0,
         "s1_asc": s1_pass(["S1A_IW_GRDH_1SDV_20170409T172331_20170409T172356_016079_01A8D2_9E01",
@@ -77,6 +79,7 @@ RESPONSES = {
     },
     "alps_2020_least_cloudy": {
         "n_scenes": 12, "s2_product": "L2A", "s2_id": "20200726T102031_20200726T102026_T32TMS",
+        "n_dynamic_world": 23, "n_dem": 1,
         "s2_time": ms("2020-07-26T10:20:31"), "s2_bands": L2A_BANDS, "s2_cloud": 0.0,
         "s2_cloud_source": "cloud_score_plus", "s2_granule_cloud": 4.1,
         "s1_asc": s1_pass(["S1B_IW_GRDH_1SDV_20200724T172431_20200724T172456_022613_02AEB4_1A2B"],
@@ -87,6 +90,7 @@ RESPONSES = {
     },
     "siberia_2018_tile64": {
         "n_scenes": 3, "s2_product": "L2A", "s2_id": "20180702T033541_20180702T033537_T52WDE",
+        "n_dynamic_world": 9, "n_dem": 1,
         "s2_time": ms("2018-07-02T03:35:41"), "s2_bands": L2A_BANDS, "s2_cloud": 6.5,
         "s2_cloud_source": "scl", "s2_granule_cloud": 41.0,
         "s1_asc": s1_pass(["S1B_IW_GRDH_1SDH_20180629T215018_20180629T215043_011579_0154A2_4E11"],
@@ -96,6 +100,7 @@ RESPONSES = {
     },
     "kenya_2023_baseline4": {
         "n_scenes": 19, "s2_product": "L2A", "s2_id": "20230214T074951_20230214T080027_T37MBU",
+        "n_dynamic_world": 35, "n_dem": 1,
         "s2_time": ms("2023-02-14T07:49:51"), "s2_bands": L2A_BANDS + BASELINE4, "s2_cloud": 3.0,
         "s2_cloud_source": "cloud_score_plus", "s2_granule_cloud": 8.8,
         "s1_asc": s1_pass(["S1A_IW_GRDH_1SDV_20230212T154110_20230212T154135_047236_05AB10_0D2E"],
