@@ -429,3 +429,16 @@ def test_ee_check_without_network_or_credentials_exits_2_before_writing(tmp_path
     assert main(["ee-check", "--project", "p", "--keep", str(tmp_path / "kept")]) == 2
     assert "cannot reach Earth Engine" in capsys.readouterr().err and time.perf_counter() - t0 < 30
     assert not (tmp_path / "kept").exists()
+
+
+def test_eecu_is_summed_from_the_profile_table():
+    from mmearth_data.ee_check import eecu_from_profile
+
+    text = (
+        " EECU·s PeakMem Count  Description\n"
+        "  1.250    812k    16  Algorithm Image.reduceRegion\n"
+        "  0.410    2.1M    48  Loading assets: COPERNICUS/S2_SR_HARMONIZED/(...)\n"
+        "  0.020    120k   300  (plumbing)\n"
+    )
+    assert eecu_from_profile(text) == pytest.approx(1.68)
+    assert eecu_from_profile("no profile here") is None

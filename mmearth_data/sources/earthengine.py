@@ -1145,8 +1145,11 @@ class EarthEngineSource:
             return decode_labels(got, s.stop - s.start)
 
         try:
-            with ThreadPoolExecutor(max(1, min(len(starts), self.cfg.max_in_flight, 8))) as pool:
-                parts = list(pool.map(one, starts))
+            if len(starts) == 1:  # on this thread (ee's profiler hooks are per thread)
+                parts = [one(0)]
+            else:
+                with ThreadPoolExecutor(max(1, min(len(starts), self.cfg.max_in_flight, 8))) as pool:
+                    parts = list(pool.map(one, starts))
         except SourceError:
             raise
         except Exception as err:
