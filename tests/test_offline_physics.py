@@ -60,12 +60,13 @@ def test_slope_is_consistent_with_elevation(tiles):
         z30, s30 = elev[1::3, 1::3], slope[1::3, 1::3]
         inside = (slice(1, -1), slice(1, -1))
         np.testing.assert_allclose(slope_degrees(z30, 30.0)[inside], s30[inside], rtol=1e-4, atol=1e-4)
-        # between the samples the 10 m surface agrees with the stored slope
+        # between the samples the 10 m surface agrees with the stored slope (loosely: a k^-3 terrain
+        # has detail at 30 m that bilinear interpolation of elevation and of slope treat differently)
         inner = (slice(3, -3), slice(3, -3))
         s10 = slope_degrees(elev)[inner]
         if slope[inner].mean() > 1.0:
-            assert np.corrcoef(s10.ravel(), slope[inner].ravel())[0, 1] > 0.8
-            assert np.median(np.abs(s10 - slope[inner])) < 0.2 * slope[inner].mean()
+            assert np.corrcoef(s10.ravel(), slope[inner].ravel())[0, 1] > 0.6
+            assert np.median(np.abs(s10 - slope[inner])) < 0.25 * slope[inner].mean()
     steep = [r.arrays["dem"][1].mean() for q, r in tiles if q.biome == 10]
     flat = [r.arrays["dem"][1].mean() for q, r in tiles if q.biome == 9]
     assert np.median(steep) > np.median(flat)
@@ -127,21 +128,85 @@ def test_era5_temperature_falls_with_latitude_and_elevation(tiles):
 
 
 def test_canopy_height_follows_tree_cover(tiles):
-    tall, open_ = [], []
+    tall, open_, water = [], [], []
     for _, r in tiles:
         dw = r.arrays["dynamic_world"][0]
         h = r.arrays["canopy_height"][0]
         tall += h[dw == 2].tolist()
         open_ += h[(dw == 3) | (dw == 8)].tolist()
-        assert (h[dw == 1] == 255).all(), "water is no data in canopy height"
+        water += (h[r.extra["structure"]["classes"] == 0] == 255).tolist()
     assert np.median(tall) > 5 and np.median(open_) == 0
+    assert np.all(water), "water is no data in canopy height"
 
 
-def test_land_cover_products_agree_where_classes_match(tiles):
-    for _, r in tiles[:30]:
+# Dynamic World label -> WorldCover class of the same meaning
+DW_TO_WC = {1: 80, 2: 10, 3: 30, 4: 90, 5: 40, 6: 20, 7: 50, 8: 60, 9: 70}
+
+
+def test_label_products_are_independent_maps_that_mostly_agree(tiles):
+    same, water_same, per_tile = [], [], []
+    for _, r in tiles:
         dw, wc = r.arrays["dynamic_world"][0], r.arrays["esa_worldcover"][0]
-        assert ((wc == 80) == (dw == 1)).all()  # water
-        assert ((wc == 40) == (dw == 5)).all()  # crops
+        agree = np.vectorize(DW_TO_WC.get)(dw) == wc
+        same.append(agree.mean())
+        water = r.extra["structure"]["classes"] == 0
+        if water.sum() > 50:
+            water_same.append(((dw == 1) & (wc == 80))[water].mean())
+        per_tile.append(agree.all())
+    # real WorldCover and Dynamic World agree on roughly 60-75 % of pixels; neither copies the other
+    assert 0.55 < np.mean(same) < 0.9, np.mean(same)
+    assert not any(per_tile)
+    assert np.median(water_same) > 0.8  # open water is easy for both
+
+
+def test_parcels_are_edges_in_sentinel2_and_sentinel1(tiles):
+    from mmearth_data.sources.landscape import gaussian_blur
+
+    ratios_s2, ratios_s1 = [], []
+    for _, r in tiles:
+        parcel = r.extra["structure"]["parcel"]
+        if (parcel >= 0).mean() < 0.3:
+            continue
+        edge = np.zeros(parcel.shape, bool)
+        edge[:, 1:] |= (parcel[:, 1:] != parcel[:, :-1]) & (parcel[:, 1:] >= 0) & (parcel[:, :-1] >= 0)
+        inner = (parcel >= 0) & ~edge
+        inner[:, 1:] &= ~edge[:, :-1]
+        inner[:, :-1] &= ~edge[:, 1:]
+        b8 = r.arrays["sentinel2"][B["B8"]].astype(float)
+        g2 = np.abs(np.diff(b8, axis=1, prepend=b8[:, :1]))
+        ratios_s2.append(g2[edge].mean() / g2[inner].mean())
+        vv = r.arrays["sentinel1"][0].astype(np.float32)
+        if np.isfinite(vv).all():
+            lin = gaussian_blur(10 ** (vv / 10), 1.5)  # averaged over speckle
+            g1 = np.abs(np.diff(lin, axis=1, prepend=lin[:, :1]))
+            ratios_s1.append(g1[edge].mean() / g1[inner].mean())
+    assert len(ratios_s2) >= 5 and len(ratios_s1) >= 3
+    assert np.median(ratios_s2) > 1.25 and np.median(ratios_s1) > 1.1, (
+        np.median(ratios_s2),
+        np.median(ratios_s1),
+    )
+
+
+def test_rivers_run_downhill_on_the_dem(tiles):
+    n = 0
+    for _, r in tiles:
+        path = r.extra["structure"]["river_path"]
+        if len(path) < 10:
+            continue
+        rows, cols = np.array(path).T
+        z = r.arrays["dem"][0][rows, cols]
+        assert np.all(np.diff(z) <= 1e-3), "a river climbs"
+        classes = r.extra["structure"]["classes"]
+        assert (classes[rows, cols] == 0).mean() > 0.9  # the path is water
+        n += 1
+    assert n >= 3
+
+
+def test_clouds_are_more_frequent_in_wet_months(tiles):
+    wet = [r.extra["cloud_fraction"] for _, r in tiles if r.extra["structure"]["scene_month_precip_mm"] > 120]
+    dry = [r.extra["cloud_fraction"] for _, r in tiles if r.extra["structure"]["scene_month_precip_mm"] < 20]
+    assert len(wet) >= 5 and len(dry) >= 5
+    assert np.mean(wet) > np.mean(dry) + 0.03 and np.mean(np.array(dry) > 0.01) < 0.3
 
 
 def test_same_tile_and_seed_is_byte_identical(tiles):

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from mmearth_data.registry import Modality
+from mmearth_data.sources import landscape
 from mmearth_data.sources.base import TileFailure, TileRequest, TileResult, empty_arrays
 from mmearth_data.world import World, get_world
 
@@ -94,16 +95,16 @@ for _igbp, _fr in {
 # reflectance spectra, bands B1 B2 B3 B4 B5 B6 B7 B8 B8A B9 B10 B11 B12
 SPEC = {
     "water": [0.070, 0.060, 0.050, 0.035, 0.025, 0.018, 0.015, 0.012, 0.010, 0.006, 0.001, 0.004, 0.003],
-    "green": [0.030, 0.035, 0.065, 0.035, 0.100, 0.260, 0.320, 0.360, 0.380, 0.330, 0.001, 0.190, 0.090],
-    "dryveg": [0.060, 0.075, 0.100, 0.130, 0.170, 0.210, 0.230, 0.250, 0.265, 0.220, 0.001, 0.320, 0.230],
-    "soil": [0.080, 0.100, 0.140, 0.180, 0.210, 0.240, 0.260, 0.280, 0.290, 0.250, 0.001, 0.360, 0.300],
+    "green": [0.030, 0.035, 0.058, 0.034, 0.085, 0.200, 0.245, 0.270, 0.285, 0.255, 0.001, 0.160, 0.075],
+    "dryveg": [0.050, 0.060, 0.082, 0.105, 0.138, 0.165, 0.178, 0.190, 0.205, 0.175, 0.001, 0.265, 0.190],
+    "soil": [0.058, 0.072, 0.096, 0.120, 0.142, 0.158, 0.170, 0.182, 0.192, 0.175, 0.001, 0.275, 0.230],
     "sand": [0.140, 0.180, 0.240, 0.320, 0.360, 0.380, 0.400, 0.410, 0.420, 0.380, 0.002, 0.480, 0.420],
     "built": [0.110, 0.120, 0.130, 0.140, 0.150, 0.160, 0.170, 0.180, 0.185, 0.160, 0.001, 0.210, 0.190],
     "snow": [0.900, 0.920, 0.900, 0.880, 0.860, 0.840, 0.820, 0.800, 0.780, 0.600, 0.005, 0.090, 0.060],
     "cloud": [0.550, 0.560, 0.570, 0.580, 0.590, 0.600, 0.600, 0.600, 0.600, 0.500, 0.050, 0.450, 0.350],
 }
 SPEC = {k: np.array(v, np.float32) for k, v in SPEC.items()}
-CANOPY_SHADE = np.array([0.7, 0.7, 0.7, 0.7, 0.8, 0.9, 0.92, 0.92, 0.92, 0.9, 1.0, 0.75, 0.7], np.float32)
+CANOPY_SHADE = np.array([0.7, 0.7, 0.7, 0.7, 0.75, 0.8, 0.82, 0.82, 0.82, 0.8, 1.0, 0.7, 0.65], np.float32)
 # L1C: atmospheric path reflectance and two-way transmittance per band
 PATH = np.array(
     [0.09, 0.07, 0.05, 0.035, 0.03, 0.025, 0.022, 0.02, 0.018, 0.01, 0.0, 0.005, 0.002], np.float32
@@ -117,6 +118,29 @@ S2_NOISE = np.array(
 
 # native pixel size of the DEM (Copernicus GLO-30) in 10 m pixels
 DEM_NATIVE_FACTOR = 3
+TERRAIN_BETA = 3.0
+MTF_SIGMA_PX = 0.5  # Gaussian point spread of the MSI at 10 m (about 0.5 px)
+# texture amplitude per band (relative to NIR): shadows and gaps show most in the red and the NIR, least
+# in the blue (haze and adjacency) and the 60 m bands
+TEXTURE_BAND_GAIN = np.array([0.3, 0.35, 0.7, 1.0, 0.8, 1.0, 1.2, 1.35, 1.2, 0.3, 0.0, 0.6, 0.6], np.float32)
+# typical field size (parcel width, 10 m pixels) by biome: small in humid temperate and tropical
+# smallholder landscapes, large on dry plains
+FIELD_SIZE_PX = {
+    1: 8,
+    2: 9,
+    3: 10,
+    4: 14,
+    5: 14,
+    6: 16,
+    7: 12,
+    8: 28,
+    9: 14,
+    10: 12,
+    11: 20,
+    12: 12,
+    13: 18,
+    14: 10,
+}  # power-spectrum exponent of the terrain surface (real terrain: about 2-3.5)
 
 # native pixel size of each Sentinel-2 band in 10 m pixels (B1, B9, B10 at 60 m; red edge, B8A, SWIR at 20 m)
 S2_NATIVE_FACTOR = np.array([6, 1, 1, 1, 2, 2, 2, 1, 2, 6, 6, 2, 2])
@@ -126,7 +150,8 @@ S1_VV = np.array([-21, -7.5, -11, -6, -10, -10.5, -4, -15, -12, -6.5, -12], np.f
 S1_RATIO = np.array([8.5, 5.5, 7, 7.5, 6.5, 6.5, 6.5, 8, 7, 5.5, 7], np.float32)
 S1_LOOK_AZIMUTH = {"asc": 80.0, "desc": 280.0}
 S1_INCIDENCE = 37.0
-S1_ENL = 4.4
+S1_ENL = 4.4  # equivalent number of looks of GRD-H at 10 m
+S1_ENL_20M = 1.2  # looks of the speckle drawn at 20 m: interpolated to 10 m it has about S1_ENL
 
 # canopy height (m) of trees by biome
 TREE_HEIGHT = {
@@ -226,8 +251,9 @@ class OfflineSource:
     name = "offline"
     years = YEARS
     # what a tile's arrays are for a given (tile, seed); changes whenever the generator's output does
-    # (2: DEM on GLO-30's 30 m grid, relief scaled to real terrain)
-    version = "2"
+    # (2: DEM on GLO-30's 30 m grid, relief scaled to real terrain; 3: landscape structure, label products,
+    # clouds by climate, correlated speckle, terrain k^-3)
+    version = "3"
 
     def __init__(self, seed: int = 0, world: World | None = None, l2a_from: str = "2019-01-01"):
         self.seed = int(seed)
@@ -277,8 +303,14 @@ class OfflineSource:
         days = np.sort(rng.choice(n_days, size=8, replace=False))
         months = np.array([(year_start + int(d)).astype(object).month - 1 for d in days])
         sun_cos = np.array([np.cos(np.radians(sun_position(t.lat, int(d) + 1)[0])) for d in days])
-        expected_cloud = np.clip(P12[months] / 200.0, 0.05, 0.9) + np.where(sun_cos < 0.25, 2.0, 0.0)
-        pick = int(np.argmin(expected_cloud + 0.05 * rng.random(8)))
+        # cloud cover of each candidate day: a Beta draw around the month's climatological cloudiness
+        # (wetter months cloudier; dry seasons mostly clear), low sun excluded; the least cloudy wins
+        mean_cloud = np.clip(0.04 + P12[months] / 160.0, 0.03, 0.92)
+        k_cloud = 2.5
+        covers = rng.beta(mean_cloud * k_cloud, (1 - mean_cloud) * k_cloud)
+        covers = np.where(rng.random(8) < 1 - mean_cloud, 0.0, covers)  # wholly clear days
+        pick = int(np.argmin(covers + np.where(sun_cos < 0.25, 2.0, 0.0)))
+        cover = float(covers[pick])
         doy = int(days[pick])
         s2_date = year_start + doy
         m = int(months[pick])
@@ -288,7 +320,7 @@ class OfflineSource:
 
         # --- terrain ---------------------------------------------------------------------------------
         # relief: standard deviation of elevation across a 1.28 km tile, growing with altitude and with
-        # the regional relief; a k^-4 surface's deviation grows with the extent, hence the S / 128
+        # the regional relief; a k^-3 surface's deviation grows with the extent, hence the S / 128
         relief = np.clip(0.5 + 0.004 * elev0 + 0.08 * relief0, 0.3, 150) * float(rng.lognormal(0, 0.5))
         if t.biome == 10:
             relief *= 1.5
@@ -296,7 +328,7 @@ class OfflineSource:
         # the DEM is a 30 m product: elevation and slope (ee.Terrain, on the DEM's own 30 m grid) are
         # made at 30 m and resampled bilinearly to the 10 m tile grid, as the Earth Engine recipe does
         n30 = -(-S // DEM_NATIVE_FACTOR)
-        z30 = (elev0 + relief * fractal_field(rng, n30, 4.0)).astype(np.float32)
+        z30 = (elev0 + relief * fractal_field(rng, n30, TERRAIN_BETA)).astype(np.float32)
         z, slope = dem_on_tile_grid(z30, S)
         dzdy_rows, dzdx = np.gradient(z.astype(np.float64), 10.0)  # the surface that sun and radar see
         dzdy = -dzdy_rows  # rows run south
@@ -344,12 +376,45 @@ class OfflineSource:
             free[idx] = False
         texture = fields[10]
 
+        # --- landscape structure: field parcels, hedgerows, a river and lakes, roads and tracks ------
+        agri = float(frac[C["crops"]] + 0.3 * frac[C["grass"]])
+        size_px = FIELD_SIZE_PX.get(t.biome, 14) * float(rng.lognormal(0, 0.3))
+        parcel, pedge = landscape.fields(rng, S, size_px)
+        n_par = int(parcel.max()) + 1
+        par_state = rng.random(n_par).astype(np.float32)  # growth stage of each parcel's crop
+        par_kind = rng.choice(3, n_par, p=[0.6, 0.25, 0.15])  # growing, harvested / senescent, ploughed
+        par_rough = rng.normal(0, 1.5, n_par).astype(np.float32)  # soil roughness and moisture, dB
+        par_tex = rng.uniform(0.04, 0.12, n_par).astype(np.float32)  # within-field heterogeneity
+        par_hedge = rng.random(n_par) < (0.45 if t.biome in (4, 5, 12) else 0.08)
+        par_bright = rng.normal(0, 0.12, n_par).astype(np.float32)  # management, moisture, variety
+        river, river_path = np.zeros((S, S), bool), []
+        if rng.random() < float(np.clip(p_ann / 1500.0, 0.05, 0.6)):
+            river, river_path = landscape.river(rng, z, float(rng.uniform(1.0, 4.0)))
+            cls[river & (cls != C["snow"])] = C["water"]
+        meadow = (cls == C["grass"]) & (agri > 0.15)
+        fieldish = (cls == C["crops"]) | meadow
+        cls[pedge & par_hedge[parcel] & fieldish] = C["trees"]  # hedgerows
+        fieldish &= cls != C["trees"]
+        road = np.zeros((S, S), bool)
+        for _ in range(min(int(rng.poisson(0.3 + 4 * frac[C["built"]] + 1.2 * agri)), 4)):
+            road |= landscape.line(rng, S, float(rng.uniform(1.0, 2.2)), float(rng.uniform(0, S / 6)))
+        road &= cls != C["water"]
+        track = np.zeros((S, S), bool)
+        for _ in range(min(int(rng.poisson(1.5 * agri)), 3)):
+            track |= landscape.line(rng, S, 1.0, float(rng.uniform(0, S / 10)))
+        track &= ~road & np.isin(cls, [C["crops"], C["grass"], C["shrub"], C["bare"]])
+        cls[road] = C["built"]
+        cls[track] = C["bare"]
+        fieldish &= ~(road | track)
+        fine = smooth_fields(rng, S, [0.6, 1.8])  # pixel- and crown-scale texture
+
         # --- vegetation state and snow -------------------------------------------------------------------
         g = float(_sigmoid((T_m - 5) / 2.5) * np.clip((P_m + P_prev) / 100.0, 0.15, 1.0))
         forest_mix = mix[1:6].sum()
         evergreen = float((mix[1] + mix[2]) / forest_mix) if forest_mix > 0 else 0.5
         g_tree = evergreen * (0.75 + 0.25 * g) + (1 - evergreen) * g
-        crop_state = np.clip(g * (0.4 + 0.6 * _sigmoid(2 * parcels)), 0, 1)
+        crop_state = np.clip(g * (0.25 + 0.75 * par_state[parcel]), 0, 1)
+        crop_state = np.where(par_kind[parcel] == 0, crop_state, 0.15 * crop_state)
         t_pix = T_m - 0.0065 * (z - elev0)
         snow = _sigmoid((-t_pix - 1.0) / 1.5).astype(np.float32)
         snow = np.where(cls == C["water"], 0.0, snow)
@@ -380,8 +445,21 @@ class OfflineSource:
         refl = spectra[cls]  # (S, S, 13)
         crop = cls == C["crops"]
         cs = crop_state[crop][:, None]
-        refl[crop] = cs * SPEC["green"] + (1 - cs) * SPEC["soil"]
-        refl *= (1 + 0.06 * texture)[..., None]
+        stubble = (par_kind[parcel] == 1)[crop][:, None]
+        refl[crop] = cs * SPEC["green"] + (1 - cs) * np.where(stubble, SPEC["dryveg"], SPEC["soil"])
+        mg = (g * (0.6 + 0.4 * par_state[parcel]))[meadow][:, None]
+        refl[meadow] = mg * SPEC["green"] + (1 - mg) * SPEC["dryveg"]
+        refl[fieldish] *= np.clip(1 + par_bright[parcel][fieldish], 0.6, 1.5)[:, None]
+        refl[road] = SPEC["built"] * 0.7  # asphalt
+        # texture: within fields per parcel, canopy crowns and gaps in forests, roofs in settlements
+        amp = np.full((S, S), 0.07, np.float32) + 0.04 * np.abs(texture)
+        amp = np.where(fieldish, par_tex[parcel], amp)
+        amp = np.where(np.isin(cls, [C["trees"], C["mangrove"]]), 0.2, amp)
+        amp = np.where(cls == C["water"], 0.01, amp)
+        built = (cls == C["built"]) & ~road
+        amp = np.where(built, 0.3, amp)
+        tex = 0.5 * fine[0] + 0.9 * fine[1]
+        refl *= (1 + amp[..., None] * tex[..., None] * TEXTURE_BAND_GAIN).clip(0.2, None)
         refl = refl * (1 - snow[..., None]) + snow[..., None] * SPEC["snow"]
         cos_i = _cos_incidence(dzdx, dzdy, zen, az)
         illum = np.clip(cos_i / max(np.cos(np.radians(zen)), 0.05), 0.1, 3.0) ** 0.6
@@ -389,14 +467,15 @@ class OfflineSource:
         refl *= illum[..., None]
 
         # clouds and shadows
-        cloudy = rng.random() < 0.35
-        cirrus_on = rng.random() < 0.15
-        cf = smooth_fields(rng, S, [12.0, 20.0])
+        # cloud type: cumulus fields in warm wet months, stratiform sheets otherwise; cirrus more
+        # often in wet climates (B10, L1C)
+        cumulus = T_m > 15 and P_m > 40
+        cirrus_on = rng.random() < 0.08 + 0.25 * float(np.clip(P_m / 150.0, 0, 1))
+        cf = smooth_fields(rng, S, [4.0 if cumulus else 16.0, 20.0])
         alpha = np.zeros((S, S), np.float32)
-        if cloudy:
-            cover = float(rng.beta(0.8, 4))
+        if cover > 0.005:
             thr = np.quantile(cf[0], 1 - cover)
-            alpha = np.clip((cf[0] - thr) / 0.6, 0, 1).astype(np.float32)
+            alpha = np.clip((cf[0] - thr) / (0.3 if cumulus else 0.6), 0, 1).astype(np.float32)
         shift = int(np.clip(rng.uniform(300, 1000) * np.tan(np.radians(min(zen, 75))) / 10, 0, S // 2))
         dy = int(round(shift * np.cos(np.radians(az))))  # shadows fall away from the sun
         dx = int(round(-shift * np.sin(np.radians(az))))
@@ -412,6 +491,7 @@ class OfflineSource:
             refl = refl * TRANS + PATH * aerosol
             refl[..., 10] = 0.002 + cirrus * 2 + 0.02 * alpha
         refl = refl.transpose(2, 0, 1)
+        refl = landscape.gaussian_blur(refl, MTF_SIGMA_PX)  # the sensor's point spread: mixed pixels
         # noise per native pixel: the block mean below divides it by the block width
         noise_std = (S2_NOISE * S2_NATIVE_FACTOR)[:, None, None]
         refl += rng.standard_normal(refl.shape, dtype=np.float32) * noise_std
@@ -445,6 +525,8 @@ class OfflineSource:
         vv = S1_VV[cls] + np.where(cls == C["bare"], -3.0 * aridity, 0.0)
         moist = ~np.isin(cls, [C["water"], C["built"], C["snow"]])
         vv = vv + np.where(moist, 2.5 * (smi - 0.4), 0.0)
+        vv = vv + np.where(fieldish, par_rough[parcel], 0.0)  # each parcel its roughness and moisture
+        vv = np.where(road, -16.0, vv)  # smooth asphalt reflects away from the sensor
         vh = vv - S1_RATIO[cls] + np.where(VEG_CLASSES[cls] | crop, 2.0 * g, 0.0)
         s1 = np.full((8, S, S), np.nan, np.float32)
         polar = rng.random() < (0.7 if abs(t.lat) >= 70 else 0.02)
@@ -452,11 +534,21 @@ class OfflineSource:
         for k, orbit in enumerate(("asc", "desc")):
             present = rng.random() < (0.85 if orbit == "asc" else 0.88)
             orbits_present[orbit] = present
-            speckle = 10 * np.log10(rng.gamma(S1_ENL, 1 / S1_ENL, (2, S, S)).astype(np.float32) + 1e-6)
+            # speckle at the sensor's resolution (GRD-H: about 20 x 22 m), sampled every 10 m
+            coarse = rng.gamma(S1_ENL_20M, 1 / S1_ENL_20M, (2, S // 2 + 1, S // 2 + 1)).astype(np.float32)
             if not present:
                 continue
-            cos_loc = _cos_incidence(dzdx, dzdy, S1_INCIDENCE, (S1_LOOK_AZIMUTH[orbit] + 180) % 360)
+            up = np.stack([_bilinear_up(c, 2, S) for c in coarse])
+            speckle = 10 * np.log10(landscape.gaussian_blur(up, 0.6).clip(1e-4, None))
+            to_sensor = (S1_LOOK_AZIMUTH[orbit] + 180) % 360
+            cos_loc = _cos_incidence(dzdx, dzdy, S1_INCIDENCE, to_sensor)
             terr = 10 * np.log10(np.clip(cos_loc / np.cos(np.radians(S1_INCIDENCE)), 0.05, 4.0))
+            # layover where the slope facing the sensor is steeper than the incidence angle, radar
+            # shadow where the slope facing away is steeper than its complement
+            rise = dzdx * np.sin(np.radians(to_sensor)) + dzdy * np.cos(np.radians(to_sensor))
+            facing = np.degrees(np.arctan(rise))
+            terr = np.where(facing > S1_INCIDENCE, terr + 4.0, terr)
+            terr = np.where(-facing > 90 - S1_INCIDENCE, -12.0, terr)
             wind = np.where(cls == C["water"], rng.normal(0, 2), 0.0)
             co = vv + terr + wind + speckle[0]
             cross = vh + terr + wind + speckle[1]
@@ -478,6 +570,16 @@ class OfflineSource:
         canopy = np.stack([np.rint(height), np.rint(std)]).astype(np.uint8)
         canopy[:, cls == C["water"]] = 255
 
+        # --- label products: WorldCover (a 2020 map) and Dynamic World (the year's mode) -------------
+        cls_2020 = cls.copy()
+        if t.year != 2020:  # crop rotation between the tile's year and the 2020 map
+            rotated = (rng.random(n_par) < 0.25)[parcel]
+            cls_2020[rotated & (cls == C["crops"])] = C["grass"]
+            cls_2020[rotated & meadow & (cls == C["grass"])] = C["crops"]
+        wc_cls = landscape.worldcover_map(rng, cls_2020, len(CLASSES))
+        winter, snowy = float(np.mean(T12 < 3.0)), float(np.mean(T12 < -3.0))
+        dw_cls = landscape.dynamic_world_map(rng, cls, 6, winter, snowy)
+
         # --- ERA5 -----------------------------------------------------------------------------------
         era5 = self._era5(t, s2_date, T12, P12)
 
@@ -487,8 +589,8 @@ class OfflineSource:
             "sentinel1": s1,
             "dem": np.stack([z, slope]).astype(np.float32),
             "era5": era5,
-            "dynamic_world": TO_DYNAMIC_WORLD[cls][None],
-            "esa_worldcover": TO_WORLDCOVER[cls][None],
+            "dynamic_world": TO_DYNAMIC_WORLD[dw_cls][None],
+            "esa_worldcover": TO_WORLDCOVER[wc_cls][None],
             "canopy_height": canopy,
             "biome": np.uint8(t.biome),
             "ecoregion": np.uint16(t.ecoregion),
@@ -508,6 +610,13 @@ class OfflineSource:
                 "cloud_fraction": float((alpha > 0.5).mean()),
                 "s1_orbits": orbits_present,
                 "class_fractions": np.bincount(cls.ravel(), minlength=len(CLASSES)) / cls.size,
+                # the objects the modalities were drawn from (not stored; for tests and inspection)
+                "structure": {
+                    "classes": cls,
+                    "parcel": np.where(fieldish, parcel, -1).astype(np.int32),
+                    "river_path": river_path,
+                    "scene_month_precip_mm": P_m,
+                },
             },
         )
 
