@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) bench/train.py
 	$(PY) bench/catalog.py
 	$(PY) bench/ee_sim.py
+	$(PY) bench/realism.py
 
 ## regenerate the committed offline world layers (maintainers; needs the network to PyPI)
 world: $(STAMP)

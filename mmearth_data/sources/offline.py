@@ -6,30 +6,41 @@ Data flow: world layers (land, Koppen, MODIS IGBP, ERA5 climatology, elevation p
 Each tile is a pure function of (tile id, build seed); arrays are byte-identical across runs and
 machines with the same numpy. What is grounded in real layers and what is modelled:
 
-- **Scene date**: eight candidate days of the tile's year; the least cloudy one wins (expected cloud
-  from the month's precipitation, low sun penalised), as MMEarth's documented least-cloudy choice.
+- **Scene date**: eight candidate days of the tile's year, each with a cloud cover drawn around the
+  month's climatological cloudiness (from its precipitation; wholly clear days more likely in dry
+  months); the least cloudy one wins (low sun excluded), as MMEarth's documented least-cloudy choice.
 - **Terrain**: mean elevation from the world's lapse-rate proxy; relief (elevation standard deviation
   within the tile: about 1-3 m on lowland plains, 15-60 m in mountains at 128 px) grows with elevation
   and the proxy's local gradient (x1.5 in montane grasslands), so tile-mean slopes run from about 1
-  degree on plains to 15-25 degrees in mountains; fractal (power-law) surface (spectral slope 4)
+  degree on plains to 15-25 degrees in mountains; fractal (power-law) surface (spectral slope 3)
   on the DEM's native 30 m grid; slope from that grid's gradient, both resampled bilinearly to 10 m
   as the Earth Engine recipe resamples GLO-30 and its ``ee.Terrain.slope``.
 - **Land cover**: the MODIS IGBP mix of the surrounding 0.05 deg cells -> fractions of 11 surface
   classes (a fixed IGBP -> class table, :data:`IGBP_TO_CLASS`), perturbed per tile (Dirichlet), then
-  placed with spatially smooth fields so that water sits in low terrain, crops on flat land in parcels,
-  snow high, bare rock on steep slopes. Dynamic World and WorldCover are two encodings of that map
-  (they disagree where a product has no matching class: mangroves, moss, flooded vegetation).
+  placed with spatially smooth fields so that water sits in low terrain, crops on flat land, snow high,
+  bare rock on steep slopes; then the landscape's objects (``landscape.py``): rectangular field
+  parcels sized by biome with their own crop, growth stage, brightness and within-field texture,
+  hedgerows, roads and tracks, a river down the DEM that ends in a lake at a pit, roof and canopy
+  texture.
+- **Label products**: WorldCover as an independent 2020 map (crop rotation between the tile's year
+  and 2020, patchy classification errors at about its documented accuracy, a 3 x 3 majority filter);
+  Dynamic World as the mode of six per-date classifications with confusion (crops bare, snow on the
+  winter dates). They agree on about two thirds of the pixels, as the real products do.
 - **Sentinel-2**: class spectra (water dark in NIR and SWIR, vegetation red edge, snow bright in the
   visible and dark in SWIR) mixed by a greenness that follows the month's temperature and rain,
   seasonal snow below -1 C (lapse-corrected per pixel), Lambertian terrain illumination for the scene's
-  sun position, sensor noise from the MSI's SNR; clouds with soft edges and offset shadows on about
-  a third of tiles, cirrus in B10. L2A (surface reflectance) from 2019, L1C (with path radiance and
+  sun position, the MSI's point spread (mixed pixels at boundaries), sensor noise from its SNR; clouds
+  (cumulus fields in warm wet months, stratiform sheets otherwise) with soft edges and offset shadows,
+  cirrus in B10 more often in wet climates. L2A (surface reflectance) from 2019, L1C (with path radiance and
   transmittance) before, as the global L2A archive. Masks: SCL and MSK_CLDPRB (L2A only) and QA60
   (60 m blocks) from the same clouds.
 - **Sentinel-1**: per-class VV backscatter and VV-VH ratio (VV above VH), soil moisture from the
   month's rain, vegetation volume scattering from greenness, local incidence angle from terrain and the
-  orbit's look direction, gamma speckle (ENL 4.4). Ascending / descending scenes are each missing on
-  some tiles, HH/HV replace VV/VH near the poles, as in the real archive.
+  orbit's look direction, layover and radar shadow on slopes steeper than the incidence angle (or its
+  complement), each parcel its own roughness, roads dark; gamma speckle drawn at the sensor's 20 m
+  resolution and interpolated to 10 m (lag-1 correlation about 0.8, as in real GRD patches).
+  Ascending / descending scenes are each missing on some tiles, HH/HV replace VV/VH near the poles, as
+  in the real archive.
 - **Canopy height**: from tree cover with a biome-typical height, shrubs a few metres, water no data.
 - **ERA5**: the climatology for the S2 month, the month before and the 12 months ending with it,
   plus a year anomaly shared by all tiles of a 5 deg block; monthly min/max from a diurnal range that
