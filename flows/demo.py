@@ -26,6 +26,22 @@ from model.pretrain import main as pretrain_main
 console = Console()
 
 
+def replace_stale_demo(cfg: BuildConfig) -> bool:
+    """The demo owns its store: one built by another version of the generator or with other options
+    is deleted (with its artifacts) so that this run rebuilds it; anything else at the path is left to
+    the build's own checks. Returns True when a store was replaced."""
+    from mmearth_data.build import OtherBuildError, build_dir, check_store_path
+
+    try:
+        check_store_path(cfg)
+    except OtherBuildError as err:
+        console.print(f"[yellow]{err.args[0].split(';')[0]}: rebuilding the demo corpus")
+        shutil.rmtree(cfg.store)
+        shutil.rmtree(build_dir(cfg.store), ignore_errors=True)
+        return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiles", type=int, default=256)
@@ -38,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     console.rule("[bold]1/4 build the demo corpus (offline source)")
     cfg = BuildConfig(store=args.store, n_tiles=args.tiles, seed=args.seed)
+    replace_stale_demo(cfg)
     summary = run_build(cfg)
     print_summary(summary)
 

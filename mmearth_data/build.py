@@ -47,6 +47,10 @@ class BuildInputError(ValueError):
     """A build request that cannot be carried out as given; the message names the fix."""
 
 
+class OtherBuildError(BuildInputError):
+    """The store path holds a corpus store built with another configuration or source version."""
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     store: str
@@ -180,7 +184,7 @@ def check_store_path(cfg: BuildConfig) -> bool:
     if attrs.get("build", {}).get("config_hash") != config_hash(ident):
         old = attrs.get("build", {}).get("config", {})
         diff = {k: (old.get(k), v) for k, v in ident.items() if old.get(k) != v}
-        raise BuildInputError(
+        raise OtherBuildError(
             f"{cfg.store} holds a corpus built with another configuration (stored vs asked: {diff}); "
             "re-run with the same options to resume it, or choose another --store (nothing was changed)"
         )

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
+from mmearth_data.build import BuildInputError
 
 
 def tree_digest(path: Path) -> str:
@@ -82,3 +83,23 @@ def test_validate_exit_codes(small_store, tmp_path, capsys):
     assert main(["validate", "--store", small_store]) == 0
     assert "valid" in capsys.readouterr().out
     assert main(["validate", "--store", str(tmp_path / "none.zarr")]) == 1
+
+
+def test_the_demo_replaces_only_its_own_stale_store(tmp_path, monkeypatch):
+    from flows.demo import replace_stale_demo
+    from mmearth_data.build import BuildConfig, build_dir, build_in_process
+    from mmearth_data.sources.offline import OfflineSource
+
+    cfg = BuildConfig(store=str(tmp_path / "demo.zarr"), n_tiles=8, tile_size=64, shard_tiles=8)
+    build_in_process(cfg)
+    assert replace_stale_demo(cfg) is False and Path(cfg.store).exists()  # current: resumed as is
+    monkeypatch.setattr(OfflineSource, "version", "99")  # a newer generator
+    assert replace_stale_demo(cfg) is True
+    assert not Path(cfg.store).exists() and not Path(build_dir(cfg.store)).exists()
+    photos = tmp_path / "photos.zarr"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"\xff\xd8")
+    other = BuildConfig(store=str(photos), n_tiles=8, tile_size=64, shard_tiles=8)
+    with pytest.raises(BuildInputError, match="not a corpus store"):
+        replace_stale_demo(other)
+    assert (photos / "holiday.jpg").exists()
