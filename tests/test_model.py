@@ -306,3 +306,59 @@ def test_linear_probe_runs_on_a_pretrained_run(tmp_path, small_store, capsys):
     assert probe_main(["--store", small_store, "--run", out, "--target", "dem"]) == 2
     assert "tile-level categorical" in capsys.readouterr().err
     assert probe_main(["--store", small_store, "--run", str(tmp_path / "none")]) == 2
+
+
+def sparse_reference(enc: MaskedConvNeXtV2, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """What a sparse ConvNeXt V2 computes, written independently of the encoder's own masking: every
+    operation runs densely and the mask is re-applied after each one, so a masked site never holds a
+    value and never contributes to a neighbour (sparse convolutions skip absent sites; sparse LayerNorm,
+    GELU and GRN see only present sites)."""
+    import torch.nn.functional as F
+
+    from model.encoder import upsample_mask
+
+    def m(t):
+        return t * upsample_mask(mask, t.shape[-1]).to(t.dtype)
+
+    s = enc.stem
+    t = m(x)
+    t = m(s["conv"](t))
+    t = m(s["norm"](t))
+    t = m(F.gelu(t))
+    t = m(s["conv_dw"](t))
+    t = m(s["norm_dw"](t))
+    for i, stage in enumerate(enc.stages):
+        if i > 0:
+            t = m(stage.downsample[0](t))
+            t = m(stage.downsample[1](t))
+        for blk in stage.blocks:
+            short = t
+            u = m(blk.conv_dw(t))
+            u = m(blk.norm(u))
+            u = m(blk.mlp.fc1(u))
+            u = m(blk.mlp.act(u))
+            u = m(blk.mlp.grn(u))  # GRN's spatial norm: only present sites, which are non-zero
+            u = m(blk.mlp.fc2(u))
+            t = m(u + short)
+    return t
+
+
+@pytest.mark.parametrize("size", ["atto", "femto"])
+@pytest.mark.parametrize("patch,img", [(8, 56), (16, 112)])
+def test_masked_encoder_equals_the_sparse_reference_exactly(size, patch, img):
+    torch.manual_seed(1)
+    enc = MaskedConvNeXtV2(size, in_chans=12, patch_size=patch).eval()
+    with torch.no_grad():
+        for prm in enc.parameters():
+            if prm.ndim == 1:
+                prm.normal_(0, 0.05)
+    x = torch.randn(2, 12, img, img)
+    mask = random_mask(2, img // patch, 0.6)
+    with torch.no_grad():
+        got, want = enc(x, mask), sparse_reference(enc, x, mask)
+        # over-masking (dropping a visible patch too) would pass a leakage test but not this one
+        more = mask.clone()
+        more[0, 0, 0] = 1 - more[0, 0, 0]
+        other = enc(x, more)
+    assert torch.equal(got, want)
+    assert not torch.equal(other, want)
