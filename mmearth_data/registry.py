@@ -47,6 +47,8 @@ class Modality:
     ``codec`` is how the store compresses it, losslessly either way: ``blosc`` (Blosc/Zstd with byte
     shuffle, a core Zarr v3 codec) or ``pcodec`` (Pcodec, the registered Zarr v3 extension codec
     ``numcodecs.pcodec``), chosen where it measurably beats Blosc: dense, textured numeric rasters.
+    ``model_bands`` are the bands the model reads and predicts when they differ from the stored ones
+    (Sentinel-2: the 12 bands MMEarth uses; B10, an L1C-only cirrus band, stays in the store).
     """
 
     name: str
@@ -66,6 +68,7 @@ class Modality:
     stored: bool = True
     derived_from: tuple[str, ...] = ()
     codec: Codec = "blosc"
+    model_bands: tuple[str, ...] | None = None  # bands the model sees and predicts (None: all)
 
     @property
     def categorical(self) -> bool:
@@ -78,6 +81,11 @@ class Modality:
     @property
     def n_bands(self) -> int:
         return len(self.bands)
+
+    @property
+    def model_band_index(self) -> list[int]:
+        """Positions of :attr:`model_bands` among the stored bands (all bands when None)."""
+        return [self.bands.index(b) for b in (self.model_bands or self.bands)]
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -121,6 +129,7 @@ class Modality:
             "stored": self.stored,
             "derived_from": list(self.derived_from),
             "codec": self.codec,
+            "model_bands": list(self.model_bands) if self.model_bands else None,
             "description": self.description,
             "provider": self.provider,
             "license": self.license,
@@ -217,6 +226,7 @@ MODALITIES: tuple[Modality, ...] = (
         provider="ESA Copernicus",
         license="Copernicus Sentinel data terms (free, full and open)",
         codec="pcodec",
+        model_bands=S2_L2A_BANDS,
         ee=EERecipe(
             "COPERNICUS/S2_SR_HARMONIZED",
             S2_BANDS,

@@ -124,6 +124,13 @@ def derived_values(m: Modality, meta: dict[str, np.ndarray], idx: np.ndarray) ->
     raise DataError(f"no rule derives modality {m.name!r} from per-tile metadata ({m.derived_from})")
 
 
+def opaque_cloud(masks: np.ndarray) -> np.ndarray:
+    """Opaque-cloud pixels from stored ``sentinel2_masks`` (tile, 3, y, x): QA60's opaque flag (1), or
+    SCL cloud of medium or high probability (8, 9) where the scene has SCL. Bool (tile, y, x)."""
+    scl, flags = masks[:, 0], masks[:, 2]
+    return (flags == 1) | np.isin(scl, (8, 9))
+
+
 def read_tile_list(path: str) -> list[str]:
     """Tile ids from a text file (one per line, ``#`` comments), as written by ``mmearth catalog search``."""
     with open(path) as f:
@@ -169,6 +176,7 @@ class StreamingCorpus(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         random_crop: bool = True,
+        cloud_mask: bool = False,
     ):
         super().__init__()
         reader = CorpusReader(url)
@@ -198,6 +206,8 @@ class StreamingCorpus(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.random_crop = random_crop
         self._rank, self._world = rank, world_size
+        # opaque-cloud mask from the stored Sentinel-2 masks (key ``cloud``; all clear without them)
+        self.cloud_mask = cloud_mask and "sentinel2_masks" in stored
 
         g = reader.group
         self.meta = {
@@ -293,7 +303,7 @@ class StreamingCorpus(IterableDataset):
         return out
 
     def sample_keys(self) -> list[str]:
-        return [m.name for m in self.modalities] + ["index"]
+        return [m.name for m in self.modalities] + (["cloud"] if self.cloud_mask else []) + ["index"]
 
     # --- reading -------------------------------------------------------------------------------------
     def _read_unit(self, s0: int, s1: int) -> dict[str, np.ndarray]:
@@ -301,6 +311,8 @@ class StreamingCorpus(IterableDataset):
         if self._reader is None:
             self._reader = CorpusReader(self.url)
             self._arrays = {m.name: self._reader.group[m.name] for m in self.modalities if m.stored}
+            if self.cloud_mask:
+                self._arrays["sentinel2_masks"] = self._reader.group["sentinel2_masks"]
         idx = np.arange(s0, s1)
         out: dict[str, np.ndarray] = {}
         for m in self.modalities:
@@ -321,7 +333,11 @@ class StreamingCorpus(IterableDataset):
             x = self.norm[m.name].apply(raw, level)
             x[invalid] = np.nan
             x[absent] = np.nan
+            if m.model_bands is not None:  # e.g. Sentinel-2 without B10
+                x = x[:, m.model_band_index]
             out[m.name] = x
+        if self.cloud_mask:
+            out["cloud"] = opaque_cloud(np.asarray(self._arrays["sentinel2_masks"][s0:s1]))
         return out
 
     def _crop(self, tile: int, epoch: int) -> tuple[int, int]:
@@ -382,6 +398,8 @@ class StreamingCorpus(IterableDataset):
             if m.kind == "pixel":
                 v = v[..., y : y + S, x : x + S]
             out[m.name] = torch.from_numpy(np.ascontiguousarray(v))
+        if self.cloud_mask:
+            out["cloud"] = torch.from_numpy(np.ascontiguousarray(d["cloud"][k][y : y + S, x : x + S]))
         out["index"] = torch.tensor(tile, dtype=torch.int64)
         return out
 

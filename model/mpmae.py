@@ -11,14 +11,16 @@ Heads and losses come from the modality registry, never from per-modality code:
 modality                        head                                    loss
 ==============================  ======================================  ===============================
 pixel, continuous (C bands)     ``Conv2d(D, p*p*C, 1)``                 MSE on masked patches (Sentinel-2
-                                                                        with per-patch normalised target)
+                                                                        target normalised per patch over
+                                                                        all its bands jointly)
 pixel, categorical (K classes)  ``Conv2d(D, p*p*K, 1)``                 cross-entropy on masked patches
-tile, continuous (C values)     LayerNorm + global pool + Linear        MSE
-tile, categorical (K classes)   LayerNorm + global pool + Linear        cross-entropy
+tile, continuous (C values)     LayerNorm per position, pool, Linear    MSE
+tile, categorical (K classes)   LayerNorm per position, pool, Linear    cross-entropy
 ==============================  ======================================  ===============================
 
-Missing values (NaN for continuous, -1 for categorical) never enter a loss; a modality with nothing
-valid in the batch contributes zero (and does not move its uncertainty weight).
+Missing values (NaN for continuous, -1 for categorical) never enter a loss, nor do opaque-cloud pixels
+(batch key ``cloud``, when ``cloud_aware``); a modality with nothing valid in the batch contributes
+zero (and does not move its uncertainty weight).
 """
 
 from __future__ import annotations
@@ -43,12 +45,17 @@ class Target:
     pixel: bool
     categorical: bool
     n_out: int  # bands (continuous) or classes (categorical)
-    norm_pix: bool = False
+    norm_pix: str | None = None  # "joint" or "per-band" per-patch target normalisation (Sentinel-2)
 
     @classmethod
-    def of(cls, m: Modality) -> Target:
-        n = len(m.classes) if m.categorical else m.n_bands
-        return cls(m.name, m.kind == "pixel", m.categorical, n, norm_pix=m.name == "sentinel2")
+    def of(cls, m: Modality, norm_pix: str | None = "joint") -> Target:
+        n = len(m.classes) if m.categorical else len(m.model_bands or m.bands)
+        return cls(
+            m.name, m.kind == "pixel", m.categorical, n, norm_pix=norm_pix if m.name == "sentinel2" else None
+        )
+
+
+NORM_PIX = ("joint", "per-band")
 
 
 PRETEXT_GROUPS = ("all", "s2", "pixel", "image")
@@ -123,8 +130,8 @@ class Head(nn.Module):
             self.pred = nn.Linear(dim, t.n_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.t.pixel:
-            return self.pred(self.norm(x.mean(dim=(-2, -1))))
+        if not self.t.pixel:  # LayerNorm per position, then pool (as MMEarth-train's image heads)
+            return self.pred(self.norm(x.permute(0, 2, 3, 1)).mean(dim=(1, 2)))
         y = self.pred(x)  # (B, C*p*p, h, w)
         B, _, h, w = y.shape
         p, C = self.p, self.t.n_out
@@ -135,8 +142,18 @@ def _zero(pred: torch.Tensor) -> torch.Tensor:
     return pred.sum() * 0.0
 
 
-def pixel_loss(t: Target, pred: torch.Tensor, target: torch.Tensor, pix_mask: torch.Tensor, p: int):
-    """Loss on masked patches; returns (loss, number of valid entries)."""
+def pixel_loss(
+    t: Target,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    pix_mask: torch.Tensor,
+    p: int,
+    cloud: torch.Tensor | None = None,
+):
+    """Loss on masked patches, opaque-cloud pixels (``cloud``, (B, H, W) bool) left out; returns (loss,
+    number of valid entries)."""
+    if cloud is not None:
+        pix_mask = pix_mask * (~cloud).to(pix_mask.dtype)
     if t.categorical:
         y = torch.where(pix_mask.bool(), target.long(), torch.full_like(target.long(), -1))
         n = int((y >= 0).sum())
@@ -146,14 +163,16 @@ def pixel_loss(t: Target, pred: torch.Tensor, target: torch.Tensor, pix_mask: to
     valid = torch.isfinite(target) & pix_mask.bool()[:, None]
     y = torch.nan_to_num(target)
     if t.norm_pix:
-        # per patch and band: (x - mean) / std over the patch's valid pixels
+        # per patch: (x - mean) / std over the patch's valid values, all bands jointly (FCMAE's and
+        # MMEarth's norm_pix_loss: the patch keeps its spectral shape), or per band (ablation)
         B, C, H, W = y.shape
         h, w = H // p, W // p
         yp = y.reshape(B, C, h, p, w, p)
         vp = (torch.isfinite(target)).reshape(B, C, h, p, w, p).float()
-        cnt = vp.sum(dim=(3, 5), keepdim=True).clamp(min=1)
-        mean = (yp * vp).sum(dim=(3, 5), keepdim=True) / cnt
-        var = (((yp - mean) * vp) ** 2).sum(dim=(3, 5), keepdim=True) / cnt
+        dims = (1, 3, 5) if t.norm_pix == "joint" else (3, 5)
+        cnt = vp.sum(dim=dims, keepdim=True).clamp(min=1)
+        mean = (yp * vp).sum(dim=dims, keepdim=True) / cnt
+        var = (((yp - mean) * vp) ** 2).sum(dim=dims, keepdim=True) / cnt
         y = ((yp - mean) / (var + 1e-6).sqrt()).reshape(B, C, H, W)
     n = int(valid.sum())
     if n == 0:
@@ -189,12 +208,14 @@ class MPMAE(nn.Module):
         targets: Sequence[Modality],
         size: str = "atto",
         patch_size: int = 16,
-        in_chans: int = 13,
+        in_chans: int | None = None,
         mask_ratio: float = 0.6,
         decoder: str = "shared",
         decoder_dim: int = 512,
         weighting: str = "uncertainty",
         drop_path: float = 0.0,
+        norm_pix: str = "joint",
+        cloud_aware: bool = True,
     ):
         super().__init__()
         if decoder not in ("per-modality", "shared"):
@@ -203,7 +224,12 @@ class MPMAE(nn.Module):
             raise ValueError(f"weighting {weighting!r}: use uncertainty or sum")
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"--mask-ratio {mask_ratio}: must be between 0 and 1 (exclusive)")
-        self.targets = [Target.of(m) for m in targets]
+        if norm_pix not in NORM_PIX:
+            raise ValueError(f"--norm-pix {norm_pix!r}: use {' or '.join(NORM_PIX)}")
+        self.targets = [Target.of(m, norm_pix) for m in targets]
+        self.cloud_aware = cloud_aware
+        if in_chans is None:  # the Sentinel-2 bands the model reads (registry: model_bands)
+            in_chans = self.targets[0].n_out
         self.mask_ratio = mask_ratio
         self.patch_size = patch_size
         self.decoder_mode = decoder
@@ -239,7 +265,8 @@ class MPMAE(nn.Module):
             pred = self.heads[t.name](dec)
             target = batch[t.name]
             if t.pixel:
-                loss, n = pixel_loss(t, pred, target, pix_mask, self.patch_size)
+                cloud = batch.get("cloud") if self.cloud_aware else None
+                loss, n = pixel_loss(t, pred, target, pix_mask, self.patch_size, cloud)
             else:
                 loss, n = tile_loss(t, pred, target)
             logs[t.name] = loss.detach()

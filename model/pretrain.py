@@ -72,6 +72,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="one decoder computed once for all targets (default), or one per target as in the paper",
     )
     ap.add_argument("--decoder-dim", type=int, default=512)
+    ap.add_argument(
+        "--norm-pix",
+        default="joint",
+        choices=["joint", "per-band"],
+        help="Sentinel-2 target normalised per patch over all its bands jointly (FCMAE, MMEarth) or per band",
+    )
+    ap.add_argument(
+        "--cloud-aware",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="leave opaque-cloud pixels (stored masks) out of every pixel target's loss",
+    )
+    ap.add_argument(
+        "--recipe",
+        choices=["paper"],
+        help="paper: MMEarth's pretraining recipe (200 epochs, effective batch 4096 by accumulation, "
+        "blr 1.5e-4, 40 warmup epochs); explicit --steps/--epochs/--accum/--blr/--warmup still win",
+    )
     ap.add_argument("--weighting", default="uncertainty", choices=["uncertainty", "sum"])
     ap.add_argument("--split", default="train", help="tiles of this split (ignored with --tiles)")
     ap.add_argument("--tiles", help="text file of tile ids to train on (e.g. from `mmearth catalog search`)")
@@ -83,11 +101,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--log-tiles", action="store_true", help="write the tile indices each rank saw")
     ap.add_argument("--no-progress", action="store_true")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    given = argv if argv is not None else sys.argv[1:]
+    args.explicit = sorted(
+        {a.split("=")[0].lstrip("-").replace("-", "_") for a in given if a.startswith("--")}
+    )
+    return args
+
+
+def apply_recipe(args: argparse.Namespace, world: int, n_tiles: int) -> None:
+    """``--recipe paper``: epochs, accumulation to an effective batch of 4096, blr and warmup from
+    :data:`PAPER_RECIPE`, unless given explicitly on the command line."""
+    if args.recipe != "paper":
+        return
+    given = set(getattr(args, "explicit", []))
+    r = PAPER_RECIPE
+    if "steps" not in given and "epochs" not in given:
+        args.steps, args.epochs = None, r["epochs"]
+    if "accum" not in given:
+        args.accum = max(1, round(r["effective_batch"] / (args.batch_size * world)))
+    if "blr" not in given:
+        args.blr = r["blr"]
+    if "warmup" not in given:
+        global_batch = args.batch_size * args.accum * world
+        args.warmup = max(1, math.ceil(r["warmup_epochs"] * n_tiles / global_batch))
 
 
 # run arguments that must match on --resume (the model and what it predicts)
-ARCH_KEYS = ("model", "patch_size", "pretext", "decoder", "decoder_dim", "weighting")
+ARCH_KEYS = ("model", "patch_size", "pretext", "decoder", "decoder_dim", "weighting", "norm_pix")
+# MMEarth's pretraining recipe (Nedungadi et al. 2024, ConvNeXt V2 FCMAE settings)
+PAPER_RECIPE = {"epochs": 200.0, "effective_batch": 4096, "blr": 1.5e-4, "warmup_epochs": 40.0}
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
@@ -217,6 +260,7 @@ def run(args: argparse.Namespace) -> dict:
             seed=args.seed,
             start_batches=start_step * args.accum,
             batch_size=args.batch_size,
+            cloud_mask=args.cloud_aware,
             **kw,
         )
 
@@ -224,6 +268,9 @@ def run(args: argparse.Namespace) -> dict:
         ds = dataset()
     except (DataError, StoreError) as err:
         raise UsageError(str(err)) from None
+    apply_recipe(args, world, ds.n_eligible)
+    if args.recipe == "paper" and args.accum > 1 and "accum" not in getattr(args, "explicit", []):
+        ds = dataset()  # resume offsets depend on the accumulation
     global_batch = args.batch_size * args.accum * world
     total = args.steps or max(1, math.ceil((args.epochs or 1.0) * ds.n_eligible / global_batch))
     warmup = args.warmup if args.warmup is not None else max(1, total // 10)
@@ -238,6 +285,8 @@ def run(args: argparse.Namespace) -> dict:
         decoder=args.decoder,
         decoder_dim=args.decoder_dim,
         weighting=args.weighting,
+        norm_pix=args.norm_pix,
+        cloud_aware=args.cloud_aware,
     ).to(device)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak, betas=(0.9, 0.95))
     if state is not None:

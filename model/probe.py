@@ -75,7 +75,7 @@ def probe(store: str, run: str, target: str = "biome", img_size: int | None = No
     results = {}
     for name in ("pretrained", "random init"):
         torch.manual_seed(seed)
-        enc = MaskedConvNeXtV2(size, in_chans=13, patch_size=patch)
+        enc = MaskedConvNeXtV2(size, in_chans=enc_w["stem.conv.weight"].shape[1], patch_size=patch)
         if name == "pretrained":
             enc.load_state_dict(enc_w)
         xtr, ytr = features(enc, train, target)

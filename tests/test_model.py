@@ -123,7 +123,7 @@ def test_a_modality_added_to_the_registry_gets_a_head_and_a_loss():
     assert model.heads["soil_moisture"].pred.out_channels == 8 * 8 * 1
     assert model.heads["koppen"].pred.out_features == 5
     batch = {
-        "sentinel2": torch.randn(3, 13, 56, 56),
+        "sentinel2": torch.randn(3, 12, 56, 56),
         "soil_moisture": torch.rand(3, 1, 56, 56),
         "koppen": torch.tensor([0, 4, -1]),
     }
@@ -362,3 +362,73 @@ def test_masked_encoder_equals_the_sparse_reference_exactly(size, patch, img):
         other = enc(x, more)
     assert torch.equal(got, want)
     assert not torch.equal(other, want)
+
+
+def test_sentinel2_target_is_normalised_per_patch_jointly_over_its_bands():
+    from model.mpmae import Target, pixel_loss
+
+    p = 4
+    y = torch.zeros(1, 12, 8, 8)
+    for b in range(12):  # each band constant within the patch, bands at different levels
+        y[:, b] = float(b)
+    y[:, :, :, 4:] += torch.randn(1, 12, 8, 4) * 0.1  # texture in the right-hand patches
+    mask = torch.ones(1, 8, 8)
+    pred = torch.zeros_like(y)
+    s2 = get("sentinel2")
+    joint, _ = pixel_loss(Target.of(s2, "joint"), pred, y, mask, p)
+    per_band, _ = pixel_loss(Target.of(s2, "per-band"), pred, y, mask, p)
+    # jointly, a patch keeps its spectral shape (unit variance over all its values); per band, the
+    # left-hand patches' shape is removed entirely and only noise remains on the right
+    assert joint.item() == pytest.approx(1.0, abs=1e-3)
+    assert per_band.item() < 0.51
+    assert Target.of(s2).n_out == 12 and Target.of(s2).norm_pix == "joint"
+
+
+def test_cloud_aware_losses_leave_opaque_cloud_out():
+    from model.data import opaque_cloud
+    from model.mpmae import Target, pixel_loss
+
+    masks = np.zeros((1, 3, 4, 4), np.uint8)
+    masks[0, 0] = [[4, 8, 9, 3]] * 4  # SCL: vegetation, cloud medium, cloud high, shadow
+    masks[0, 2, 3] = 1  # QA60 opaque on the last row
+    cloud = opaque_cloud(masks)[0]
+    assert cloud[:3].tolist() == [[False, True, True, False]] * 3 and cloud[3].all()
+    t = Target.of(get("dem"))
+    target = torch.randn(1, 2, 4, 4)
+    pred = torch.zeros_like(target)
+    mask = torch.ones(1, 4, 4)
+    _, n_all = pixel_loss(t, pred, target, mask, 4)
+    _, n_clear = pixel_loss(t, pred, target, mask, 4, torch.from_numpy(cloud)[None])
+    assert n_all == 32 and n_clear == 2 * int((~cloud).sum())
+
+
+def test_tile_heads_normalise_each_position_before_pooling():
+    from model.mpmae import Head, Target
+
+    head = Head(Target.of(get("era5")), 16, 8).eval()
+    y = torch.randn(2, 16, 7, 7)
+    y[:, :, 3, 3] *= 100  # one position with a much larger feature scale
+    with torch.no_grad():
+        per_position = head.pred(head.norm(y.permute(0, 2, 3, 1)).mean(dim=(1, 2)))
+        assert torch.allclose(head(y), per_position)
+        pooled_first = head.pred(head.norm(y.mean(dim=(-2, -1))))
+        assert not torch.allclose(head(y), pooled_first, atol=1e-3)
+
+
+def test_the_loader_gives_the_model_12_bands_and_the_cloud_mask(small_store):
+    ds = _dataset(small_store, select_pretext("s2"), cloud_mask=True)
+    b = _batch(ds, 4)
+    assert b["sentinel2"].shape == (4, 12, 56, 56) and b["cloud"].shape == (4, 56, 56)
+    assert b["cloud"].dtype == torch.bool
+
+
+def test_paper_recipe():
+    from model.pretrain import apply_recipe, parse_args
+
+    args = parse_args(["--store", "s", "--out", "o", "--recipe", "paper", "--batch-size", "64"])
+    apply_recipe(args, world=2, n_tiles=100_000)
+    assert args.epochs == 200 and args.steps is None and args.accum == 32 and args.blr == 1.5e-4
+    assert args.batch_size * args.accum * 2 == 4096 and args.warmup == 977  # 40 epochs
+    mine = parse_args(["--store", "s", "--out", "o", "--recipe", "paper", "--steps", "10", "--accum", "2"])
+    apply_recipe(mine, world=1, n_tiles=1000)
+    assert mine.steps == 10 and mine.accum == 2  # explicit options win
