@@ -432,3 +432,40 @@ def test_paper_recipe():
     mine = parse_args(["--store", "s", "--out", "o", "--recipe", "paper", "--steps", "10", "--accum", "2"])
     apply_recipe(mine, world=1, n_tiles=1000)
     assert mine.steps == 10 and mine.accum == 2  # explicit options win
+
+
+def test_mmearth_checkpoints_load_into_our_encoder(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "tests", "data", "mmearth_ckpt"))
+    import make_checkpoint
+
+    from model.mmearth_ckpt import (
+        MMEARTH_PRETRAIN_BANDS,
+        CheckpointError,
+        _kernel_to_weight,
+        load_mmearth_encoder,
+    )
+
+    for size, patch in (("atto", 16), ("femto", 8)):
+        path = str(tmp_path / f"{size}.pth")
+        ref = make_checkpoint.make(path, size, patch)
+        enc = load_mmearth_encoder(path).eval()
+        assert enc.size == size and enc.patch_size == patch and enc.in_chans == 12
+        x = torch.randn(2, 12, 7 * patch, 7 * patch)
+        mask = random_mask(2, 7, 0.6)
+        with torch.no_grad():
+            assert torch.equal(enc(x, mask), ref(x, mask))
+    # the kernel offset convention: offset index = column * k + row (first spatial axis fastest)
+    kern = torch.zeros(9, 1)
+    kern[1, 0] = 1.0
+    w = _kernel_to_weight(kern)
+    assert w.shape == (1, 1, 3, 3) and w[0, 0, 1, 0] == 1 and w.sum() == 1
+    # B8A came before B8 in MMEarth's pretraining input: the stem reads our B8 from its B8 channel
+    raw = torch.load(str(tmp_path / "atto.pth"), weights_only=True)["model"]
+    stem = raw["encoder.initial_conv.0.kernel"]  # [9, in, out]
+    ours = load_mmearth_encoder(str(tmp_path / "atto.pth")).stem["conv"].weight
+    b8_ours = list(get("sentinel2").model_bands).index("B8")
+    b8_theirs = MMEARTH_PRETRAIN_BANDS.index("B8")
+    assert torch.equal(ours[:, b8_ours], _kernel_to_weight(stem[:, b8_theirs : b8_theirs + 1])[:, 0])
+    torch.save({"model": {"decoder.weight": torch.zeros(3)}}, str(tmp_path / "bad.pth"))
+    with pytest.raises(CheckpointError, match="no encoder weights"):
+        load_mmearth_encoder(str(tmp_path / "bad.pth"))
