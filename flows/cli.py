@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--simulate", action="store_true", help="run against the offline world (no account)")
     k.add_argument("--keep", help="keep the 4-tile store in this folder (default: deleted)")
 
+    tk = sub.add_parser("tasks", help="downstream evaluation tasks from held-out grid blocks")
+    tsub = tk.add_subparsers(dest="tasks_command", required=True)
+    tb = tsub.add_parser("build", help="build the task store (fields, objects, boundaries)")
+    tb.add_argument("--out", required=True, help="task store path, e.g. data/tasks.zarr")
+    tb.add_argument("--tiles", type=int, default=1200)
+    tb.add_argument("--tile-size", type=int, default=64)
+    tb.add_argument("--seed", type=int, default=0)
+
     v = sub.add_parser("validate", help="check a store against the contract and summarise it")
     v.add_argument("--store", required=True)
     v.add_argument("--json", action="store_true")
@@ -270,6 +278,18 @@ def cmd_ee_check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from mmearth_data.tasks import TaskError, build_tasks
+
+    try:
+        res = build_tasks(args.out, args.tiles, args.tile_size, args.seed)
+    except TaskError as err:
+        err_console.print(f"[bold red]error:[/] {err} (choose another --out; nothing was changed)")
+        return 2
+    console.print_json(json.dumps(res))
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from mmearth_data.validate import print_report, validate_store
 
@@ -374,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_validate(args)
         if args.command == "ee-check":
             return cmd_ee_check(args)
+        if args.command == "tasks":
+            return cmd_tasks(args)
         if args.command == "catalog":
             return cmd_catalog(args)
     except BuildInputError as err:

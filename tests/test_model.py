@@ -469,3 +469,38 @@ def test_mmearth_checkpoints_load_into_our_encoder(tmp_path):
     torch.save({"model": {"decoder.weight": torch.zeros(3)}}, str(tmp_path / "bad.pth"))
     with pytest.raises(CheckpointError, match="no encoder weights"):
         load_mmearth_encoder(str(tmp_path / "bad.pth"))
+
+
+def test_downstream_tasks_come_from_held_out_blocks_and_evaluate(tmp_path, small_store, capsys):
+    import zarr
+
+    from flows.cli import main as cli_main
+    from mmearth_data.store import strings
+    from model.evaluate import main as evaluate_main
+
+    tasks = str(tmp_path / "tasks.zarr")
+    assert cli_main(["tasks", "build", "--out", tasks, "--tiles", "40", "--tile-size", "64"]) == 0
+    g = zarr.open_group(tasks, mode="r")
+    assert g["sentinel2"].shape == (40, 13, 64, 64) and g["boundaries"].shape == (40, 64, 64)
+    assert set(strings(g["split"][:])) == {"train", "val", "test"}
+    # held out: no task tile lies in a 1-degree block that pretraining on --split train reads
+    from mmearth_data.sampling import split_of
+
+    assert set(split_of(np.asarray(g["lat"][:]), np.asarray(g["lon"][:]))) <= {"val", "test"}
+    objects, boundaries = np.asarray(g["objects"][:]), np.asarray(g["boundaries"][:])
+    with_fields = objects[:, 3] == 1
+    assert boundaries[with_fields].mean() > 3 * boundaries[~with_fields].mean()  # boundaries are in fields
+    assert cli_main(["tasks", "build", "--out", tasks, "--tiles", "40"]) == 2  # never overwritten
+    out = str(tmp_path / "p")
+    assert _pretrain("--store", small_store, "--out", out, "--steps", "2") == 0
+    res_path = tmp_path / "eval.json"
+    args = ["--tasks", tasks, "--run", out, "--seeds", "2", "--fraction", "0.5,1", "--json", str(res_path)]
+    assert evaluate_main(args) == 0
+    rows = json.loads(res_path.read_text())["rows"]
+    assert {(r["task"], r["metric"]) for r in rows} == {
+        ("fields", "accuracy"),
+        ("objects", "micro_f1"),
+        ("boundaries", "miou"),
+    }
+    assert len(rows) == 6 and all(0.0 <= r["mean"] <= 1.0 and r["seeds"] == 2 for r in rows)
+    assert evaluate_main(["--tasks", tasks, "--run", out, "--fraction", "2"]) == 2

@@ -404,7 +404,8 @@ class OfflineSource:
             cls[river & (cls != C["snow"])] = C["water"]
         meadow = (cls == C["grass"]) & (agri > 0.15)
         fieldish = (cls == C["crops"]) | meadow
-        cls[pedge & par_hedge[parcel] & fieldish] = C["trees"]  # hedgerows
+        hedge = pedge & par_hedge[parcel] & fieldish
+        cls[hedge] = C["trees"]  # hedgerows
         fieldish &= cls != C["trees"]
         road = np.zeros((S, S), bool)
         for _ in range(min(int(rng.poisson(0.3 + 4 * frac[C["built"]] + 1.2 * agri)), 4)):
@@ -626,6 +627,11 @@ class OfflineSource:
                     "classes": cls,
                     "parcel": np.where(fieldish, parcel, -1).astype(np.int32),
                     "river_path": river_path,
+                    "river": river,
+                    "road": road,
+                    "hedge": hedge,
+                    "field_boundary": pedge & fieldish,
+                    "field_size_px": size_px,
                     "scene_month_precip_mm": P_m,
                 },
             },

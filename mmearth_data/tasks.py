@@ -1,0 +1,153 @@
+"""Downstream tasks for evaluating encoders: ``mmearth tasks build --out data/tasks --tiles 1200``.
+
+Data flow: the global grid's held-out blocks (the ``val`` and ``test`` splits of the 1-degree block hash,
+which pretraining on ``--split train`` never reads) -> offline tiles and the objects they were drawn
+from -> three labelled tasks in one small Zarr store, with their own train / val / test split.
+
+The labels come from the landscape's structure, which an encoder can only learn from the imagery's
+spatial patterns: they are not a copy of a pretext map (Dynamic World, WorldCover, canopy height) and
+not a function of climate.
+
+- ``fields`` (single-label, 4 classes): no fields (under 20 % of the tile in field parcels), small,
+  medium or large fields (the parcels' typical width: under 12, 12-20, over 20 pixels of 10 m).
+- ``objects`` (multi-label, 4 labels): a river or lake, a road, hedgerows, field parcels.
+- ``boundaries`` (segmentation, 2 classes): field boundaries (the pixels where two parcels meet).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import numpy as np
+import zarr
+
+from mmearth_data.registry import stored_modalities
+from mmearth_data.sampling import SampleConfig, primaries, sample_plan
+from mmearth_data.sources.base import TileRequest
+from mmearth_data.sources.offline import OfflineSource
+from mmearth_data.store import COMPRESSOR
+
+log = logging.getLogger(__name__)
+TASKS: dict[str, dict[str, Any]] = {
+    "fields": {
+        "kind": "single-label",
+        "classes": ["no fields", "small fields", "medium fields", "large fields"],
+    },
+    "objects": {"kind": "multi-label", "classes": ["river or lake", "road", "hedgerows", "fields"]},
+    "boundaries": {"kind": "segmentation", "classes": ["background", "field boundary"]},
+}
+TASK_SPLITS = (("train", 0.6), ("val", 0.2), ("test", 0.2))
+
+
+class TaskError(ValueError):
+    """A task store that cannot be built or read as asked."""
+
+
+def labels_of(structure: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The three tasks' labels of one tile from the objects the offline source drew it from."""
+    parcel = structure["parcel"]
+    field_share = float((parcel >= 0).mean())
+    size = float(structure["field_size_px"])
+    fields = 0 if field_share < 0.2 else (1 if size < 12 else (2 if size < 20 else 3))
+    objects = np.array(
+        [
+            structure["river"].any(),
+            structure["road"].any(),
+            structure["hedge"].sum() > 20,
+            field_share >= 0.2,
+        ],
+        np.uint8,
+    )
+    return {
+        "fields": np.uint8(fields),
+        "objects": objects,
+        "boundaries": structure["field_boundary"].astype(np.uint8),
+    }
+
+
+def task_split(tile_id: str) -> str:
+    u = int.from_bytes(hashlib.sha1(f"task/{tile_id}".encode()).digest()[:8], "big") / 2**64
+    acc = 0.0
+    for name, p in TASK_SPLITS:
+        acc += p
+        if u < acc:
+            return name
+    return TASK_SPLITS[-1][0]
+
+
+def build_tasks(
+    out: str, n_tiles: int, tile_size: int = 64, seed: int = 0, years=(2017, 2018, 2019, 2020)
+) -> dict:
+    """Build the task store at ``out`` (refused when something is there already)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(out)
+    if fs.exists(path):
+        raise TaskError(f"{out} already exists")
+    if n_tiles < 30:
+        raise TaskError(f"--tiles {n_tiles}: at least 30 tiles are needed for train, val and test splits")
+    plan = primaries(sample_plan(SampleConfig(n_tiles * 12, tuple(years), seed + 1000, tile_size, 0)))
+    held = plan[plan["split"].isin(["val", "test"])].head(n_tiles)
+    if len(held) < n_tiles:
+        raise TaskError(f"only {len(held)} held-out tiles found for {n_tiles}; ask for fewer --tiles")
+    reqs = [TileRequest.from_row(r, tile_size) for _, r in held.iterrows()]
+    mods = stored_modalities(["sentinel2"])
+    src = OfflineSource(seed=seed)
+    g = zarr.open_group(out, mode="w-", zarr_format=3)
+    n, S = len(reqs), tile_size
+    dims = ["tile", "sentinel2_band", "y", "x"]
+    s2 = g.create_array(
+        "sentinel2", shape=(n, 13, S, S), chunks=(8, 13, S, S), dtype="uint16", compressors=COMPRESSOR,
+        dimension_names=dims,
+    )  # fmt: skip
+    seg = g.create_array(
+        "boundaries", shape=(n, S, S), chunks=(8, S, S), dtype="uint8", compressors=COMPRESSOR,
+        dimension_names=["tile", "y", "x"],
+    )  # fmt: skip
+    fields = np.zeros(n, np.uint8)
+    objects = np.zeros((n, 4), np.uint8)
+    level = np.zeros(n, np.uint8)
+    for a in range(0, n, 64):
+        res = src.fetch(reqs[a : a + 64], mods)
+        s2[a : a + len(res)] = np.stack([r.arrays["sentinel2"] for r in res])
+        labs = [labels_of(r.extra["structure"]) for r in res]
+        seg[a : a + len(res)] = np.stack([x["boundaries"] for x in labs])
+        fields[a : a + len(res)] = [x["fields"] for x in labs]
+        objects[a : a + len(res)] = np.stack([x["objects"] for x in labs])
+        level[a : a + len(res)] = [r.s2_product == "L2A" for r in res]
+    lat = np.array([t.lat for t in reqs], np.float64)
+    lon = np.array([t.lon for t in reqs], np.float64)
+    for name, values in (
+        ("fields", fields),
+        ("objects", objects),
+        ("level_l2a", level),
+        ("lat", lat),
+        ("lon", lon),
+    ):
+        names = ["tile"] + (["label"] if values.ndim == 2 else [])
+        arr = g.create_array(name, shape=values.shape, dtype=values.dtype, dimension_names=names)
+        arr[:] = values
+    split = g.create_array("split", shape=(n,), dtype=str, dimension_names=["tile"])
+    split[:] = np.array([task_split(t.tile_id) for t in reqs], dtype=object)
+    ids = g.create_array("tile_id", shape=(n,), dtype=str, dimension_names=["tile"])
+    ids[:] = np.array([t.tile_id for t in reqs], dtype=object)
+    held_out = "tiles of the val and test 1-degree blocks (never in --split train pretraining)"
+    g.attrs.update(
+        {
+            "tasks": TASKS,
+            "tile_size": S,
+            "n_tiles": n,
+            "seed": seed,
+            "source": "offline",
+            "held_out": held_out,
+        }
+    )
+    counts = {t: np.bincount(fields, minlength=4).tolist() if t == "fields" else None for t in TASKS}
+    return {
+        "store": out,
+        "n_tiles": n,
+        "fields_class_counts": counts["fields"],
+        "objects_share": objects.mean(0).round(3).tolist(),
+    }
