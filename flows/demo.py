@@ -3,8 +3,8 @@ pretrain MP-MAE briefly on it, print where everything is.
 
     make run        # or: python -m flows.demo [--tiles 256] [--store data/demo.zarr] [--steps 30]
 
-Re-running resumes the build (or does nothing when the store is complete) and starts a fresh short
-pretraining run in ``runs/demo``.
+Re-running resumes the build (or does nothing when the store is complete; a demo store made by another
+version of the generator is rebuilt) and starts a fresh short pretraining run in ``runs/demo``.
 """
 
 from __future__ import annotations
