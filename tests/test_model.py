@@ -504,3 +504,21 @@ def test_downstream_tasks_come_from_held_out_blocks_and_evaluate(tmp_path, small
     }
     assert len(rows) == 6 and all(0.0 <= r["mean"] <= 1.0 and r["seeds"] == 2 for r in rows)
     assert evaluate_main(["--tasks", tasks, "--run", out, "--fraction", "2"]) == 2
+    ft = tmp_path / "ft.json"
+    assert evaluate_main(["--tasks", tasks, "--run", out, "--finetune", "--epochs", "1", "--seeds", "1",
+                          "--json", str(ft)]) == 0  # fmt: skip
+    rows = json.loads(ft.read_text())["rows"]
+    assert len(rows) == 3 and all(r["protocol"] == "finetune" and 0 <= r["mean"] <= 1 for r in rows)
+
+
+def test_layer_wise_lr_decay_depths():
+    from model import evaluate
+
+    enc = MaskedConvNeXtV2("atto", in_chans=12, patch_size=8)
+    evaluate.STAGE_DEPTHS[:] = [len(s.blocks) for s in enc.stages]  # 2, 2, 6, 2
+    n = 1 + 12 + 1
+    assert evaluate.layer_id("stem.conv.weight", n) == 0
+    assert evaluate.layer_id("stages.0.blocks.1.norm.weight", n) == 2
+    assert evaluate.layer_id("stages.2.downsample.1.weight", n) == 5
+    assert evaluate.layer_id("stages.3.blocks.1.mlp.fc2.weight", n) == 12
+    assert evaluate.layer_id("weight", n) == n  # the head
