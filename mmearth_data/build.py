@@ -202,7 +202,8 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
     resumed = check_request(cfg)
     ident = cfg.identity()
     chash = config_hash(ident)
-    labeler = plan_labeler(cfg)
+    source = make_source(cfg.source, seed=cfg.seed, **cfg.source_options)
+    labeler = plan_labeler(cfg, source)
     try:
         plan = sample_plan(
             SampleConfig(cfg.n_tiles, tuple(cfg.years), cfg.seed, cfg.tile_size, cfg.reserve),
@@ -218,7 +219,6 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
     shard_tiles = cfg.resolved_shard_tiles()
     mods = registry.stored_modalities(cfg.modalities)
     if not resumed:
-        source = make_source(cfg.source, seed=cfg.seed, **cfg.source_options)
         create_store(
             cfg.store,
             n_tiles=cfg.n_tiles,
@@ -303,9 +303,8 @@ class CachedLabeler:
         fs.pipe_file(p, buf.getvalue())
 
 
-def plan_labeler(cfg: BuildConfig) -> CachedLabeler | None:
+def plan_labeler(cfg: BuildConfig, source: Any) -> CachedLabeler | None:
     """The biome labeler of the build's source (None: the world's own biome map)."""
-    source = make_source(cfg.source, seed=cfg.seed, **cfg.source_options)
     label = getattr(source, "label_locations", None)
     if label is None:
         return None

@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from mmearth_data.grid import GlobalGrid, tile_transforms, utm_epsg
 from mmearth_data.registry import ERA5_BANDS, S2_BANDS, stored_modalities
 from mmearth_data.sources.base import SourceError, TileFailure, TileRequest, TileResult
 
@@ -39,7 +38,7 @@ CHECK_TILES: dict[str, tuple[float, float, int, tuple[int, int] | None, str]] = 
     "mountains": (46.55, 8.0, 2020, (7, 9), "Bernese Alps, summer"),
 }
 B = {b: i for i, b in enumerate(S2_BANDS)}
-WC_TREES, WC_WATER, WC_BARE = 10, 80, 60
+WC_TREES, WC_WATER = 10, 80
 
 
 HOST_OVERRIDE: tuple[str, int] | None = None  # (host, port) to probe instead (tests)
@@ -58,27 +57,7 @@ class Check:
 
 
 def check_tiles(size: int = 128) -> list[TileRequest]:
-    grid = GlobalGrid(size)
-    out = []
-    for lat, lon, year, _, _ in CHECK_TILES.values():
-        row, col = grid.cell_of(np.array([lat]), np.array([lon]))
-        clat, clon = grid.center(row, col)
-        epsg = utm_epsg(clat, clon)
-        transform = tile_transforms(clat, clon, epsg, size)[0]
-        out.append(
-            TileRequest(
-                grid.tile_id(int(row[0]), int(col[0])),
-                float(clat[0]),
-                float(clon[0]),
-                int(epsg[0]),
-                tuple(float(v) for v in transform),
-                size,
-                year,
-                0,
-                0,
-            )  # fmt: skip
-        )
-    return out
+    return [TileRequest.at(lat, lon, year, size) for lat, lon, year, _, _ in CHECK_TILES.values()]
 
 
 def reach(host: str, port: int = 443, timeout_s: float = 5.0) -> None:

@@ -17,7 +17,6 @@ not a function of climate.
 from __future__ import annotations
 
 import hashlib
-import logging
 from typing import Any
 
 import numpy as np
@@ -29,7 +28,6 @@ from mmearth_data.sources.base import TileRequest
 from mmearth_data.sources.offline import OfflineSource
 from mmearth_data.store import COMPRESSOR
 
-log = logging.getLogger(__name__)
 TASKS: dict[str, dict[str, Any]] = {
     "fields": {
         "kind": "single-label",
@@ -144,10 +142,9 @@ def build_tasks(
             "held_out": held_out,
         }
     )
-    counts = {t: np.bincount(fields, minlength=4).tolist() if t == "fields" else None for t in TASKS}
     return {
         "store": out,
         "n_tiles": n,
-        "fields_class_counts": counts["fields"],
+        "fields_class_counts": np.bincount(fields, minlength=4).tolist(),
         "objects_share": objects.mean(0).round(3).tolist(),
     }

@@ -30,16 +30,13 @@ from mmearth_data.registry import get
 from mmearth_data.store import CorpusReader, strings
 from model.data import normaliser_for
 from model.encoder import MaskedConvNeXtV2
+from model.pretrain import lr_at
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 METRICS = {"fields": "accuracy", "objects": "micro_f1", "boundaries": "miou"}
 # MMEarth-train's main_finetune defaults (epochs 100 there; batch 64; layer decay 1.0 there, i.e. none)
 FINETUNE_RECIPE = {"blr": 5e-4, "batch": 64, "weight_decay": 0.05, "warmup_share": 0.2, "min_lr": 1e-6,
                    "smoothing": 0.1, "layer_decay": 0.9, "epochs": 8}  # fmt: skip
-
-
-class EvalError(ValueError):
-    """Inputs that cannot be evaluated as given."""
 
 
 def task_inputs(tasks: str, stats: dict, img: int, in_chans: int) -> dict:
@@ -77,7 +74,33 @@ def task_features(enc: MaskedConvNeXtV2, data: dict, batch: int = 64) -> dict:
     return data | {"pooled": torch.cat(pooled), "patches": torch.cat(patches)}
 
 
-def _fit(x, y, loss_fn, n_out: int, l2: float, steps: int = 150):
+N_OUT = {"fields": 4, "objects": 4, "boundaries": 2}
+BOUNDARY_WEIGHT = (1.0, 8.0)  # boundary pixels are rare
+
+
+def task_loss(task: str, smoothing: float = 0.0):
+    """The loss of a task's logits: cross-entropy (single-label, optionally label-smoothed), binary
+    cross-entropy (multi-label), class-weighted cross-entropy (segmentation)."""
+    if task == "fields":
+        return lambda z, y: F.cross_entropy(z, y, label_smoothing=smoothing)
+    if task == "objects":
+        return F.binary_cross_entropy_with_logits
+    weight = torch.tensor(BOUNDARY_WEIGHT)
+    return lambda z, y: F.cross_entropy(z, y, weight=weight)
+
+
+def split_indices(split: np.ndarray, fraction: float, seed: int):
+    """(train, val, test) tile indices, the train ones a seeded draw of ``fraction`` of them, and the
+    generator that drew them."""
+    tr, va, te = (np.flatnonzero(split == s) for s in ("train", "val", "test"))
+    rng = np.random.default_rng(seed)
+    tr = np.sort(rng.choice(tr, max(4, int(round(fraction * len(tr)))), replace=False))
+    return tr, va, te, rng
+
+
+def fit_linear(x, y, loss_fn, n_out: int, l2: float, steps: int = 150):
+    """A linear map on standardised features fitted by L-BFGS with an L2 penalty; returns the logits
+    function."""
     mu, sd = x.mean(0), x.std(0) + 1e-6
     w = torch.zeros(x.shape[1], n_out, requires_grad=True)
     b = torch.zeros(n_out, requires_grad=True)
@@ -117,47 +140,31 @@ def metric(task: str, logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def probe_task(feats: dict, task: str, fraction: float, seed: int) -> float:
-    split = feats["split"]
-    tr, va, te = (np.flatnonzero(split == s) for s in ("train", "val", "test"))
-    rng = np.random.default_rng(seed)
-    tr = np.sort(rng.choice(tr, max(4, int(round(fraction * len(tr)))), replace=False))
+    tr, va, te, _ = split_indices(feats["split"], fraction, seed)
 
     def xy(idx):
         if task == "boundaries":
             return _seg_xy(feats["patches"][idx], feats["boundaries"][idx])
         return feats["pooled"][idx], feats[task][idx]
 
-    if task == "fields":
-        loss, n_out = F.cross_entropy, 4
-    elif task == "objects":
-        loss, n_out = F.binary_cross_entropy_with_logits, 4
-    else:
-        weight = torch.tensor([1.0, 8.0])  # boundaries are rare
-
-        def loss(z, y):
-            return F.cross_entropy(z, y, weight=weight)
-
-        n_out = 2
+    loss, n_out = task_loss(task), N_OUT[task]
     (xtr, ytr), (xva, yva), (xte, yte) = xy(tr), xy(va), xy(te)
-    best = max(L2_GRID, key=lambda l2: metric(task, _fit(xtr, ytr, loss, n_out, l2)(xva), yva))
-    return metric(task, _fit(xtr, ytr, loss, n_out, best)(xte), yte)
+    best = max(L2_GRID, key=lambda l2: metric(task, fit_linear(xtr, ytr, loss, n_out, l2)(xva), yva))
+    return metric(task, fit_linear(xtr, ytr, loss, n_out, best)(xte), yte)
 
 
-def layer_id(name: str, n_layers: int) -> int:
-    """Depth of a parameter for layer-wise lr decay: stem 0, then one per block (downsampling counts
-    with the stage's first block), the head ``n_layers``."""
+def layer_id(name: str, depths: list[int]) -> int:
+    """Depth of an encoder parameter for layer-wise lr decay, given the stages' block counts: stem 0,
+    then one per block (downsampling counts with the stage's first block); anything else (the head)
+    ``sum(depths) + 2``."""
     if name.startswith("stem."):
         return 0
     if name.startswith("stages."):
         parts = name.split(".")
         stage = int(parts[1])
-        before = sum(STAGE_DEPTHS[:stage])
         block = int(parts[3]) if parts[2] == "blocks" else 0
-        return 1 + before + block
-    return n_layers
-
-
-STAGE_DEPTHS: list[int] = []
+        return 1 + sum(depths[:stage]) + block
+    return sum(depths) + 2
 
 
 def finetune_task(enc_state: dict, make_encoder, task: str, data: dict, fraction: float, seed: int,
@@ -165,16 +172,13 @@ def finetune_task(enc_state: dict, make_encoder, task: str, data: dict, fraction
     """Fine-tune a fresh copy of the encoder (weights ``enc_state``) with a linear head on ``task``;
     the test score of the epoch that scored best on val."""
     r = FINETUNE_RECIPE
-    split = data["split"]
-    tr, va, te = (np.flatnonzero(split == s) for s in ("train", "val", "test"))
-    rng = np.random.default_rng(seed)
-    tr = np.sort(rng.choice(tr, max(4, int(round(fraction * len(tr)))), replace=False))
+    tr, va, te, rng = split_indices(data["split"], fraction, seed)
     torch.manual_seed(seed)
     enc = make_encoder()
     enc.load_state_dict(enc_state)
-    STAGE_DEPTHS[:] = [len(s.blocks) for s in enc.stages]
-    n_layers = 1 + sum(STAGE_DEPTHS) + 1
-    n_out = {"fields": 4, "objects": 4, "boundaries": 2}[task]
+    depths = [len(s.blocks) for s in enc.stages]
+    n_layers = layer_id("head", depths)
+    n_out = N_OUT[task]
     head = (
         torch.nn.Conv2d(enc.out_dim, n_out, 1)
         if task == "boundaries"
@@ -187,7 +191,7 @@ def finetune_task(enc_state: dict, make_encoder, task: str, data: dict, fraction
     for name, p in [(f"enc.{k}", v) for k, v in enc.named_parameters()] + [
         (f"head.{k}", v) for k, v in head.named_parameters()
     ]:
-        lid = layer_id(name[4:], n_layers) if name.startswith("enc.") else n_layers
+        lid = layer_id(name[4:], depths) if name.startswith("enc.") else n_layers
         decay = 0.0 if p.ndim <= 1 else r["weight_decay"]
         key = (lid, decay)
         groups.setdefault(
@@ -208,12 +212,7 @@ def finetune_task(enc_state: dict, make_encoder, task: str, data: dict, fraction
             )
         return head(f.mean(dim=(-2, -1)))
 
-    def loss_of(z, idx):
-        if task == "fields":
-            return F.cross_entropy(z, data["fields"][idx], label_smoothing=r["smoothing"])
-        if task == "objects":
-            return F.binary_cross_entropy_with_logits(z, data["objects"][idx])
-        return F.cross_entropy(z, data["boundaries"][idx], weight=torch.tensor([1.0, 8.0]))
+    loss_fn = task_loss(task, r["smoothing"])
 
     def score(idx):
         with torch.no_grad():
@@ -230,15 +229,10 @@ def finetune_task(enc_state: dict, make_encoder, task: str, data: dict, fraction
         order = rng.permutation(tr)
         for a in range(0, len(order), r["batch"]):
             idx = np.sort(order[a : a + r["batch"]])
-            cur = (
-                lr * (step + 1) / warm
-                if step < warm
-                else r["min_lr"]
-                + (lr - r["min_lr"]) * 0.5 * (1 + np.cos(np.pi * (step - warm) / max(1, total - warm)))
-            )
+            cur = lr_at(step, total, warm, lr, r["min_lr"])
             for g in opt.param_groups:
                 g["lr"] = cur * g["lr_scale"]
-            loss = loss_of(forward(idx, True), idx)
+            loss = loss_fn(forward(idx, True), data[task][idx])
             opt.zero_grad()
             loss.backward()
             opt.step()

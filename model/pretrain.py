@@ -269,8 +269,7 @@ def run(args: argparse.Namespace) -> dict:
     except (DataError, StoreError) as err:
         raise UsageError(str(err)) from None
     apply_recipe(args, world, ds.n_eligible)
-    if args.recipe == "paper" and args.accum > 1 and "accum" not in getattr(args, "explicit", []):
-        ds = dataset()  # resume offsets depend on the accumulation
+    ds.start_batches = start_step * args.accum  # the recipe may have set the accumulation
     global_batch = args.batch_size * args.accum * world
     total = args.steps or max(1, math.ceil((args.epochs or 1.0) * ds.n_eligible / global_batch))
     warmup = args.warmup if args.warmup is not None else max(1, total // 10)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from mmearth_data.registry import get
 from model.data import StreamingCorpus
 from model.encoder import MaskedConvNeXtV2
+from model.evaluate import fit_linear, load_encoder
 
 
 @torch.no_grad()
@@ -38,27 +38,13 @@ def features(encoder: MaskedConvNeXtV2, ds: StreamingCorpus, target: str, batch:
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = 1e-3, steps: int = 200):
     """Multinomial logistic regression on standardised features; returns a predict function."""
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    xs = (x - mu) / sd
-    w = torch.zeros(x.shape[1], n_classes, requires_grad=True)
-    b = torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(xs @ w + b, y) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return lambda z: ((z - mu) / sd @ w + b).argmax(1)
+    logits = fit_linear(x, y, torch.nn.functional.cross_entropy, n_classes, l2, steps)
+    return lambda z: logits(z).argmax(1)
 
 
 def probe(store: str, run: str, target: str = "biome", img_size: int | None = None, seed: int = 0) -> dict:
     run_dir = Path(run)
-    state = torch.load(run_dir / "state.pt", map_location="cpu", weights_only=True)
-    args = json.loads(state["args"])
-    size, patch = args["model"], args["patch_size"]
+    enc, args = load_encoder(run, random_init=False, seed=seed)
     img = img_size or args["img_size"]
     m = get(target)
     if not (m.kind == "tile" and m.categorical):
@@ -70,14 +56,10 @@ def probe(store: str, run: str, target: str = "biome", img_size: int | None = No
         for s in ("val", "test")
         if _has_split(store, s)
     ]
-    weights = load_file(str(run_dir / "model.safetensors"))
-    enc_w = {k[len("encoder.") :]: v for k, v in weights.items() if k.startswith("encoder.")}
     results = {}
     for name in ("pretrained", "random init"):
-        torch.manual_seed(seed)
-        enc = MaskedConvNeXtV2(size, in_chans=enc_w["stem.conv.weight"].shape[1], patch_size=patch)
-        if name == "pretrained":
-            enc.load_state_dict(enc_w)
+        if name == "random init":
+            enc, _ = load_encoder(run, random_init=True, seed=seed)
         xtr, ytr = features(enc, train, target)
         parts = [features(enc, h, target) for h in held]
         xte = torch.cat([p[0] for p in parts])
@@ -87,7 +69,13 @@ def probe(store: str, run: str, target: str = "biome", img_size: int | None = No
         acc = float((predict(xte[keep_te]) == yte[keep_te]).float().mean())
         results[name] = {"accuracy": acc, "n_train": int(keep_tr.sum()), "n_test": int(keep_te.sum())}
     majority = float(np.bincount(ytr[ytr >= 0].numpy()).max() / max(1, int((ytr >= 0).sum())))
-    out = {"target": target, "model": size, "img_size": img, "results": results, "majority_train": majority}
+    out = {
+        "target": target,
+        "model": args["model"],
+        "img_size": img,
+        "results": results,
+        "majority_train": majority,
+    }
     (run_dir / f"probe_{target}.json").write_text(json.dumps(out, indent=1))
     return out
 

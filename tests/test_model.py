@@ -515,10 +515,10 @@ def test_layer_wise_lr_decay_depths():
     from model import evaluate
 
     enc = MaskedConvNeXtV2("atto", in_chans=12, patch_size=8)
-    evaluate.STAGE_DEPTHS[:] = [len(s.blocks) for s in enc.stages]  # 2, 2, 6, 2
+    depths = [len(s.blocks) for s in enc.stages]  # 2, 2, 6, 2
     n = 1 + 12 + 1
-    assert evaluate.layer_id("stem.conv.weight", n) == 0
-    assert evaluate.layer_id("stages.0.blocks.1.norm.weight", n) == 2
-    assert evaluate.layer_id("stages.2.downsample.1.weight", n) == 5
-    assert evaluate.layer_id("stages.3.blocks.1.mlp.fc2.weight", n) == 12
-    assert evaluate.layer_id("weight", n) == n  # the head
+    assert evaluate.layer_id("stem.conv.weight", depths) == 0
+    assert evaluate.layer_id("stages.0.blocks.1.norm.weight", depths) == 2
+    assert evaluate.layer_id("stages.2.downsample.1.weight", depths) == 5
+    assert evaluate.layer_id("stages.3.blocks.1.mlp.fc2.weight", depths) == 12
+    assert evaluate.layer_id("weight", depths) == n  # the head

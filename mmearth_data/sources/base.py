@@ -33,6 +33,23 @@ class TileRequest:
     ecoregion: int
 
     @classmethod
+    def at(
+        cls, lat: float, lon: float, year: int, size: int, biome: int = 0, ecoregion: int = 0
+    ) -> TileRequest:
+        """The global grid's tile of ``size`` px that holds (lat, lon), on its UTM zone's 10 m grid."""
+        from mmearth_data.grid import GlobalGrid, tile_transforms, utm_epsg
+
+        grid = GlobalGrid(size)
+        row, col = grid.cell_of(np.array([lat]), np.array([lon]))
+        clat, clon = grid.center(row, col)
+        epsg = utm_epsg(clat, clon)
+        transform = tile_transforms(clat, clon, epsg, size)[0]
+        return cls(
+            grid.tile_id(int(row[0]), int(col[0])), float(clat[0]), float(clon[0]), int(epsg[0]),
+            tuple(float(v) for v in transform), size, year, biome, ecoregion,
+        )  # fmt: skip
+
+    @classmethod
     def from_row(cls, row: Any, size: int) -> TileRequest:
         return cls(
             tile_id=str(row["tile_id"]),

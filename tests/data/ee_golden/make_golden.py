@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mmearth_data.grid import GlobalGrid, tile_transforms, utm_epsg
 from mmearth_data.registry import stored_modalities
 from mmearth_data.sources.base import TileRequest
 from mmearth_data.sources.earthengine import (
@@ -113,15 +112,7 @@ RESPONSES = {
 
 
 def tile_for(lat: float, lon: float, year: int, biome: int, eco: int, size: int = 128) -> TileRequest:
-    grid = GlobalGrid(size)
-    row, col = grid.cell_of(np.array([lat]), np.array([lon]))
-    clat, clon = grid.center(row, col)
-    epsg = utm_epsg(clat, clon)
-    transform = tile_transforms(clat, clon, epsg, size)[0]
-    return TileRequest(
-        grid.tile_id(int(row[0]), int(col[0])), float(clat[0]), float(clon[0]), int(epsg[0]),
-        tuple(float(v) for v in transform), size, year, biome, eco,
-    )  # fmt: skip
+    return TileRequest.at(lat, lon, year, size, biome, eco)
 
 
 def golden(name: str) -> dict:
