@@ -1,16 +1,24 @@
-"""Linear probing on downstream tasks: ``python -m model.evaluate --tasks data/tasks.zarr --run runs/x``.
+"""Linear probing and fine-tuning on downstream tasks:
+``python -m model.evaluate --tasks data/tasks.zarr --run runs/x`` (or ``--tasks geobench:m-eurosat``).
 
-Data flow: a task store (``mmearth tasks build``) -> Sentinel-2 normalised with the pretraining corpus's
-statistics (the run's ``--store``, or ``--store``) -> the frozen encoder (the run's weights, or a random
-initialisation with ``--random-init``) -> final-stage features, streamed batch by batch: pooled per
-tile for classification, per patch for segmentation -> a linear classifier whose L2 strength is chosen
-on the val split, scored on test -> metrics as GEO-Bench reports them: accuracy (single-label),
-micro F1 (multi-label), mIoU (segmentation). ``--fraction`` trains on a share of the train split
-(label efficiency), ``--seeds K`` repeats each with K draws of that share and reports mean and
-standard deviation. ``--finetune`` trains the whole encoder with a linear head instead (MMEarth-train's
-recipe written out in :data:`FINETUNE_RECIPE`: AdamW, blr 5e-4 scaled by batch / 256, weight decay
-0.05, layer-wise lr decay, warmup then cosine, label smoothing 0.1 for single-label tasks; epochs
-default to a CPU-sized 8 instead of its 100). Writes a JSON file and prints a table.
+Data flow: a task source, either a task store (``mmearth tasks build``: Sentinel-2 normalised with the
+pretraining corpus's statistics, the run's ``--store`` or ``--store``; tasks ``fields``, ``objects``,
+``boundaries``) or a GEO-Bench dataset (:mod:`model.geobench`: normalised with its own band statistics)
+-> read batch by batch -> the frozen encoder (the run's weights, or a random initialisation with
+``--random-init``) -> final-stage features, streamed: only the pooled vector of each sample is kept, and
+for segmentation a fixed grid of at most 256 upsampled pixel features per sample -> a linear classifier
+whose L2 strength is chosen on the val split, scored on test -> metrics as GEO-Bench reports them:
+accuracy (single-label), micro F1 (multi-label), mIoU (segmentation).
+
+``--fraction`` trains on a share of the train split (label efficiency; a GEO-Bench dataset's own
+``<f>x_train`` partition when it ships one). ``--seeds K`` repeats each with K draws and reports mean and
+standard deviation: below 100 % a seed draws the train subset, at 100 % it draws a bootstrap resample of
+the train split (so the spread is the probe's sensitivity to its training sample, not zero), and with
+``--random-init`` it also draws the encoder's initialisation. ``--finetune`` trains the whole encoder with
+a linear head instead (MMEarth-train's recipe written out in :data:`FINETUNE_RECIPE`: AdamW, blr 5e-4
+scaled by batch / 256, weight decay 0.05, layer-wise lr decay, warmup then cosine, label smoothing 0.1 for
+single-label tasks; epochs default to a CPU-sized 8 instead of its 100). Writes a JSON file and prints a
+table.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,72 +40,182 @@ from mmearth_data.registry import get
 from mmearth_data.store import CorpusReader, strings
 from model.data import normaliser_for
 from model.encoder import MaskedConvNeXtV2
+from model.geobench import GeoBenchDataset, GeoBenchError
 from model.pretrain import lr_at
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
-METRICS = {"fields": "accuracy", "objects": "micro_f1", "boundaries": "miou"}
+METRIC_OF = {"single-label": "accuracy", "multi-label": "micro_f1", "segmentation": "miou"}
 # MMEarth-train's main_finetune defaults (epochs 100 there; batch 64; layer decay 1.0 there, i.e. none)
 FINETUNE_RECIPE = {"blr": 5e-4, "batch": 64, "weight_decay": 0.05, "warmup_share": 0.2, "min_lr": 1e-6,
                    "smoothing": 0.1, "layer_decay": 0.9, "epochs": 8}  # fmt: skip
+SEG_PIXELS = 16  # segmentation probe: a 16 x 16 grid of pixels per sample at most
 
 
-def task_inputs(tasks: str, stats: dict, img: int, in_chans: int) -> dict:
-    """Normalised Sentinel-2 centre crops (``x``) and labels of every tile of the task store."""
-    g = zarr.open_group(tasks, mode="r")
-    m = get("sentinel2")
-    norm = normaliser_for(m, stats)
-    S = int(g.attrs["tile_size"])
-    o = (S - img) // 2
-    raw = np.asarray(g["sentinel2"][:])
-    x = norm.apply(raw, np.asarray(g["level_l2a"][:]).astype(np.int64))
-    x[raw == m.fill] = 0.0
-    bands = m.model_band_index if in_chans == len(m.model_band_index) else list(range(m.n_bands))
-    x = x[:, bands, o : o + img, o : o + img]  # runs from before model_bands read all 13 bands
-    seg = np.asarray(g["boundaries"][:])[:, o : o + img, o : o + img]
-    return {
-        "x": torch.from_numpy(np.ascontiguousarray(x)),
-        "split": strings(g["split"][:]),
-        "fields": torch.from_numpy(np.asarray(g["fields"][:]).astype(np.int64)),
-        "objects": torch.from_numpy(np.asarray(g["objects"][:]).astype(np.float32)),
-        "boundaries": torch.from_numpy(seg.astype(np.int64)),
-    }
+@dataclass
+class Task:
+    """One labelled task of a source: its name, label kind and number of outputs."""
+
+    name: str
+    kind: str  # single-label | multi-label | segmentation
+    n_out: int
+    class_weight: tuple[float, ...] | None = None
+
+    @property
+    def metric(self) -> str:
+        return METRIC_OF[self.kind]
+
+
+class StoreSource:
+    """The task store of ``mmearth tasks build``: centre crops of its Sentinel-2, normalised with the
+    pretraining corpus's statistics; tasks ``fields``, ``objects`` and ``boundaries``."""
+
+    TASKS = (
+        Task("fields", "single-label", 4),
+        Task("objects", "multi-label", 4),
+        Task("boundaries", "segmentation", 2, class_weight=(1.0, 8.0)),  # boundary pixels are rare
+    )
+
+    def __init__(self, path: str, stats: dict, img: int, in_chans: int):
+        self.name = path
+        self.g = zarr.open_group(path, mode="r")
+        self.m = get("sentinel2")
+        self.norm = normaliser_for(self.m, stats)
+        S = int(self.g.attrs["tile_size"])
+        self.o, self.img = (S - img) // 2, img
+        self.split = strings(self.g["split"][:])
+        self.bands = (
+            self.m.model_band_index
+            if in_chans == len(self.m.model_band_index)
+            else list(range(self.m.n_bands))
+        )  # runs from before model_bands read all 13 bands
+        self.level = np.asarray(self.g["level_l2a"][:]).astype(np.int64)
+        self.tasks = self.TASKS
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def train_subset(self, fraction: float) -> np.ndarray | None:
+        return None
+
+    def read(self, idx: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        o, img = self.o, self.img
+        sel = (idx, slice(None), slice(o, o + img), slice(o, o + img))
+        raw = self.g["sentinel2"].get_orthogonal_selection(sel)
+        x = self.norm.apply(raw, self.level[idx])
+        x[raw == self.m.fill] = 0.0
+        x = np.ascontiguousarray(x[:, self.bands])
+        seg = self.g["boundaries"].get_orthogonal_selection(sel[:1] + sel[2:])
+        y = {
+            "fields": torch.from_numpy(self.g["fields"].get_orthogonal_selection((idx,)).astype(np.int64)),
+            "objects": torch.from_numpy(
+                self.g["objects"].get_orthogonal_selection((idx,)).astype(np.float32)
+            ),
+            "boundaries": torch.from_numpy(seg.astype(np.int64)),
+        }
+        return torch.from_numpy(x), y
+
+
+class GeoBenchSource:
+    """A GEO-Bench dataset (``geobench:<name>``) read through :mod:`model.geobench`; one task."""
+
+    def __init__(self, name: str, root: str | None, in_chans: int):
+        self.ds = GeoBenchDataset.open(name, root)
+        if in_chans != len(self.ds.source):
+            raise GeoBenchError(
+                f"the encoder reads {in_chans} bands; GEO-Bench datasets are read in the 12 model bands"
+            )
+        self.name = f"geobench:{name}"
+        names = self.ds.split_names()
+        self.samples = [s for k in ("train", "val", "test") for s in names[k]]
+        self.split = np.array([k for k in ("train", "val", "test") for _ in names[k]])
+        self.index = {s: i for i, s in enumerate(self.samples)}
+        self.tasks = (Task(self.name, self.ds.kind, self.ds.n_classes),)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def train_subset(self, fraction: float) -> np.ndarray | None:
+        """GEO-Bench's own partition for ``fraction`` when the dataset ships one."""
+        names = self.ds.split_names(fraction).get("train") if fraction < 1 else None
+        return np.sort([self.index[s] for s in names if s in self.index]) if names else None
+
+    def read(self, idx: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        pairs = [self.ds.read(self.samples[i]) for i in idx]
+        x = torch.from_numpy(np.stack([p[0] for p in pairs]))
+        kind = self.ds.kind
+        y = (
+            torch.tensor([p[1] for p in pairs], dtype=torch.int64)
+            if kind == "single-label"
+            else torch.from_numpy(np.stack([p[1] for p in pairs]))
+        )
+        return x, {self.name: y}
+
+
+def open_source(spec: str, stats_of: Callable[[], dict], img: int, in_chans: int, geobench_dir: str | None):
+    if spec.startswith("geobench:"):
+        return GeoBenchSource(spec.split(":", 1)[1], geobench_dir, in_chans)
+    return StoreSource(spec, stats_of(), img, in_chans)
+
+
+def _grid(n: int) -> torch.Tensor:
+    """Normalised centre coordinates of every s-th pixel of ``n`` (at most SEG_PIXELS of them), in
+    ``grid_sample``'s ``align_corners=False`` convention, and the pixel indices."""
+    s = max(1, -(-n // SEG_PIXELS))
+    idx = torch.arange(s // 2, n, s)
+    return (2 * idx.float() + 1) / n - 1, idx
 
 
 @torch.no_grad()
-def task_features(enc: MaskedConvNeXtV2, data: dict, batch: int = 64) -> dict:
-    """``data`` with the frozen encoder's features added: pooled per tile and per patch, computed batch
-    by batch."""
+def stream_features(enc: MaskedConvNeXtV2, source, batch: int = 32) -> dict:
+    """Read ``source`` batch by batch through the frozen encoder; keep each sample's pooled features and
+    labels, and for segmentation tasks the features bilinearly upsampled to a grid of pixels (sampled at
+    those pixels directly, never upsampled whole) with their labels."""
     enc.eval()
-    pooled, patches = [], []
-    for a in range(0, len(data["x"]), batch):
-        f = enc(data["x"][a : a + batch])
+    seg = [t for t in source.tasks if t.kind == "segmentation"]
+    pooled, pix = [], []
+    labels: dict[str, list] = {t.name: [] for t in source.tasks}
+    for a in range(0, len(source), batch):
+        x, y = source.read(np.arange(a, min(a + batch, len(source))))
+        f = enc(x)
         pooled.append(f.mean(dim=(-2, -1)))
-        patches.append(f)
-    return data | {"pooled": torch.cat(pooled), "patches": torch.cat(patches)}
+        if seg:
+            (gy, ry), (gx, rx) = _grid(x.shape[-2]), _grid(x.shape[-1])
+            grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), -1)[None].expand(len(f), -1, -1, -1)
+            pix.append(
+                F.grid_sample(f, grid, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+            )
+        for t in source.tasks:
+            labels[t.name].append(
+                y[t.name][:, ry][:, :, rx].flatten(1) if t.kind == "segmentation" else y[t.name]
+            )
+    out = {"pooled": torch.cat(pooled), **{k: torch.cat(v) for k, v in labels.items()}}
+    if seg:
+        out["pixels"] = torch.cat(pix)  # [N, pixels, C]
+    return out
 
 
-N_OUT = {"fields": 4, "objects": 4, "boundaries": 2}
-BOUNDARY_WEIGHT = (1.0, 8.0)  # boundary pixels are rare
-
-
-def task_loss(task: str, smoothing: float = 0.0):
+def task_loss(task: Task, smoothing: float = 0.0):
     """The loss of a task's logits: cross-entropy (single-label, optionally label-smoothed), binary
-    cross-entropy (multi-label), class-weighted cross-entropy (segmentation)."""
-    if task == "fields":
+    cross-entropy (multi-label), cross-entropy with the task's class weights (segmentation)."""
+    if task.kind == "single-label":
         return lambda z, y: F.cross_entropy(z, y, label_smoothing=smoothing)
-    if task == "objects":
+    if task.kind == "multi-label":
         return F.binary_cross_entropy_with_logits
-    weight = torch.tensor(BOUNDARY_WEIGHT)
+    weight = torch.tensor(task.class_weight) if task.class_weight else None
     return lambda z, y: F.cross_entropy(z, y, weight=weight)
 
 
-def split_indices(split: np.ndarray, fraction: float, seed: int):
-    """(train, val, test) tile indices, the train ones a seeded draw of ``fraction`` of them, and the
-    generator that drew them."""
-    tr, va, te = (np.flatnonzero(split == s) for s in ("train", "val", "test"))
+def train_indices(source, fraction: float, seed: int) -> np.ndarray:
+    """The train samples of one seed: a bootstrap resample of the train split at 100 %, else the source's
+    own partition for ``fraction`` (GEO-Bench) or a seeded draw of that share."""
+    tr = np.flatnonzero(source.split == "train")
     rng = np.random.default_rng(seed)
-    tr = np.sort(rng.choice(tr, max(4, int(round(fraction * len(tr)))), replace=False))
-    return tr, va, te, rng
+    if fraction >= 1:
+        return np.sort(rng.choice(tr, len(tr), replace=True))
+    own = source.train_subset(fraction)
+    if own is not None and len(own):
+        return own
+    return np.sort(rng.choice(tr, max(4, int(round(fraction * len(tr)))), replace=False))
 
 
 def fit_linear(x, y, loss_fn, n_out: int, l2: float, steps: int = 150):
@@ -116,41 +236,37 @@ def fit_linear(x, y, loss_fn, n_out: int, l2: float, steps: int = 150):
     return lambda z: ((z - mu) / sd) @ w + b
 
 
-def _seg_xy(feats: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pixel features by bilinear upsampling of the patch features (a linear segmentation probe),
-    subsampled every 4th pixel in each direction to keep the fit small."""
-    up = F.interpolate(feats, size=masks.shape[-2:], mode="bilinear", align_corners=False)[..., ::4, ::4]
-    return up.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]), masks[..., ::4, ::4].reshape(-1)
-
-
-def metric(task: str, logits: torch.Tensor, y: torch.Tensor) -> float:
-    if task == "fields":
+def metric(task: Task, logits: torch.Tensor, y: torch.Tensor) -> float:
+    if task.kind == "single-label":
         return float((logits.argmax(1) == y).float().mean())
-    if task == "objects":  # micro F1
+    if task.kind == "multi-label":  # micro F1
         p = logits > 0
         t = y > 0.5
         tp, fp, fn = (p & t).sum(), (p & ~t).sum(), (~p & t).sum()
         return float(2 * tp / max(int(2 * tp + fp + fn), 1))
-    pred = logits.argmax(1)  # mIoU over background and boundary
+    pred = logits.argmax(1)  # mIoU over the classes present in prediction or truth
     ious = [
-        float(((pred == c) & (y == c)).sum()) / max(float(((pred == c) | (y == c)).sum()), 1.0)
-        for c in (0, 1)
+        float(((pred == c) & (y == c)).sum()) / float(((pred == c) | (y == c)).sum())
+        for c in range(task.n_out)
+        if bool(((pred == c) | (y == c)).any())
     ]
-    return float(np.mean(ious))
+    return float(np.mean(ious)) if ious else 0.0
 
 
-def probe_task(feats: dict, task: str, fraction: float, seed: int) -> float:
-    tr, va, te, _ = split_indices(feats["split"], fraction, seed)
+def probe_task(feats: dict, task: Task, split: np.ndarray, train: np.ndarray) -> float:
+    va, te = np.flatnonzero(split == "val"), np.flatnonzero(split == "test")
 
     def xy(idx):
-        if task == "boundaries":
-            return _seg_xy(feats["patches"][idx], feats["boundaries"][idx])
-        return feats["pooled"][idx], feats[task][idx]
+        if task.kind == "segmentation":
+            return feats["pixels"][idx].reshape(-1, feats["pixels"].shape[-1]), feats[task.name][idx].reshape(
+                -1
+            )
+        return feats["pooled"][idx], feats[task.name][idx]
 
-    loss, n_out = task_loss(task), N_OUT[task]
-    (xtr, ytr), (xva, yva), (xte, yte) = xy(tr), xy(va), xy(te)
-    best = max(L2_GRID, key=lambda l2: metric(task, fit_linear(xtr, ytr, loss, n_out, l2)(xva), yva))
-    return metric(task, fit_linear(xtr, ytr, loss, n_out, best)(xte), yte)
+    loss = task_loss(task)
+    (xtr, ytr), (xva, yva), (xte, yte) = xy(train), xy(va), xy(te)
+    best = max(L2_GRID, key=lambda l2: metric(task, fit_linear(xtr, ytr, loss, task.n_out, l2)(xva), yva))
+    return metric(task, fit_linear(xtr, ytr, loss, task.n_out, best)(xte), yte)
 
 
 def layer_id(name: str, depths: list[int]) -> int:
@@ -167,23 +283,19 @@ def layer_id(name: str, depths: list[int]) -> int:
     return sum(depths) + 2
 
 
-def finetune_task(enc_state: dict, make_encoder, task: str, data: dict, fraction: float, seed: int,
-                  epochs: int) -> float:  # fmt: skip
-    """Fine-tune a fresh copy of the encoder (weights ``enc_state``) with a linear head on ``task``;
-    the test score of the epoch that scored best on val."""
+def finetune_task(
+    enc: MaskedConvNeXtV2, source, task: Task, train: np.ndarray, seed: int, epochs: int
+) -> float:
+    """Fine-tune ``enc`` (a fresh copy, changed in place) with a linear head on ``task``; the test score of
+    the epoch that scored best on val."""
     r = FINETUNE_RECIPE
-    tr, va, te, rng = split_indices(data["split"], fraction, seed)
+    va, te = np.flatnonzero(source.split == "val"), np.flatnonzero(source.split == "test")
+    rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    enc = make_encoder()
-    enc.load_state_dict(enc_state)
     depths = [len(s.blocks) for s in enc.stages]
     n_layers = layer_id("head", depths)
-    n_out = N_OUT[task]
-    head = (
-        torch.nn.Conv2d(enc.out_dim, n_out, 1)
-        if task == "boundaries"
-        else torch.nn.Linear(enc.out_dim, n_out)
-    )
+    seg = task.kind == "segmentation"
+    head = torch.nn.Conv2d(enc.out_dim, task.n_out, 1) if seg else torch.nn.Linear(enc.out_dim, task.n_out)
     torch.nn.init.trunc_normal_(head.weight, std=2e-5)  # MMEarth-train: head_init_scale 0.001
     torch.nn.init.zeros_(head.bias)
     lr = r["blr"] * r["batch"] / 256
@@ -199,40 +311,38 @@ def finetune_task(enc_state: dict, make_encoder, task: str, data: dict, fraction
         )
         groups[key]["params"].append(p)
     opt = torch.optim.AdamW(list(groups.values()), lr=lr)
-    steps_per_epoch = max(1, -(-len(tr) // r["batch"]))
+    steps_per_epoch = max(1, -(-len(train) // r["batch"]))
     total, warm = epochs * steps_per_epoch, max(1, int(r["warmup_share"] * epochs * steps_per_epoch))
 
-    def forward(idx, train: bool):
-        enc.train(train)
-        head.train(train)
-        f = enc(data["x"][idx])
-        if task == "boundaries":
-            return F.interpolate(
-                head(f), size=data["boundaries"].shape[-2:], mode="bilinear", align_corners=False
-            )
+    def forward(x, training: bool):
+        enc.train(training)
+        head.train(training)
+        f = enc(x)
+        if seg:
+            return F.interpolate(head(f), size=x.shape[-2:], mode="bilinear", align_corners=False)
         return head(f.mean(dim=(-2, -1)))
 
     loss_fn = task_loss(task, r["smoothing"])
 
     def score(idx):
+        zs, ys = [], []
         with torch.no_grad():
-            z = torch.cat([forward(idx[a : a + 128], False) for a in range(0, len(idx), 128)])
-        y = data[task][idx]
-        return metric(
-            task,
-            z if task != "boundaries" else z.permute(0, 2, 3, 1).reshape(-1, n_out),
-            y.reshape(-1) if task == "boundaries" else y,
-        )
+            for a in range(0, len(idx), 64):
+                x, y = source.read(idx[a : a + 64])
+                z = forward(x, False)
+                zs.append(z.permute(0, 2, 3, 1).reshape(-1, task.n_out) if seg else z)
+                ys.append(y[task.name].reshape(-1) if seg else y[task.name])
+        return metric(task, torch.cat(zs), torch.cat(ys))
 
     step, best_val, best_test = 0, -1.0, 0.0
     for _ in range(epochs):
-        order = rng.permutation(tr)
+        order = rng.permutation(train)
         for a in range(0, len(order), r["batch"]):
-            idx = np.sort(order[a : a + r["batch"]])
+            x, y = source.read(np.sort(order[a : a + r["batch"]]))
             cur = lr_at(step, total, warm, lr, r["min_lr"])
             for g in opt.param_groups:
                 g["lr"] = cur * g["lr_scale"]
-            loss = loss_fn(forward(idx, True), data[task][idx])
+            loss = loss_fn(forward(x, True), y[task.name])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -259,38 +369,58 @@ def load_encoder(run: str | None, random_init: bool, seed: int = 0) -> tuple[Mas
 
 def evaluate(tasks: str, run: str, store: str | None = None, fractions=(1.0,), seeds: int = 3,
              random_init: bool = False, img: int | None = None, finetune: bool = False,
-             epochs: int = FINETUNE_RECIPE["epochs"]) -> dict:  # fmt: skip
-    enc, args = load_encoder(run, random_init)
-    stats = CorpusReader(store or args["store"]).statistics
+             epochs: int = FINETUNE_RECIPE["epochs"], geobench_dir: str | None = None) -> dict:  # fmt: skip
+    """Every task of every source in ``tasks`` (comma-separated task stores and ``geobench:<name>``) at
+    every fraction, ``seeds`` times; rows of mean and standard deviation."""
+    enc0, args = load_encoder(run, random_init)
     img = img or args["img_size"]
-    data = task_inputs(tasks, stats, img, enc.in_chans)
-    if not finetune:
-        data = task_features(enc, data)
-    state = {k: v.clone() for k, v in enc.state_dict().items()}
 
-    def make_encoder():
-        return MaskedConvNeXtV2(enc.size, in_chans=enc.in_chans, patch_size=enc.patch_size)
+    def stats_of():
+        return CorpusReader(store or args["store"]).statistics
+
+    def encoder(seed: int) -> MaskedConvNeXtV2:  # random init: one initialisation per seed
+        return load_encoder(run, True, seed)[0] if random_init else enc0
 
     rows = []
-    for task in ("fields", "objects", "boundaries"):
-        for frac in fractions:
-            if finetune:
-                vals = [finetune_task(state, make_encoder, task, data, frac, s, epochs) for s in range(seeds)]
-            else:
-                vals = [probe_task(data, task, frac, s) for s in range(seeds)]
-            rows.append(
-                {"task": task, "encoder": "random" if random_init else run, "fraction": frac,
-                 "protocol": "finetune" if finetune else "linear", "metric": METRICS[task],
-                 "mean": float(np.mean(vals)), "std": float(np.std(vals)), "seeds": seeds}
-            )  # fmt: skip
+    for spec in [s for s in tasks.split(",") if s]:
+        source = open_source(spec, stats_of, img, enc0.in_chans, geobench_dir)
+        feats: dict[int, dict] = {}
+        for task in source.tasks:
+            for frac in fractions:
+                vals = []
+                for s in range(seeds):
+                    train = train_indices(source, frac, s)
+                    if finetune:
+                        enc = encoder(s)
+                        fresh = MaskedConvNeXtV2(enc.size, in_chans=enc.in_chans, patch_size=enc.patch_size)
+                        fresh.load_state_dict(enc.state_dict())
+                        vals.append(finetune_task(fresh, source, task, train, s, epochs))
+                    else:
+                        key = s if random_init else 0
+                        if key not in feats:
+                            feats[key] = stream_features(encoder(s), source)
+                        vals.append(probe_task(feats[key], task, source.split, train))
+                rows.append(
+                    {"task": task.name, "encoder": "random" if random_init else run, "fraction": frac,
+                     "protocol": "finetune" if finetune else "linear", "metric": task.metric,
+                     "mean": float(np.mean(vals)), "std": float(np.std(vals)), "seeds": seeds}
+                )  # fmt: skip
     return {"tasks": tasks, "run": run, "model": args["model"], "img_size": img, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.split("\n")[0])
-    ap.add_argument("--tasks", required=True, help="task store from `mmearth tasks build`")
+    ap.add_argument(
+        "--tasks", required=True,
+        help="task store from `mmearth tasks build`, or geobench:<dataset> (comma-separated for several)",
+    )  # fmt: skip
     ap.add_argument("--run", required=True, help="pretraining run directory")
-    ap.add_argument("--store", help="corpus whose statistics normalise the input (default: the run's)")
+    ap.add_argument(
+        "--store", help="corpus whose statistics normalise a task store's input (default: the run's)"
+    )
+    ap.add_argument(
+        "--geobench-dir", help="GEO-Bench root (default: $GEO_BENCH_DIR, else ~/dataset/geobench)"
+    )
     ap.add_argument("--fraction", default="1", help="shares of the train labels, e.g. 0.01,0.05,0.5,1")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--random-init", action="store_true", help="the same encoder, randomly initialised")
@@ -310,9 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(a.run) / "state.pt").exists():
         print(f"error: {a.run} holds no pretraining run (state.pt missing)", file=sys.stderr)
         return 2
-    out = evaluate(
-        a.tasks, a.run, a.store, fractions, a.seeds, a.random_init, finetune=a.finetune, epochs=a.epochs
-    )
+    try:
+        out = evaluate(a.tasks, a.run, a.store, fractions, a.seeds, a.random_init, finetune=a.finetune,
+                       epochs=a.epochs, geobench_dir=a.geobench_dir)  # fmt: skip
+    except GeoBenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print("| task | metric | protocol | encoder | fraction | mean | std | seeds |")
     print("|---|---|---|---|---:|---:|---:|---:|")
     for r in out["rows"]:
