@@ -303,6 +303,14 @@ def test_linear_probe_runs_on_a_pretrained_run(tmp_path, small_store, capsys):
     for name in ("pretrained", "random init"):
         r = res["results"][name]
         assert 0.0 <= r["accuracy"] <= 1.0 and r["n_train"] > 0 and r["n_test"] > 0
+        assert r["seeds"] == 1 and r["std"] == 0.0
+    assert probe_main(["--store", small_store, "--run", out, "--target", "biome", "--seeds", "3"]) == 0
+    res = json.loads((tmp_path / "p" / "probe_biome.json").read_text())
+    assert res["results"]["random init"]["seeds"] == 3 and res["results"]["random init"]["std"] > 0
+    assert res["gap_beyond_spread"] == (
+        res["gap"] > res["results"]["pretrained"]["std"] + res["results"]["random init"]["std"]
+    )
+    assert "sum of the two spreads" in capsys.readouterr().out
     assert probe_main(["--store", small_store, "--run", out, "--target", "dem"]) == 2
     assert "tile-level categorical" in capsys.readouterr().err
     assert probe_main(["--store", small_store, "--run", str(tmp_path / "none")]) == 2
