@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--tiles", type=int, default=1200)
     tb.add_argument("--tile-size", type=int, default=64)
     tb.add_argument("--seed", type=int, default=0)
+    tb.add_argument(
+        "--balance", action=argparse.BooleanOptionalAction, default=True,
+        help="draw held-out tiles until each fields class holds a quarter of them (default)",
+    )  # fmt: skip
 
     v = sub.add_parser("validate", help="check a store against the contract and summarise it")
     v.add_argument("--store", required=True)
@@ -282,9 +286,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     from mmearth_data.tasks import TaskError, build_tasks
 
     try:
-        res = build_tasks(args.out, args.tiles, args.tile_size, args.seed)
+        res = build_tasks(args.out, args.tiles, args.tile_size, args.seed, balance=args.balance)
     except TaskError as err:
-        err_console.print(f"[bold red]error:[/] {err} (choose another --out; nothing was changed)")
+        err_console.print(f"[bold red]error:[/] {err}")
         return 2
     console.print_json(json.dumps(res))
     return 0

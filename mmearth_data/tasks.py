@@ -76,25 +76,35 @@ def task_split(tile_id: str) -> str:
 
 
 def build_tasks(
-    out: str, n_tiles: int, tile_size: int = 64, seed: int = 0, years=(2017, 2018, 2019, 2020)
-) -> dict:
-    """Build the task store at ``out`` (refused when something is there already)."""
+    out: str, n_tiles: int, tile_size: int = 64, seed: int = 0, years=(2017, 2018, 2019, 2020),
+    balance: bool = True,
+) -> dict:  # fmt: skip
+    """Build the task store at ``out`` (refused when something is there already). With ``balance`` the
+    held-out tiles are drawn in plan order until each ``fields`` class holds a quarter of them (tiles of
+    a full class are skipped), so that a single-label score is not a majority-class score."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(out)
     if fs.exists(path):
-        raise TaskError(f"{out} already exists")
+        raise TaskError(f"{out} already exists; choose another --out (nothing was changed)")
     if n_tiles < 30:
         raise TaskError(f"--tiles {n_tiles}: at least 30 tiles are needed for train, val and test splits")
-    plan = primaries(sample_plan(SampleConfig(n_tiles * 12, tuple(years), seed + 1000, tile_size, 0)))
-    held = plan[plan["split"].isin(["val", "test"])].head(n_tiles)
-    if len(held) < n_tiles:
-        raise TaskError(f"only {len(held)} held-out tiles found for {n_tiles}; ask for fewer --tiles")
-    reqs = [TileRequest.from_row(r, tile_size) for _, r in held.iterrows()]
+    n_cls = len(TASKS["fields"]["classes"])
+    factor = 48 if balance else 12  # candidates per tile: held-out blocks are ~10 % of the plan
+    plan = primaries(sample_plan(SampleConfig(n_tiles * factor, tuple(years), seed + 1000, tile_size, 0)))
+    held = plan[plan["split"].isin(["val", "test"])]
+    if not balance:
+        held = held.head(n_tiles)
+        if len(held) < n_tiles:
+            raise TaskError(f"only {len(held)} held-out tiles found for {n_tiles}; ask for fewer --tiles")
+    candidates = [TileRequest.from_row(r, tile_size) for _, r in held.iterrows()]
+    quota = np.full(n_cls, n_tiles // n_cls) + (np.arange(n_cls) < n_tiles % n_cls)
+    if not balance:
+        quota = np.full(n_cls, n_tiles)
     mods = stored_modalities(["sentinel2"])
     src = OfflineSource(seed=seed)
     g = zarr.open_group(out, mode="w-", zarr_format=3)
-    n, S = len(reqs), tile_size
+    n, S = n_tiles, tile_size
     dims = ["tile", "sentinel2_band", "y", "x"]
     s2 = g.create_array(
         "sentinel2", shape=(n, 13, S, S), chunks=(8, 13, S, S), dtype="uint16", compressors=COMPRESSOR,
@@ -107,14 +117,40 @@ def build_tasks(
     fields = np.zeros(n, np.uint8)
     objects = np.zeros((n, 4), np.uint8)
     level = np.zeros(n, np.uint8)
-    for a in range(0, n, 64):
-        res = src.fetch(reqs[a : a + 64], mods)
-        s2[a : a + len(res)] = np.stack([r.arrays["sentinel2"] for r in res])
-        labs = [labels_of(r.extra["structure"]) for r in res]
-        seg[a : a + len(res)] = np.stack([x["boundaries"] for x in labs])
-        fields[a : a + len(res)] = [x["fields"] for x in labs]
-        objects[a : a + len(res)] = np.stack([x["objects"] for x in labs])
-        level[a : a + len(res)] = [r.s2_product == "L2A" for r in res]
+    counts = np.zeros(n_cls, np.int64)
+    reqs: list[TileRequest] = []
+    pending: list[tuple] = []  # accepted tiles not yet written (written 64 at a time, chunk-aligned)
+
+    def write():
+        a = len(reqs) - len(pending)
+        s2[a : a + len(pending)] = np.stack([p[0] for p in pending])
+        seg[a : a + len(pending)] = np.stack([p[1]["boundaries"] for p in pending])
+        pending.clear()
+
+    for c in range(0, len(candidates), 64):
+        if len(reqs) == n:
+            break
+        batch = candidates[c : c + 64]
+        for t, r in zip(batch, src.fetch(batch, mods), strict=True):
+            lab = labels_of(r.extra["structure"])
+            k = int(lab["fields"])
+            if counts[k] >= quota[k] or len(reqs) == n:
+                continue
+            counts[k] += 1
+            i = len(reqs)
+            reqs.append(t)
+            fields[i], objects[i], level[i] = k, lab["objects"], r.s2_product == "L2A"
+            pending.append((r.arrays["sentinel2"], lab))
+            if len(pending) == 64:
+                write()
+    if pending:
+        write()
+    if len(reqs) < n:
+        fs.rm(path, recursive=True)
+        raise TaskError(
+            f"the held-out blocks gave {counts.tolist()} tiles per fields class, short of {quota.tolist()};"
+            " ask for fewer --tiles or pass --no-balance"
+        )
     lat = np.array([t.lat for t in reqs], np.float64)
     lon = np.array([t.lon for t in reqs], np.float64)
     for name, values in (
@@ -140,6 +176,7 @@ def build_tasks(
             "seed": seed,
             "source": "offline",
             "held_out": held_out,
+            "balanced": balance,
         }
     )
     return {

@@ -491,6 +491,7 @@ def test_downstream_tasks_come_from_held_out_blocks_and_evaluate(tmp_path, small
     g = zarr.open_group(tasks, mode="r")
     assert g["sentinel2"].shape == (40, 13, 64, 64) and g["boundaries"].shape == (40, 64, 64)
     assert set(strings(g["split"][:])) == {"train", "val", "test"}
+    assert np.bincount(np.asarray(g["fields"][:]), minlength=4).tolist() == [10, 10, 10, 10]  # balanced
     # held out: no task tile lies in a 1-degree block that pretraining on --split train reads
     from mmearth_data.sampling import split_of
 
