@@ -6,7 +6,8 @@ pretraining corpus's statistics, the run's ``--store`` or ``--store``; tasks ``f
 ``boundaries``) or a GEO-Bench dataset (:mod:`model.geobench`: normalised with its own band statistics)
 -> read batch by batch -> the frozen encoder (the run's weights, or a random initialisation with
 ``--random-init``) -> final-stage features, streamed: only the pooled vector of each sample is kept, and
-for segmentation a fixed grid of at most 256 upsampled pixel features per sample -> a linear classifier
+for segmentation a fixed grid of at most 8 x 8 upsampled pixel features per sample (the linear map is
+fitted on at most 20 000 of the train pixels) -> a linear classifier
 whose L2 strength is chosen on the val split, scored on test -> metrics as GEO-Bench reports them:
 accuracy (single-label), micro F1 (multi-label), mIoU (segmentation).
 
@@ -48,7 +49,8 @@ METRIC_OF = {"single-label": "accuracy", "multi-label": "micro_f1", "segmentatio
 # MMEarth-train's main_finetune defaults (epochs 100 there; batch 64; layer decay 1.0 there, i.e. none)
 FINETUNE_RECIPE = {"blr": 5e-4, "batch": 64, "weight_decay": 0.05, "warmup_share": 0.2, "min_lr": 1e-6,
                    "smoothing": 0.1, "layer_decay": 0.9, "epochs": 8}  # fmt: skip
-SEG_PIXELS = 16  # segmentation probe: a 16 x 16 grid of pixels per sample at most
+SEG_PIXELS = 8  # segmentation probe: an 8 x 8 grid of pixels per sample at most
+SEG_FIT_ROWS = 20_000  # segmentation probe: pixels the linear map is fitted on at most (a seeded draw)
 
 
 @dataclass
@@ -253,7 +255,7 @@ def metric(task: Task, logits: torch.Tensor, y: torch.Tensor) -> float:
     return float(np.mean(ious)) if ious else 0.0
 
 
-def probe_task(feats: dict, task: Task, split: np.ndarray, train: np.ndarray) -> float:
+def probe_task(feats: dict, task: Task, split: np.ndarray, train: np.ndarray, seed: int = 0) -> float:
     va, te = np.flatnonzero(split == "val"), np.flatnonzero(split == "test")
 
     def xy(idx):
@@ -265,6 +267,11 @@ def probe_task(feats: dict, task: Task, split: np.ndarray, train: np.ndarray) ->
 
     loss = task_loss(task)
     (xtr, ytr), (xva, yva), (xte, yte) = xy(train), xy(va), xy(te)
+    if len(ytr) > SEG_FIT_ROWS:  # segmentation: fit on a seeded draw of the train pixels
+        keep = torch.from_numpy(
+            np.sort(np.random.default_rng(seed).choice(len(ytr), SEG_FIT_ROWS, replace=False))
+        )
+        xtr, ytr = xtr[keep], ytr[keep]
     best = max(L2_GRID, key=lambda l2: metric(task, fit_linear(xtr, ytr, loss, task.n_out, l2)(xva), yva))
     return metric(task, fit_linear(xtr, ytr, loss, task.n_out, best)(xte), yte)
 
@@ -399,7 +406,7 @@ def evaluate(tasks: str, run: str, store: str | None = None, fractions=(1.0,), s
                         key = s if random_init else 0
                         if key not in feats:
                             feats[key] = stream_features(encoder(s), source)
-                        vals.append(probe_task(feats[key], task, source.split, train))
+                        vals.append(probe_task(feats[key], task, source.split, train, s))
                 rows.append(
                     {"task": task.name, "encoder": "random" if random_init else run, "fraction": frac,
                      "protocol": "finetune" if finetune else "linear", "metric": task.metric,
