@@ -113,6 +113,8 @@ def run(args) -> dict:
             t = time.time()
             runs[enc] = pretrain(args, store, enc)
             timings[f"pretrain_{enc}_s"] = round(time.time() - t, 1)
+        else:  # a reused run: the sum of its logged step times
+            timings[f"pretrain_{enc}_s"] = round(_logged_train_seconds(runs[enc]), 1)
     rows = []
     t = time.time()
     for enc in ENCODERS:
@@ -145,6 +147,18 @@ def run(args) -> dict:
         "timings": timings,
         "rows": rows,
     }
+
+
+def _logged_train_seconds(run: str) -> float:
+    """Training time of a finished run from its metrics.csv (batch / samples_per_s summed over steps)."""
+    import csv
+
+    state_args = json.loads(__import__("torch").load(Path(run) / "state.pt", weights_only=True)["args"])
+    batch = state_args["batch_size"] * state_args.get("accum", 1)
+    with open(Path(run) / "metrics.csv") as f:
+        return sum(
+            batch / float(r["samples_per_s"]) for r in csv.DictReader(f) if float(r["samples_per_s"]) > 0
+        )
 
 
 def margin(rows: list[dict], task: str = "fields") -> float:
