@@ -1,4 +1,5 @@
-"""The ``mmearth`` command line: ``build``, ``ee-check``, ``validate`` and ``catalog build|search|serve``.
+"""The ``mmearth`` command line: ``build``, ``ee-check``, ``validate``, ``repair``, ``tasks build`` and
+``catalog build|search|serve``.
 
 Exit codes: 0 success, 1 the build or the store is not valid (reasons printed), 2 bad input (the
 message names the problem and the fix; nothing already written is touched).
@@ -96,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a store against the contract and summarise it")
     v.add_argument("--store", required=True)
     v.add_argument("--json", action="store_true")
+    v.add_argument(
+        "--deep", action="store_true",
+        help="also re-read every chunk and compare each tile with the checksums written with it",
+    )  # fmt: skip
+
+    rp = sub.add_parser("repair", help="re-export the tiles that `validate --deep` finds damaged")
+    rp.add_argument("--store", required=True)
 
     c = sub.add_parser("catalog", help="STAC catalog of a store: build, search, serve")
     csub = c.add_subparsers(dest="catalog_command", required=True)
@@ -297,12 +305,34 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from mmearth_data.validate import print_report, validate_store
 
-    report = validate_store(args.store)
+    report = validate_store(args.store, deep=args.deep)
     if args.json:
         console.print_json(json.dumps(report, default=str))
     else:
         print_report(report, console)
     return 0 if report["valid"] else 1
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    from mmearth_data.build import repair_store
+    from mmearth_data.store import StoreError
+
+    try:
+        res = repair_store(args.store)
+    except StoreError as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        return 2
+    if not res["shards"]:
+        console.print(f"nothing to repair: every tile of {args.store} matches its checksums")
+        return 0
+    console.print(
+        f"{res['damaged_tiles']} damaged tiles in shards {res['shards']}: "
+        + ("re-exported" if res["rebuilt"] else f"marked incomplete; {res['next']}")
+    )
+    if res.get("remaining"):
+        err_console.print(f"[bold red]{res['remaining']} damaged tiles remain[/]")
+        return 1
+    return 0
 
 
 def cmd_catalog(args: argparse.Namespace) -> int:
@@ -396,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_build(args)
         if args.command == "validate":
             return cmd_validate(args)
+        if args.command == "repair":
+            return cmd_repair(args)
         if args.command == "ee-check":
             return cmd_ee_check(args)
         if args.command == "tasks":

@@ -407,3 +407,54 @@ def build_in_process(cfg: BuildConfig, world: World | None = None) -> dict[str, 
     prep = prepare(cfg, world)
     reports = [export_shard(cfg, k, prep.candidates[k]) for k in prep.shards]
     return finish(cfg, reports, time.perf_counter() - t0)
+
+
+def config_from_store(url: str) -> BuildConfig:
+    """The build configuration recorded in a store's ``build`` attribute (for resuming or repairing)."""
+    import zarr
+
+    c = dict(zarr.open_group(url, mode="r").attrs).get("build", {}).get("config")
+    if not c:
+        raise BuildInputError(f"{url} records no build configuration; it was not written by `mmearth build`")
+    return BuildConfig(
+        store=url, n_tiles=c["n_tiles"], source=c["source"], seed=c["seed"], tile_size=c["tile_size"],
+        years=tuple(c["years"]), modalities=tuple(c["modalities"]), reserve=c["reserve"],
+        chunk_tiles=c["chunk_tiles"], shard_tiles=c["shard_tiles"], compression=c["compression"],
+    )  # fmt: skip
+
+
+def repair_store(url: str, world: World | None = None) -> dict[str, Any]:
+    """Re-export the shards that hold damaged tiles (``validate --deep``): their shard files are removed
+    from every per-tile array, their tiles marked incomplete and, for the offline source, the build is
+    resumed from the store's own configuration, which rewrites exactly those shards and the
+    statistics. Other sources need their credentials: the shards are marked and the summary says to
+    re-run ``mmearth build`` with the same options."""
+    from mmearth_data.store import CorpusReader
+    from mmearth_data.validate import deep_check
+
+    reader = CorpusReader(url)
+    damaged = deep_check(reader)
+    shards = sorted({d["index"] // reader.shard_tiles for d in damaged})
+    out: dict[str, Any] = {
+        "store": url,
+        "damaged_tiles": len({d["index"] for d in damaged}),
+        "shards": shards,
+    }
+    if not shards:
+        return out | {"rebuilt": False}
+    cfg = config_from_store(url)
+    writer = StoreWriter(url)
+    fs, root = fsspec.core.url_to_fs(url)
+    tile_arrays = [name for name, a in writer.group.arrays() if a.shape and a.shape[0] == reader.n_tiles]
+    for k in shards:
+        # the damaged shard files go first: a write into a shard reads what is there (and fails on it)
+        for name in tile_arrays:
+            key = f"{root.rstrip('/')}/{name}/c/{k}"
+            if fs.exists(key):
+                fs.rm(key, recursive=True)
+        s0, s1 = writer.shard_range(k)
+        writer.group["complete"][s0:s1] = np.zeros(s1 - s0, bool)
+    if cfg.source != "offline":
+        return out | {"rebuilt": False, "next": f"re-run `mmearth build --store {url}` with the same options"}
+    build_in_process(cfg, world)
+    return out | {"rebuilt": True, "remaining": len(deep_check(CorpusReader(url)))}

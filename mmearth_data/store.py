@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,15 +29,18 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.codecs.numcodecs import PCodec
 
 from mmearth_data.registry import MODALITIES, Modality, get, registry_dict
 from mmearth_data.sources.base import TileResult
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = "1.1"  # 1.1: scene provenance (s2_id, cloud score, Sentinel-1 passes)
+SCHEMA_VERSION = "1.2"  # 1.1: scene provenance; 1.2: per-chunk CRC32C and per-tile content checksums
 COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+# every chunk ends in a CRC32C of its encoded bytes: a flipped or cut byte fails the read instead of
+# decoding to other values
+CHECKED = (COMPRESSOR, Crc32cCodec())
 PCODEC_LEVEL = 8
 COMPRESSION_MODES = ("compact", "portable")
 
@@ -174,8 +178,14 @@ def array_codecs(m: Modality, compression: str) -> dict[str, Any]:
     """``create_array`` codec arguments of a modality's array in a ``compact`` or ``portable`` store."""
     check_compression(compression)
     if compression == "compact" and m.codec == "pcodec":
-        return {"serializer": PCodec(level=PCODEC_LEVEL), "compressors": None}
-    return {"compressors": COMPRESSOR}
+        return {"serializer": PCodec(level=PCODEC_LEVEL), "compressors": (Crc32cCodec(),)}
+    return {"compressors": CHECKED}
+
+
+def tile_checksum(values: np.ndarray) -> np.uint32:
+    """CRC32 of one tile's values of one modality as stored (C order, the array's own dtype): recorded
+    at write time, compared by ``mmearth validate --deep``."""
+    return np.uint32(zlib.crc32(np.ascontiguousarray(values).tobytes()))
 
 
 def create_store(
@@ -202,7 +212,7 @@ def create_store(
             shards=(shard_tiles,),
             dtype="bool",
             fill_value=False,
-            compressors=COMPRESSOR,
+            compressors=CHECKED,
             dimension_names=["tile"],
             attributes={"long_name": long_name},
         )
@@ -238,7 +248,7 @@ def create_store(
             shards=(shard_tiles,) + shape[1:],
             dtype=v.dtype,
             fill_value=v.fill,
-            compressors=None if v.dtype is str else COMPRESSOR,
+            compressors=(Crc32cCodec(),) if v.dtype is str else CHECKED,
             dimension_names=["tile"] + [d for d, _ in v.extra_dims],
         )
         arr.attrs.update(dict(v.attrs))
@@ -246,6 +256,14 @@ def create_store(
     coef[:] = np.array(list("abcdef"), dtype=object)
     orbit = group.create_array("orbit", shape=(len(ORBIT_NAMES),), dtype=str, dimension_names=["orbit"])
     orbit[:] = np.array(ORBIT_NAMES, dtype=object)
+    n_mod = len(modalities)
+    group.create_array(
+        "checksum", shape=(n_tiles, n_mod), chunks=(chunk_tiles, n_mod), shards=(shard_tiles, n_mod),
+        dtype="uint32", fill_value=0, compressors=CHECKED, dimension_names=["tile", "modality"],
+        attributes={"long_name": "CRC32 of each modality's values of the tile as written (see modality)"},
+    )  # fmt: skip
+    mod = group.create_array("modality", shape=(n_mod,), dtype=str, dimension_names=["modality"])
+    mod[:] = np.array([m.name for m in modalities], dtype=object)
     tile_flag("complete", "every modality of the tile is written (as data or as fill)")
     group.attrs.update(
         {
@@ -318,6 +336,7 @@ class StoreWriter:
                 np.full(shape, "", dtype=object) if v.dtype is str else np.full(shape, v.fill, v.dtype)
             )
         complete = np.zeros(n, bool)
+        checksum = np.zeros((n, len(self.modalities)), np.uint32)
         for i, (row, res) in enumerate(zip(rows, results, strict=True)):
             if res is None or row is None:
                 continue
@@ -335,6 +354,10 @@ class StoreWriter:
             data["cloud_fraction"][i] = res.extra.get("cloud_fraction", np.nan)
             _write_provenance(data, i, res.extra)
             complete[i] = True
+        for j, m in enumerate(self.modalities):  # of the values as cast to the store's dtype
+            for i in np.flatnonzero(complete):
+                checksum[i, j] = tile_checksum(data[m.name][i])
+        data["checksum"] = checksum
         for name, values in data.items():
             self.group[name][s0:s1] = values
         self.group["complete"][s0:s1] = complete  # last: marks the shard's tiles done

@@ -4,7 +4,11 @@ Data flow: store -> ``validate_store`` -> report (``valid``, ``problems``, summa
 Checks: schema version; every modality's array (dims, dtype, fill, shape, band names); per-tile
 variables; completeness; georeferencing (UTM EPSG, north-up 10 m transform whose centre is the tile's
 lat/lon); unique, well-formed tile ids; absent modalities stored as pure fill; statistics present;
-every array compressed with lossless codecs only.
+every array compressed with lossless codecs only. ``deep=True`` also re-reads every chunk of every
+per-tile array (failing CRC32C chunk checksums, truncated or undecodable chunks) and compares each
+complete tile's values of each modality with the checksum recorded when it was written (a deleted
+shard file reads back as fill and fails there); damaged tiles are listed by index, id and array, and
+``mmearth repair`` re-exports them (:func:`repair_store`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 
 from mmearth_data.grid import GlobalGrid, tile_center_lonlat
 from mmearth_data.registry import BIOME_CLASSES
-from mmearth_data.store import SCHEMA_VERSION, TILE_VARS, CorpusReader, StoreError, strings
+from mmearth_data.store import SCHEMA_VERSION, TILE_VARS, CorpusReader, StoreError, strings, tile_checksum
 
 # codecs that give back exactly what was written (lossy ones such as bitround or quantize are refused)
 LOSSLESS_CODECS = frozenset(
@@ -43,7 +47,73 @@ def _same_fill(a: Any, b: Any) -> bool:
     return a == b
 
 
-def validate_store(url: str) -> dict[str, Any]:
+def _chunks(arr, n: int, c: int):
+    """(start, stop, values or None, error text or None) for each chunk-sized block of ``arr``."""
+    for a in range(0, n, c):
+        b = min(a + c, n)
+        try:
+            yield a, b, np.asarray(arr[a:b]), None
+        except Exception as err:  # CRC32C mismatch, truncated or undecodable chunk
+            yield a, b, None, f"{type(err).__name__}: {err}"
+
+
+def deep_check(r: CorpusReader) -> list[dict[str, Any]]:
+    """Damaged tiles: ``{"index", "tile_id", "array", "problem"}`` for every complete tile whose chunk of
+    some per-tile array cannot be read, or whose values of a modality differ from their checksum."""
+    g, n, c = r.group, r.n_tiles, r.chunk_tiles
+    damaged: list[dict[str, Any]] = []
+    complete = np.zeros(n, bool)
+    unreadable_flags = []
+    for a, b, v, err in _chunks(g["complete"], n, c):
+        if err:
+            unreadable_flags.append((a, b, err))
+            complete[a:b] = True  # unknown: check the tiles as if complete
+        else:
+            complete[a:b] = v
+    ids = np.full(n, "", dtype=object)
+    for a, b, v, _ in _chunks(g["tile_id"], n, c):
+        if v is not None:
+            ids[a:b] = strings(v)
+
+    def mark(a, b, array, problem):
+        damaged.extend(
+            {"index": i, "tile_id": str(ids[i]), "array": array, "problem": problem}
+            for i in range(a, b)
+            if complete[i]
+        )
+
+    for a, b, err in unreadable_flags:
+        mark(a, b, "complete", f"unreadable ({err})")
+    names = list(strings(g["modality"][:])) if "checksum" in g else []
+    sums = np.zeros((n, max(len(names), 1)), np.uint32)
+    sums_ok = np.zeros(n, bool)
+    if names:
+        for a, b, v, err in _chunks(g["checksum"], n, c):
+            if err:
+                mark(a, b, "checksum", f"unreadable ({err})")
+            else:
+                sums[a:b], sums_ok[a:b] = v, True
+    per_tile = [v.name for v in TILE_VARS if v.name in g] + [f"{m.name}_present" for m in r.modalities]
+    for name in per_tile:
+        for a, b, _, err in _chunks(g[name], n, c):
+            if err:
+                mark(a, b, name, f"unreadable ({err})")
+    for m in r.modalities:
+        col = names.index(m.name) if m.name in names else None
+        for a, b, v, err in _chunks(g[m.name], n, c):
+            if err:
+                mark(a, b, m.name, f"unreadable ({err})")
+                continue
+            if col is None:
+                continue
+            for i in range(a, b):
+                if complete[i] and sums_ok[i] and tile_checksum(v[i - a]) != sums[i, col]:
+                    problem = "values differ from the checksum written with them"
+                    damaged.append({"index": i, "tile_id": str(ids[i]), "array": m.name, "problem": problem})
+    return sorted(damaged, key=lambda d: (d["index"], d["array"]))
+
+
+def validate_store(url: str, deep: bool = False) -> dict[str, Any]:
     problems: list[str] = []
     try:
         r = CorpusReader(url)
@@ -51,6 +121,20 @@ def validate_store(url: str) -> dict[str, Any]:
         return {"store": url, "valid": False, "problems": [str(err)]}
     g = r.group
     n = r.n_tiles
+    if deep:
+        damaged = deep_check(r)
+        if damaged:
+            by_array: dict[str, list] = {}
+            for d in damaged:
+                by_array.setdefault(d["array"], []).append(d)
+            for array, ds in by_array.items():
+                shown = ", ".join(f"{d['index']} ({d['tile_id'] or '?'})" for d in ds[:6])
+                more = f" and {len(ds) - 6} more" if len(ds) > 6 else ""
+                problems.append(f"{array}: {len(ds)} damaged tiles ({ds[0]['problem']}): {shown}{more}")
+            problems.append(f"run `mmearth repair --store {url}` to re-export the damaged tiles")
+            return {"store": url, "valid": False, "problems": problems, "damaged": damaged}
+        if "checksum" not in g:
+            problems.append("no per-tile checksums (a store of schema < 1.2): only chunk reads were checked")
     if r.attrs.get("schema_version") != SCHEMA_VERSION:
         problems.append(f"schema version {r.attrs.get('schema_version')!r}, expected {SCHEMA_VERSION!r}")
     names = set(g.array_keys())
@@ -131,7 +215,9 @@ def validate_store(url: str) -> dict[str, Any]:
                     problems.append(f"statistics for sentinel2 {level} missing")
 
     summary: dict[str, Any] = {"n_tiles": n, "complete": int(complete.sum()), "tile_size": r.tile_size}
-    summary["codecs"] = {m.name: [c for c in codec_names(g[m.name]) if c != "bytes"] for m in r.modalities}
+    summary["codecs"] = {
+        m.name: [c for c in codec_names(g[m.name]) if c not in ("bytes", "crc32c")] for m in r.modalities
+    }
     if "biome" in meta and len(done):
         years = sorted(int(y) for y in done["year"].unique())
         summary["biome_x_year"] = {

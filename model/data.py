@@ -319,7 +319,7 @@ class StreamingCorpus(IterableDataset):
             if not m.stored:
                 out[m.name] = derived_values(m, self.meta, idx)
                 continue
-            raw = np.asarray(self._arrays[m.name][s0:s1])
+            raw = self._read_array(m.name, s0, s1)
             absent = ~self.present[m.name][s0:s1]
             if m.categorical:
                 vals = self.lut[m.name][raw]
@@ -337,8 +337,18 @@ class StreamingCorpus(IterableDataset):
                 x = x[:, m.model_band_index]
             out[m.name] = x
         if self.cloud_mask:
-            out["cloud"] = opaque_cloud(np.asarray(self._arrays["sentinel2_masks"][s0:s1]))
+            out["cloud"] = opaque_cloud(self._read_array("sentinel2_masks", s0, s1))
         return out
+
+    def _read_array(self, name: str, s0: int, s1: int) -> np.ndarray:
+        try:
+            return np.asarray(self._arrays[name][s0:s1])
+        except Exception as err:  # a damaged chunk: checksum mismatch, truncated, undecodable
+            raise DataError(
+                f"{self.url}: array {name!r}, tiles {s0}..{s1 - 1} cannot be read ({type(err).__name__}: "
+                f"{err}); run `mmearth validate --store {self.url} --deep` to list the damaged tiles and "
+                f"`mmearth repair --store {self.url}` to re-export them"
+            ) from err
 
     def _crop(self, tile: int, epoch: int) -> tuple[int, int]:
         """Crop offset of ``tile`` in ``epoch``: a hash of (seed, epoch, tile), so any sample can be

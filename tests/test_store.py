@@ -1,5 +1,8 @@
 """The store contract, on a small store built by the same functions the flow runs."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import rasterio
@@ -8,8 +11,8 @@ import zarr
 from pyproj import Transformer
 
 from mmearth_data.build import BuildConfig, build_in_process
-from mmearth_data.registry import stored_modalities
-from mmearth_data.store import CorpusReader, StoreError, StoreWriter, open_corpus
+from mmearth_data.registry import get, stored_modalities
+from mmearth_data.store import CorpusReader, StoreError, StoreWriter, open_corpus, strings
 from mmearth_data.validate import codec_names, validate_store
 
 from conftest import SMALL
@@ -45,14 +48,15 @@ def test_layout_chunks_whole_tiles_in_sharded_compressed_arrays(small_store):
     g = zarr.open_group(small_store, mode="r")
     a = g["sentinel2"]
     assert a.chunks == (4, 13, 64, 64) and a.shards == (16, 13, 64, 64)
-    # compact (default): Pcodec where the registry asks for it, Blosc/Zstd everywhere else
-    assert inner_codecs(g["sentinel2"]) == inner_codecs(g["dem"]) == ["numcodecs.pcodec"]
+    # compact (default): Pcodec where the registry asks for it, Blosc/Zstd everywhere else; every chunk
+    # ends in a CRC32C
+    assert inner_codecs(g["sentinel2"]) == inner_codecs(g["dem"]) == ["numcodecs.pcodec", "crc32c"]
     for name in ("sentinel1", "sentinel2_masks", "canopy_height", "era5", "biome", "lat", "complete"):
-        assert inner_codecs(g[name]) == ["bytes", "blosc:zstd"], name
+        assert inner_codecs(g[name]) == ["bytes", "blosc:zstd", "crc32c"], name
     assert g.attrs["compression"]["mode"] == "compact"
     assert g.attrs["compression"]["codecs"]["dem"] == "pcodec"
     attrs = g.attrs
-    assert attrs["schema_version"] == "1.1" and attrs["tile_size"] == 64
+    assert attrs["schema_version"] == "1.2" and attrs["tile_size"] == 64
     assert "sentinel2" in attrs["registry"] and attrs["build"]["source"]["source"] == "offline"
 
 
@@ -144,7 +148,7 @@ def test_portable_store_uses_core_codecs_and_holds_the_same_arrays(tmp_path):
     a, b = zarr.open_group(compact, mode="r"), zarr.open_group(portable, mode="r")
     assert b.attrs["compression"]["mode"] == "portable"
     for m in stored_modalities():
-        assert inner_codecs(b[m.name]) == ["bytes", "blosc:zstd"], m.name
+        assert inner_codecs(b[m.name]) == ["bytes", "blosc:zstd", "crc32c"], m.name
         assert np.asarray(a[m.name][:]).tobytes() == np.asarray(b[m.name][:]).tobytes(), m.name
     assert validate_store(portable)["valid"]
 
@@ -175,3 +179,62 @@ def test_validate_refuses_a_lossy_codec(small_store, tmp_path):
     assert not report["valid"]
     assert any("dem: codec numcodecs.bitround is not lossless" in p for p in report["problems"])
     assert validate_store(small_store)["summary"]["codecs"]["dem"] == ["numcodecs.pcodec"]
+
+
+def _shard_file(store: str, array: str, shard: int) -> Path:
+    """The file of shard ``shard`` of a per-tile array (its first chunk key along every other axis)."""
+    files = sorted((Path(store) / array / "c").rglob("*"))
+    hits = [
+        f for f in files if f.is_file() and f.relative_to(Path(store) / array / "c").parts[0] == str(shard)
+    ]
+    assert hits, (array, shard)
+    return hits[0]
+
+
+def test_deep_validation_names_damaged_tiles_and_repair_restores_the_store(small_store, tmp_path, capsys):
+    import shutil
+
+    from flows.cli import main as cli_main
+    from model.data import DataError, StreamingCorpus
+
+    copy = str(tmp_path / "damaged.zarr")
+    shutil.copytree(small_store, copy)
+    ids = strings(zarr.open_group(copy, mode="r")["tile_id"][:])
+    assert cli_main(["validate", "--store", copy, "--deep"]) == 0
+    # one flipped byte in the first chunk (tiles 16..19) of Sentinel-2's shard 1
+    f = _shard_file(copy, "sentinel2", 1)
+    raw = bytearray(f.read_bytes())
+    raw[40] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    # Sentinel-1's shard 2 deleted (reads back as fill); the DEM's shard 3 cut short
+    _shard_file(copy, "sentinel1", 2).unlink()
+    dem = _shard_file(copy, "dem", 3)
+    dem.write_bytes(dem.read_bytes()[: len(dem.read_bytes()) // 2])
+    capsys.readouterr()
+    assert cli_main(["validate", "--store", copy, "--deep", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    bad = {(d["array"], d["index"]) for d in report["damaged"]}
+    assert {("sentinel2", i) for i in range(16, 20)} <= bad
+    assert not any(a == "sentinel2" and i >= 20 for a, i in bad)  # only the flipped chunk's tiles
+    present1 = np.asarray(zarr.open_group(small_store, mode="r")["sentinel1_present"][32:48])
+    assert {("sentinel1", 32 + i) for i in np.flatnonzero(present1)} <= bad
+    assert {("dem", i) for i in range(48, 56)} <= bad
+    text = " ".join(report["problems"])
+    assert ids[16] in text and "sentinel2: 4 damaged tiles" in text and "mmearth repair" in text
+    # the loader names the array, the tiles it read (one shard) and the store instead of a raw codec error
+    ds = StreamingCorpus(copy, [get("sentinel2")], 32, split=None, epochs=1, shuffle_buffer=1)
+    with pytest.raises(DataError, match=r"array 'sentinel2', tiles 16\.\.31 .*mmearth repair"):
+        list(ds)
+    assert cli_main(["repair", "--store", copy]) == 0
+    assert "re-exported" in capsys.readouterr().out
+    assert cli_main(["validate", "--store", copy, "--deep"]) == 0
+    a, b = zarr.open_group(small_store, mode="r"), zarr.open_group(copy, mode="r")
+    for name in a.array_keys():
+        x, y = np.asarray(a[name][:]), np.asarray(b[name][:])
+        if x.dtype.kind in "OTU":  # strings: compare values, not buffers
+            np.testing.assert_array_equal(x, y, err_msg=name)
+        else:
+            assert x.tobytes() == y.tobytes(), name
+    assert a.attrs["statistics"] == b.attrs["statistics"]
+    assert cli_main(["repair", "--store", copy]) == 0
+    assert "nothing to repair" in capsys.readouterr().out
