@@ -221,9 +221,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         compression=args.compression,
         source_options=ee_options(args) if args.source == "earthengine" else {},
     )
-    from mmearth_data.build import check_request
+    from mmearth_data.build import acquire_build_lock, check_request
 
     check_request(cfg)  # fail fast, before Prefect starts; reads only
+    acquire_build_lock(cfg.store)  # and stop here if another build writes this store
     from flows.build_corpus import run_build
 
     summary = run_build(cfg, workers=args.workers, show_progress=not args.no_progress)

@@ -197,9 +197,48 @@ def check_request(cfg: BuildConfig) -> bool:
     return check_store_path(cfg)
 
 
+_LOCKS: dict[str, Any] = {}  # store path -> open lock file held by this process
+
+
+def acquire_build_lock(store: str) -> None:
+    """Hold ``<store>.build/lock`` (an exclusive ``flock``) for the rest of this process, so that a
+    second build of the same store, in another process, stops with a message instead of racing this
+    one. Re-entrant within the process; released by the OS when the process ends, however it ends.
+    Local stores only (object stores have no such lock)."""
+    import fcntl
+    import os
+
+    fs, _ = fsspec.core.url_to_fs(store)
+    if "file" not in fs.protocol:
+        log.warning("no build lock on %s: another build of the same store would not be stopped", store)
+        return
+    lock_dir = build_dir(fsspec.core.url_to_fs(store)[1])
+    path = os.path.join(lock_dir, "lock")
+    if path in _LOCKS:
+        return
+    os.makedirs(lock_dir, exist_ok=True)
+    f = open(path, "a+")  # noqa: SIM115  (held open for the life of the process)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise BuildInputError(
+            f"another build ({holder}) is writing {store}; wait for it to finish or stop it, then re-run "
+            "this command to resume (nothing was changed)"
+        ) from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()}")
+    f.flush()
+    _LOCKS[path] = f
+
+
 def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
-    """Check the request, plan the sample, create or resume the store, write the plan artifacts."""
+    """Check the request, take the store's build lock, plan the sample, create or resume the store,
+    write the plan artifacts."""
     resumed = check_request(cfg)
+    acquire_build_lock(cfg.store)
     ident = cfg.identity()
     chash = config_hash(ident)
     source = make_source(cfg.source, seed=cfg.seed, **cfg.source_options)

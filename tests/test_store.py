@@ -238,3 +238,32 @@ def test_deep_validation_names_damaged_tiles_and_repair_restores_the_store(small
     assert a.attrs["statistics"] == b.attrs["statistics"]
     assert cli_main(["repair", "--store", copy]) == 0
     assert "nothing to repair" in capsys.readouterr().out
+
+
+def test_a_second_build_of_the_same_store_stops_with_a_message(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from flows.cli import main as cli_main
+
+    store = str(tmp_path / "locked.zarr")
+    hold = (
+        "import sys, time; from mmearth_data.build import acquire_build_lock; "
+        f"acquire_build_lock({store!r}); print('held', flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code = cli_main(["build", "--store", store, "--tiles", "8", "--tile-size", "32", "--no-progress"])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert f"another build (pid {holder.pid})" in err and "nothing was changed" in err
+        assert not Path(store).exists()  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    # the lock dies with its holder, however it ends (here SIGKILL)
+    again = subprocess.run(
+        [sys.executable, "-c", hold.replace("time.sleep(120)", "pass")], capture_output=True, text=True
+    )
+    assert again.returncode == 0 and again.stdout.strip() == "held"
