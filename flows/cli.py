@@ -39,6 +39,37 @@ def parse_years(text: str) -> tuple[int, ...]:
         )
 
 
+def _int_in(lo: int, hi: int | None, what: str):
+    """An argparse type: an integer in [lo, hi] (argparse prints the message and exits 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < lo or (hi is not None and v > hi):
+            rng = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"{text!r}: {what} must be an integer {rng}")
+        return v
+
+    return parse
+
+
+def _percent(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (0.0 <= v <= 100.0):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r}: a cloud cover in per cent, from 0 to 100, is needed")
+    return v
+
+
+MAX_TILES = 10_000_000  # far above any stratum capacity; a typo such as 10**12 stops before Prefect starts
+
+
 def _modalities(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -49,15 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="build or resume a corpus store")
     b.add_argument("--source", default="offline", help="offline (default) or earthengine")
-    b.add_argument("--tiles", type=int, required=True, help="number of tiles (store size)")
+    b.add_argument(
+        "--tiles", type=_int_in(1, MAX_TILES, "the number of tiles"), required=True,
+        help="number of tiles (store size)",
+    )  # fmt: skip
     b.add_argument("--store", required=True, help="store path or fsspec URL, e.g. data/demo.zarr")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=_int_in(0, 2**63 - 1, "the seed"), default=0)
     b.add_argument("--tile-size", type=int, default=128, help="pixels per side, a multiple of 32 (128 or 64)")
     b.add_argument("--years", type=parse_years, default=(2017, 2018, 2019, 2020), help="e.g. 2017-2020")
     b.add_argument(
         "--modalities", type=_modalities, default=DEFAULT_MODALITIES, help="comma list; default all"
     )
-    b.add_argument("--reserve", type=int, default=2, help="alternate tiles planned per tile (backfill)")
+    b.add_argument(
+        "--reserve", type=_int_in(0, 100, "the reserve"), default=2,
+        help="alternate tiles planned per tile (backfill)",
+    )  # fmt: skip
     b.add_argument("--shard-tiles", type=int, default=0, help="tiles per shard (default: from --tiles)")
     b.add_argument("--chunk-tiles", type=int, default=4, help="tiles per chunk")
     b.add_argument(
@@ -112,23 +149,28 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--out", required=True, help="catalog directory")
     cb.add_argument("--quicklooks", default="auto", help="auto (up to 20000 tiles), all or none")
     cb.add_argument("--json-items", action="store_true", help="also write static JSON items (small corpora)")
-    cb.add_argument("--batch-tiles", type=int, default=50_000, help="tiles per streamed batch")
+    cb.add_argument(
+        "--batch-tiles",
+        type=_int_in(1, None, "--batch-tiles"),
+        default=50_000,
+        help="tiles per streamed batch",
+    )
     cs = csub.add_parser("search", help="find tiles; print a table or GeoJSON, or write a tile list")
     cs.add_argument("--catalog", required=True)
     cs.add_argument("--bbox", help="west,south,east,north (degrees)")
     cs.add_argument("--datetime", help="YYYY-MM-DD or START/END (.. for open)")
     cs.add_argument("--biome", help="biome numbers or names, comma separated")
-    cs.add_argument("--year", help="years, comma separated or a range 2017-2020")
+    cs.add_argument("--year", type=parse_years, help="years, comma separated or a range 2017-2020")
     cs.add_argument("--has", default="", help="modalities the tiles must have, comma separated")
-    cs.add_argument("--max-cloud", type=float, help="maximum cloud cover, per cent")
+    cs.add_argument("--max-cloud", type=_percent, help="maximum cloud cover, per cent")
     cs.add_argument("--split", choices=["train", "val", "test"])
-    cs.add_argument("--limit", type=int, default=None)
+    cs.add_argument("--limit", type=_int_in(1, None, "--limit"), default=None)
     cs.add_argument("--format", choices=["table", "geojson"], default="table")
     cs.add_argument("--write-tiles", help="write the matching tile ids here (for model.pretrain --tiles)")
     cv = csub.add_parser("serve", help="local read-only browse page")
     cv.add_argument("--catalog", required=True)
     cv.add_argument("--host", default="127.0.0.1")
-    cv.add_argument("--port", type=int, default=8765)
+    cv.add_argument("--port", type=_int_in(0, 65535, "the port"), default=8765)
     return ap
 
 
@@ -388,7 +430,7 @@ def _catalog_search(args: argparse.Namespace) -> int:
         bbox=parse_bbox(args.bbox) if args.bbox else None,
         datetime=parse_datetime(args.datetime) if args.datetime else None,
         biome=parse_biomes(args.biome) if args.biome else None,
-        year=parse_years(args.year) if args.year else None,
+        year=args.year,
         has=tuple(h.strip() for h in args.has.split(",") if h.strip()),
         max_cloud=args.max_cloud,
         split=args.split,

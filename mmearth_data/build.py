@@ -96,6 +96,10 @@ def check_config(cfg: BuildConfig) -> None:
     """Raise :class:`BuildInputError` naming the problem; touches nothing."""
     if not isinstance(cfg.n_tiles, int) or cfg.n_tiles <= 0:
         raise BuildInputError(f"--tiles must be a positive number of tiles, got {cfg.n_tiles}")
+    if not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise BuildInputError(f"--seed must be a non-negative integer, got {cfg.seed}")
+    if not isinstance(cfg.reserve, int) or cfg.reserve < 0:
+        raise BuildInputError(f"--reserve must be a non-negative integer, got {cfg.reserve}")
     try:
         check_tile_size(cfg.tile_size)
     except GridError as err:
@@ -163,7 +167,17 @@ def _plain(v: Any) -> Any:
 
 def check_store_path(cfg: BuildConfig) -> bool:
     """Raise :class:`BuildInputError` when ``cfg.store`` holds anything but this build's own corpus;
-    returns True when it holds this build's corpus (a resume). Reads only."""
+    returns True when it holds this build's corpus (a resume). Reads only (a local path's nearest
+    existing folder gets a probe file, removed at once, to learn whether it can be written)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(cfg.store)
+    except (ImportError, ValueError) as err:
+        raise BuildInputError(
+            f"--store {cfg.store}: {err}; install the filesystem's package into the environment or choose a "
+            "local path (nothing was changed)"
+        ) from None
+    if "file" in fs.protocol:
+        _check_writable(path)
     exists, is_group = _exists(cfg.store)
     if exists and not is_group:
         raise BuildInputError(
@@ -189,6 +203,29 @@ def check_store_path(cfg: BuildConfig) -> bool:
             "re-run with the same options to resume it, or choose another --store (nothing was changed)"
         )
     return True
+
+
+def _check_writable(path: str) -> None:
+    """Raise :class:`BuildInputError` when nothing can be written at or under local ``path``."""
+    import os
+    import tempfile
+
+    anc = os.path.abspath(path)
+    while not os.path.exists(anc):
+        anc = os.path.dirname(anc)
+    if not os.path.isdir(anc):
+        raise BuildInputError(
+            f"--store {path}: {anc} is a file, not a folder; choose another --store (nothing was changed)"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(dir=anc, prefix=".mmearth-write-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise BuildInputError(
+            f"--store {path}: cannot write under {anc} ({err.strerror or err}); choose a --store on a "
+            "writable disk (nothing was changed)"
+        ) from None
 
 
 def check_request(cfg: BuildConfig) -> bool:

@@ -35,14 +35,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import zarr
-from safetensors.torch import load_file
 
 from mmearth_data.registry import get
 from mmearth_data.store import CorpusReader, strings
 from model.data import normaliser_for
 from model.encoder import MaskedConvNeXtV2
 from model.geobench import GeoBenchDataset, GeoBenchError
-from model.pretrain import lr_at
+from model.pretrain import CheckpointError, lr_at, read_state, read_weights
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 METRIC_OF = {"single-label": "accuracy", "multi-label": "micro_f1", "segmentation": "miou"}
@@ -361,9 +360,14 @@ def finetune_task(
 
 
 def load_encoder(run: str | None, random_init: bool, seed: int = 0) -> tuple[MaskedConvNeXtV2, dict]:
-    state = torch.load(Path(run) / "state.pt", map_location="cpu", weights_only=True)
-    args = json.loads(state["args"])
-    weights = load_file(str(Path(run) / "model.safetensors"))
+    state = read_state(Path(run) / "state.pt")
+    try:
+        args = json.loads(state["args"])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise CheckpointError(
+            f"{run}/state.pt holds no run arguments; it was not written by model.pretrain"
+        ) from None
+    weights = read_weights(Path(run) / "model.safetensors")
     enc_w = {k[len("encoder.") :]: v for k, v in weights.items() if k.startswith("encoder.")}
     torch.manual_seed(seed)
     enc = MaskedConvNeXtV2(
@@ -450,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = evaluate(a.tasks, a.run, a.store, fractions, a.seeds, a.random_init, finetune=a.finetune,
                        epochs=a.epochs, geobench_dir=a.geobench_dir)  # fmt: skip
-    except GeoBenchError as err:
+    except (GeoBenchError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print("| task | metric | protocol | encoder | fraction | mean | std | seeds |")

@@ -169,7 +169,42 @@ def setup_distributed(device_arg: str) -> tuple[int, int, int, torch.device]:
     return rank, world, local, device
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: truncated, foreign, or not weights-only."""
+
+
+def read_state(path: Path) -> dict:
+    """``state.pt`` loaded weights-only, or :class:`CheckpointError` naming the file and the fix."""
+    import pickle
+    import zipfile
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as err:
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint of this project ({first}); it is truncated, damaged or "
+            "holds objects other than tensors (only weights-only checkpoints are loaded). Restore it or "
+            "pretrain again into a new --out"
+        ) from None
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """``model.safetensors``, or :class:`CheckpointError` naming the file and the fix."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types (header, truncation)
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({str(err)[:160]}); it is truncated or damaged. "
+            "Restore it or pretrain again into a new --out"
+        ) from None
+
+
 def check_args(args: argparse.Namespace) -> None:
+    if args.img_size < 1 or args.patch_size < 1:
+        raise UsageError(f"--img-size {args.img_size} and --patch-size {args.patch_size} must be positive")
+    if not 0.0 < args.mask_ratio < 1.0:
+        raise UsageError(f"--mask-ratio {args.mask_ratio}: must be between 0 and 1 (exclusive), e.g. 0.6")
     try:
         check_geometry(args.img_size, args.patch_size)
     except ValueError as err:
@@ -193,8 +228,11 @@ def load_resume(out: Path, args: argparse.Namespace) -> dict | None:
         return None
     if not state_path.exists():
         raise UsageError(f"--resume: no checkpoint in {out} (state.pt missing)")
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
-    saved = json.loads(state["args"])
+    try:
+        state = read_state(state_path)
+        saved = json.loads(state["args"])
+    except (CheckpointError, KeyError, TypeError, json.JSONDecodeError) as err:
+        raise UsageError(f"--resume: {err}") from None
     diff = [
         f"{k}: checkpoint {saved.get(k)!r}, now {getattr(args, k)!r}"
         for k in ARCH_KEYS
@@ -240,13 +278,21 @@ def plot_curves(csv_path: Path, png: Path) -> None:
 def run(args: argparse.Namespace) -> dict:
     check_args(args)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a directory for the run (nothing was changed)")
     rank, world, local, device = setup_distributed(args.device)
     state = load_resume(out, args)
     try:
         targets = select_pretext(args.pretext)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    tile_ids = read_tile_list(args.tiles) if args.tiles else None
+    try:
+        tile_ids = read_tile_list(args.tiles) if args.tiles else None
+    except OSError as err:
+        hint = "write one with `mmearth catalog search --write-tiles`"
+        raise UsageError(f"--tiles {args.tiles}: {err.strerror or err} ({hint})") from None
+    except DataError as err:
+        raise UsageError(f"--tiles: {err}") from None
     start_step = int(state["step"]) if state is not None else 0
 
     def dataset(**kw):
@@ -290,8 +336,10 @@ def run(args: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak, betas=(0.9, 0.95))
     if state is not None:
         try:
-            model.load_state_dict(load_file(str(out / "model.safetensors")))
+            model.load_state_dict(read_weights(out / "model.safetensors"))
             opt.load_state_dict(state["optimizer"])
+        except CheckpointError as err:
+            raise UsageError(f"--resume: {err}") from None
         except (RuntimeError, ValueError, KeyError) as err:
             raise UsageError(
                 f"--resume: the checkpoint in {out} does not fit this model: {str(err)[:300]}"

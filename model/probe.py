@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmearth_data.registry import get
+from mmearth_data.registry import RegistryError, get
 from model.data import StreamingCorpus
 from model.encoder import MaskedConvNeXtV2
 from model.evaluate import fit_linear, load_encoder
@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         out = probe(args.store, args.run, args.target, args.img_size, max(1, args.seeds))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, RegistryError) as err:  # CheckpointError is a ValueError
+        print(f"error: {err.args[0] if isinstance(err, RegistryError) else err}", file=sys.stderr)
         return 2
     print(f"linear probe on {out['target']} ({out['model']}, {out['img_size']} px):")
     for name, r in out["results"].items():
