@@ -186,8 +186,28 @@ def to_rows(table: pa.Table) -> list[dict[str, Any]]:
     return rows
 
 
+def check_tile_list_path(path: str | Path) -> None:
+    """Raise :class:`SearchError` unless ``path`` is new or a tile list an earlier search wrote: any
+    other file (a store's ``zarr.json``, a config) is never overwritten."""
+    p = Path(path)
+    if p.is_dir():
+        raise SearchError(f"--write-tiles {p} is a folder; name a file (nothing was changed)")
+    if p.exists():
+        with open(p, "rb") as f:
+            head = f.read(len(TILE_LIST_HEADER))
+        if head != TILE_LIST_HEADER:
+            raise SearchError(
+                f"--write-tiles {p} exists and is not a tile list written by `mmearth catalog search`; "
+                "choose a new file (nothing was changed)"
+            )
+
+
+TILE_LIST_HEADER = b"# mmearth catalog search"
+
+
 def write_tile_list(table: pa.Table, path: str | Path, query_text: str = "") -> int:
     """Tile ids, one per line, as ``python -m model.pretrain --tiles`` reads them."""
+    check_tile_list_path(path)
     ids = table.column("id").to_pylist()
     with open(path, "w") as f:
         f.write(f"# mmearth catalog search {query_text}\n")

@@ -56,7 +56,10 @@ def land_png(width: int = 1440) -> bytes:
     return png_bytes(img)
 
 
-def create_app(catalog: str | Path) -> FastAPI:
+def create_app(catalog: str | Path, allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The browse app of ``catalog``. With ``allowed_hosts`` a request whose ``Host`` header names
+    another host is refused (400), so that a page on another site cannot reach the catalog through a
+    DNS name rebound to this address."""
     catalog = Path(catalog).resolve()
     items_path(catalog)
     coll = json.loads((catalog / "collection.json").read_text())
@@ -64,6 +67,10 @@ def create_app(catalog: str | Path) -> FastAPI:
     table = ds.dataset(items_path(catalog), format="parquet").to_table(columns=["id", "mmearth:index"])
     index = dict(zip(table.column("id").to_pylist(), table.column("mmearth:index").to_pylist(), strict=True))
     app = FastAPI(title=f"{coll['id']} catalog", docs_url=None, redoc_url=None, openapi_url=None)
+    if allowed_hosts:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     reader_box: dict[str, CorpusReader] = {}
 
     def reader() -> CorpusReader:
@@ -188,4 +195,5 @@ def create_app(catalog: str | Path) -> FastAPI:
 def serve(catalog: str | Path, host: str = "127.0.0.1", port: int = 8765) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(catalog), host=host, port=port, log_level="warning")
+    hosts = [host] + (["localhost", "127.0.0.1", "::1"] if host in ("127.0.0.1", "localhost", "::1") else [])
+    uvicorn.run(create_app(catalog, allowed_hosts=hosts), host=host, port=port, log_level="warning")

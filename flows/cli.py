@@ -417,6 +417,7 @@ def _catalog_search(args: argparse.Namespace) -> int:
 
     from catalog.search import (
         Query,
+        check_tile_list_path,
         geojson,
         parse_bbox,
         parse_biomes,
@@ -436,6 +437,8 @@ def _catalog_search(args: argparse.Namespace) -> int:
         split=args.split,
         limit=args.limit,
     )
+    if args.write_tiles:
+        check_tile_list_path(args.write_tiles)  # before searching: nothing is overwritten
     table = search(args.catalog, q)
     if args.write_tiles:
         n = write_tile_list(table, args.write_tiles, " ".join(sys.argv[1:]))

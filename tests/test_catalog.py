@@ -124,6 +124,13 @@ def test_cli_build_search_and_tile_list(tmp_path, small_store, capsys):
     ids = [x for x in lst.read_text().splitlines() if not x.startswith("#")]
     tiles = CorpusReader(small_store).tiles()
     assert set(ids) == set(tiles.loc[tiles["complete"] & tiles["year"].isin([2017, 2018]), "tile_id"])
+    # a tile list of an earlier search is replaced; any other file is never overwritten
+    assert cli(["catalog", "search", "--catalog", str(out), "--year", "2017", "--write-tiles", str(lst)]) == 0
+    other = tmp_path / "zarr.json"
+    other.write_text('{"zarr_format": 3}')
+    capsys.readouterr()
+    assert cli(["catalog", "search", "--catalog", str(out), "--write-tiles", str(other)]) == 2
+    assert "not a tile list" in capsys.readouterr().err and other.read_text() == '{"zarr_format": 3}'
     capsys.readouterr()
     assert cli(["catalog", "search", "--catalog", str(out), "--limit", "2", "--format", "geojson"]) == 0
     fc = json.loads(capsys.readouterr().out)
@@ -164,6 +171,16 @@ def test_server_refuses_traversal_and_unknown_tiles(catalog_dir):
         assert client.get(f"/api/tiles/{tid}").status_code == 404
         assert client.get(f"/quicklooks/{tid}.png").status_code == 404
     assert client.get("/api/tiles?bbox=1,2,3").status_code == 400
+
+
+def test_server_refuses_other_host_headers(catalog_dir):
+    client = TestClient(
+        create_app(catalog_dir, allowed_hosts=["127.0.0.1", "localhost"]), base_url="http://127.0.0.1"
+    )
+    assert client.get("/api/tiles?limit=1").status_code == 200
+    # a page on another site whose DNS name was rebound to 127.0.0.1 sends its own name as Host
+    r = client.get("/api/tiles?limit=1", headers={"host": "attacker.example"})
+    assert r.status_code == 400 and b"tiles" not in r.content
 
 
 def test_quicklook_drawn_from_the_store_when_no_file(tmp_path, small_store):
