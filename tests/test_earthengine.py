@@ -429,7 +429,8 @@ def test_ee_check_without_network_or_credentials_exits_2_before_writing(tmp_path
     monkeypatch.setattr("mmearth_data.ee_check.HOST_OVERRIDE", ("127.0.0.1", 9))
     t0 = time.perf_counter()
     assert main(["ee-check", "--project", "p", "--keep", str(tmp_path / "kept")]) == 2
-    assert "cannot reach Earth Engine" in capsys.readouterr().err and time.perf_counter() - t0 < 30
+    err = capsys.readouterr().err  # the source's own check or ee-check's probe, whichever asks first
+    assert "cannot reach" in err and "earth" in err.lower() and time.perf_counter() - t0 < 30
     assert not (tmp_path / "kept").exists()
 
 
@@ -444,3 +445,37 @@ def test_eecu_is_summed_from_the_profile_table():
     )
     assert eecu_from_profile(text) == pytest.approx(1.68)
     assert eecu_from_profile("no profile here") is None
+
+
+def test_build_without_network_exits_2_before_writing(tmp_path, monkeypatch, capsys):
+    import socket
+
+    from flows.cli import main
+
+    monkeypatch.setattr(earthengine, "credentials", lambda cfg: (object(), "test"))
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    asked = []
+
+    def unreachable(addr, timeout=None):
+        asked.append(addr)
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    store = tmp_path / "ee.zarr"
+    t0 = time.perf_counter()
+    assert (
+        main(["build", "--source", "earthengine", "--project", "p", "--tiles", "8", "--store", str(store)])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "cannot reach earthengine-highvolume.googleapis.com" in err and "nothing was written" in err
+    assert time.perf_counter() - t0 < 10 and asked[0] == ("earthengine-highvolume.googleapis.com", 443)
+    assert list(tmp_path.iterdir()) == []  # no store, no .build folder
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.local:3128")  # the proxy is what must answer
+    asked.clear()
+    assert (
+        main(["build", "--source", "earthengine", "--project", "p", "--tiles", "8", "--store", str(store)])
+        == 2
+    )
+    assert asked[0] == ("proxy.local", 3128) and "through the proxy" in capsys.readouterr().err

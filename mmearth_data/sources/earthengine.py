@@ -86,6 +86,31 @@ log = logging.getLogger(__name__)
 YEARS = range(2016, 2026)
 REQUEST_LIMIT_BYTES = 48 * 1024 * 1024  # computePixels' response limit
 HIGH_VOLUME_URL = "https://earthengine-highvolume.googleapis.com"
+DEFAULT_URL = "https://earthengine.googleapis.com"
+TOKEN_HOST = "oauth2.googleapis.com"  # where a service-account key is exchanged for a token
+
+
+def check_reachable(host: str, timeout_s: float = 5.0) -> None:
+    """Raise :class:`SourceError` unless a TCP connection to ``host:443`` (or to the HTTPS proxy named in
+    the environment, which then carries the traffic) opens within the timeout: a build without a
+    network stops before anything is written instead of retrying every request."""
+    import socket
+    from urllib.parse import urlsplit
+
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    target = (host, 443)
+    if proxy:
+        u = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        target = (u.hostname or "", u.port or 80)
+    try:
+        with socket.create_connection(target, timeout=timeout_s):
+            return
+    except OSError as err:
+        via = f" through the proxy {proxy}" if proxy else ""
+        raise SourceError(
+            f"cannot reach {host}{via} ({err}); check this machine's network connection or proxy "
+            "(HTTPS_PROXY) and run the same command again (nothing was written)"
+        ) from None
 SEP = "__"  # band names in the stacked image: <modality>__<band>
 EE_DTYPES = {"uint8": "uint8", "uint16": "uint16", "float16": "float32", "float32": "float32"}
 # masked float pixels come back as this value: finite (strict JSON), exact in float32, and outside every
@@ -1103,6 +1128,9 @@ class EarthEngineSource:
         if c.transport is None:
             resolve_project(c)
             credentials(c)
+            host = (HIGH_VOLUME_URL if c.high_volume else DEFAULT_URL).split("://", 1)[1]
+            for h in (host, TOKEN_HOST):
+                check_reachable(h)
 
     def describe(self) -> dict[str, Any]:
         c = self.cfg
