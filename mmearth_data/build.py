@@ -188,7 +188,12 @@ def check_store_path(cfg: BuildConfig) -> bool:
         return False
     import zarr
 
-    attrs = dict(zarr.open_group(cfg.store, mode="r").attrs)
+    from mmearth_data.store import CorpusReader, StoreError, _damaged_metadata
+
+    try:
+        attrs = dict(zarr.open_group(cfg.store, mode="r").attrs)
+    except Exception as err:  # a damaged zarr.json
+        raise BuildInputError(_damaged_metadata(cfg.store, "", err)) from None
     if "schema_version" not in attrs:
         raise BuildInputError(
             f"{cfg.store} is a zarr group but not a corpus store; "
@@ -202,6 +207,10 @@ def check_store_path(cfg: BuildConfig) -> bool:
             f"{cfg.store} holds a corpus built with another configuration (stored vs asked: {diff}); "
             "re-run with the same options to resume it, or choose another --store (nothing was changed)"
         )
+    try:
+        CorpusReader(cfg.store)  # every array's metadata readable
+    except StoreError as err:
+        raise BuildInputError(str(err)) from None
     return True
 
 

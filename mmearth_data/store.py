@@ -379,6 +379,14 @@ class StoreWriter:
         return out
 
 
+def _damaged_metadata(url: str, array: str, err: Exception) -> str:
+    where = f"{url.rstrip('/')}/{array + '/' if array else ''}zarr.json"
+    return (
+        f"{where} cannot be read ({type(err).__name__}: {str(err)[:160]}); the store's metadata is damaged. "
+        "Restore that file from a copy, or rebuild into a new --store (nothing was changed)"
+    )
+
+
 class CorpusReader:
     """The public reader of a corpus store (local path or any fsspec URL); used by stats, catalog and
     model. Reads go through zarr directly in whole chunks; :meth:`dataset` gives the xarray view."""
@@ -391,8 +399,11 @@ class CorpusReader:
                 "build one with `mmearth build --store PATH`"
             )
         self.url = url
-        self.group = zarr.open_group(url, mode="r", zarr_format=3)
-        self.attrs = dict(self.group.attrs)
+        try:
+            self.group = zarr.open_group(url, mode="r", zarr_format=3)
+            self.attrs = dict(self.group.attrs)
+        except Exception as err:  # damaged zarr.json: JSON, metadata or codec errors
+            raise StoreError(_damaged_metadata(url, "", err)) from None
         if "schema_version" not in self.attrs:
             raise StoreError(f"{url} is a zarr group but not a corpus store (no schema_version attribute)")
         self.n_tiles = int(self.attrs["n_tiles"])
@@ -400,6 +411,15 @@ class CorpusReader:
         self.shard_tiles = int(self.attrs["shard_tiles"])
         self.chunk_tiles = int(self.attrs["chunk_tiles"])
         self.modalities = store_modalities(self.group)
+        for name in [m.name for m in self.modalities] + ["complete", "tile_id"]:
+            try:
+                self.group[name]
+            except KeyError:
+                raise StoreError(
+                    f"{url}: array {name!r} is missing; the store is incomplete or damaged"
+                ) from None
+            except Exception as err:
+                raise StoreError(_damaged_metadata(url, name, err)) from None
 
     @property
     def n_shards(self) -> int:

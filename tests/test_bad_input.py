@@ -41,10 +41,14 @@ def world(small_store, tmp_path_factory):
     pickled = root / "pickled"
     shutil.copytree(run, pickled)
     torch.save({"args": "{}", "step": torch.tensor(1), "extra": Path("x")}, pickled / "state.pt")
+    for name, meta in (("broken_root", "zarr.json"), ("broken_array", "sentinel2/zarr.json")):
+        shutil.copytree(store, root / name)
+        (root / name / meta).write_text('{"zarr_format": 3, "node_type": ')  # cut short
     (root / "afile").write_text("x")
     (root / "empty.txt").write_text("")
     return {"root": root, "store": store, "run": str(run), "trunc": str(trunc), "trunc_w": str(trunc_w),
-            "pickled": str(pickled)}  # fmt: skip
+            "pickled": str(pickled), "broken_root": str(root / "broken_root"),
+            "broken_array": str(root / "broken_array")}  # fmt: skip
 
 
 def _main(kind: str):
@@ -133,6 +137,31 @@ CASES = [
         "--batch-tiles must be",
     ),  # fmt: skip
     ("validate-nothing", "mmearth", ["validate", "--store", f"{R}/nothing.zarr"], None),
+    ("validate-broken-meta", "mmearth", ["validate", "--store", "{broken_root}"], "zarr.json cannot be read"),
+    (
+        "build-broken-meta",
+        "mmearth",
+        [
+            "build",
+            "--store",
+            "{broken_array}",
+            "--tiles",
+            "56",
+            "--tile-size",
+            "64",
+            "--seed",
+            "7",
+            "--shard-tiles",
+            "16",
+        ],
+        "sentinel2/zarr.json cannot be read",
+    ),  # fmt: skip
+    (
+        "pretrain-broken-meta",
+        "pretrain",
+        ["--store", "{broken_root}", "--out", f"{R}/o"],
+        "metadata is damaged",
+    ),
     ("repair-not-store", "mmearth", ["repair", "--store", R], "not a corpus store"),
     # pretraining
     ("pretrain-img", "pretrain", ["--store", S, "--out", f"{R}/o", "--img-size", "0"], "--img-size 0"),
@@ -198,7 +227,8 @@ if importlib.util.find_spec("s3fs") is None:
 @pytest.mark.parametrize("name,kind,argv,message", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_exits_2_with_a_message_and_changes_nothing(world, capsys, name, kind, argv, message):
     argv = [a.format(**world) for a in argv]
-    before = _tree_hash(world["store"])
+    stores = [world[k] for k in ("store", "broken_root", "broken_array")]
+    before = [_tree_hash(s) for s in stores]
     files_before = sorted(str(p) for p in Path(world["root"]).iterdir())
     try:
         code = _main(kind)(argv)
@@ -206,9 +236,9 @@ def test_bad_input_exits_2_with_a_message_and_changes_nothing(world, capsys, nam
         code = e.code
     out = capsys.readouterr()
     text = out.err + out.out
-    assert code == (1 if name == "validate-nothing" else 2), text
+    assert code == (1 if name.startswith("validate-") else 2), text
     assert "Traceback" not in text and "weights_only=False" not in text
     if message:
         assert message in text, text
-    assert _tree_hash(world["store"]) == before
+    assert [_tree_hash(s) for s in stores] == before
     assert sorted(str(p) for p in Path(world["root"]).iterdir()) == files_before  # nothing new beside it
