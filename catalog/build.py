@@ -458,6 +458,9 @@ def write_quicklooks(reader: CorpusReader, out: Path, progress=None) -> int:
     return n
 
 
+IN_PROGRESS = ".catalog-in-progress"
+
+
 def build_catalog(
     store: str,
     out: str | Path,
@@ -474,13 +477,15 @@ def build_catalog(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CatalogError(f"--out {out} exists and is not a directory; choose another path")
-    if out.exists() and any(out.iterdir()) and not (out / "collection.json").exists():
+    marker = out / IN_PROGRESS  # an earlier build of ours that stopped part-way: it is redone
+    if out.exists() and any(out.iterdir()) and not (out / "collection.json").exists() and not marker.exists():
         raise CatalogError(
             f"--out {out} holds other files (no collection.json); choose an empty or new directory"
         )
-    out.mkdir(parents=True, exist_ok=True)
     if quicklooks not in ("auto", "all", "none"):
         raise CatalogError(f"--quicklooks {quicklooks!r}: use auto, all or none")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"catalog of {store} being written; removed when collection.json is written\n")
     want_ql = quicklooks == "all" or (quicklooks == "auto" and reader.n_tiles <= QUICKLOOK_AUTO_MAX)
     cid = collection_id or Path(store.rstrip("/")).name.removesuffix(".zarr") or "corpus"
     href = store_href_for(store, out)
@@ -497,6 +502,7 @@ def build_catalog(
     ids = sorted(p.stem for p in json_dir.glob("*.json")) if json_dir is not None else []
     coll = collection_dict(reader, acc, cid, href, ids)
     (out / "collection.json").write_text(json.dumps(coll, indent=1))
+    marker.unlink()
     return {
         "collection": str(out / "collection.json"),
         "items": str(out / "items.parquet"),

@@ -283,3 +283,26 @@ def test_serve_binds_localhost_by_default():
 
     args = build_parser().parse_args(["catalog", "serve", "--catalog", "x"])
     assert args.host == "127.0.0.1"
+
+
+def test_a_catalog_build_that_failed_part_way_is_redone(tmp_path, small_store, monkeypatch):
+    import catalog.build as cb
+
+    out = tmp_path / "cat"
+
+    def boom(reader, out_dir):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cb, "write_quicklooks", boom)
+    with pytest.raises(OSError, match="disk full"):
+        cb.build_catalog(small_store, out, quicklooks="all")
+    assert (out / "items.parquet").exists() and not (out / "collection.json").exists()
+    monkeypatch.undo()
+    res = cb.build_catalog(small_store, out, quicklooks="none")  # not blocked by its own leftovers
+    assert Path(res["collection"]).exists() and not (out / cb.IN_PROGRESS).exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(cb.CatalogError, match="holds other files"):
+        cb.build_catalog(small_store, foreign)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
