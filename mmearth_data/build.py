@@ -304,8 +304,9 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
     shard_tiles = cfg.resolved_shard_tiles()
     mods = registry.stored_modalities(cfg.modalities)
     if not resumed:
+        target, staged = _staging_path(cfg.store)
         create_store(
-            cfg.store,
+            staged,
             n_tiles=cfg.n_tiles,
             tile_size=cfg.tile_size,
             modalities=mods,
@@ -326,6 +327,10 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
                 },
             },
         )
+        if staged != target:
+            import os
+
+            os.rename(staged, target)  # the store appears whole, or not at all
     writer = StoreWriter(cfg.store)
     todo = writer.incomplete_shards()
     cand: dict[int, list[list[dict[str, Any]]]] = {}
@@ -344,7 +349,9 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
         fs.makedirs(fs._parent(path), exist_ok=True)
         buf = io.BytesIO()
         plan.to_parquet(buf)
-        fs.pipe_file(path, buf.getvalue())
+        fs.pipe_file(f"{path}.tmp", buf.getvalue())
+        fs.mv(f"{path}.tmp", path)
+    if not all(fs.exists(f"{fs._parent(path)}/{n}") for n in PLOTS):  # also after a kill between the two
         _write_plots(plan, out)
     return Prepared(cfg, todo, -(-cfg.n_tiles // shard_tiles), cand, resumed, plan_path)
 
@@ -396,11 +403,32 @@ def plan_labeler(cfg: BuildConfig, source: Any) -> CachedLabeler | None:
     return CachedLabeler(label, f"{build_dir(cfg.store)}/labels.parquet")
 
 
+PLOTS = ("sample_map.png", "strata.png")
+
+
+def _staging_path(store: str) -> tuple[str, str]:
+    """(store, where to create it): a local store is created beside its path and renamed into place
+    once whole, so that a build killed while creating it leaves no half-made store behind (a leftover
+    staging folder of a killed build is removed here; the build lock is held). Other filesystems create
+    it in place."""
+    import glob
+    import os
+    import shutil
+
+    fs, path = fsspec.core.url_to_fs(store)
+    if "file" not in fs.protocol:
+        return store, store
+    base = os.path.abspath(path).rstrip("/")
+    for old in glob.glob(f"{glob.escape(base)}.creating-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    return base, f"{base}.creating-{os.getpid()}"
+
+
 def _write_plots(plan: gpd.GeoDataFrame, out: str) -> None:
     from mmearth_data.plots import sample_map, strata_plot
 
     fs, path = fsspec.core.url_to_fs(out)
-    for name, fig_fn in (("sample_map.png", sample_map), ("strata.png", strata_plot)):
+    for name, fig_fn in zip(PLOTS, (sample_map, strata_plot), strict=True):
         buf = io.BytesIO()
         fig_fn(plan, buf)
         fs.pipe_file(f"{path}/{name}", buf.getvalue())

@@ -267,3 +267,29 @@ def test_a_second_build_of_the_same_store_stops_with_a_message(tmp_path, capsys)
         [sys.executable, "-c", hold.replace("time.sleep(120)", "pass")], capture_output=True, text=True
     )
     assert again.returncode == 0 and again.stdout.strip() == "held"
+
+
+def test_a_build_killed_while_creating_the_store_or_its_plots_resumes(tmp_path, monkeypatch):
+    import mmearth_data.build as b
+    from mmearth_data.build import build_dir
+
+    store = str(tmp_path / "s.zarr")
+    opts = dict(n_tiles=8, tile_size=32, shard_tiles=8, chunk_tiles=4, years=(2020,), seed=3)
+    real = b.create_store
+
+    def killed(url, **kw):  # the process dies part-way through creating the arrays
+        zarr.open_group(url, mode="w-", zarr_format=3).create_array("sentinel2", shape=(8,), dtype="uint8")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(b, "create_store", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_in_process(BuildConfig(store=store, **opts))
+    assert not Path(store).exists()  # no half-made store at the path
+    assert list(tmp_path.glob("s.zarr.creating-*"))
+    monkeypatch.setattr(b, "create_store", real)
+    assert build_in_process(BuildConfig(store=store, **opts))["complete"] == 8
+    assert not list(tmp_path.glob("s.zarr.creating-*")) and validate_store(store)["valid"]
+    plots = Path(build_dir(store))
+    (plots / "strata.png").unlink()  # killed between writing the plan and its plots
+    build_in_process(BuildConfig(store=store, **opts))
+    assert (plots / "strata.png").exists() and (plots / "sample_map.png").exists()
