@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--shard-tiles", type=int, default=0, help="tiles per shard (default: from --tiles)")
     b.add_argument("--chunk-tiles", type=int, default=4, help="tiles per chunk")
     b.add_argument(
+        "--faults",
+        help="inject faults, e.g. transient=0.1,permanent=0.01,corrupt=0.01,slow=0.05,slow_s=0.2,seed=0 "
+        "(tests and benchmarks of the build's retries, backfill and payload checks)",
+    )
+    b.add_argument(
         "--compression",
         default="compact",
         help="compact (default: Pcodec for Sentinel-2 and DEM, Blosc/Zstd for the rest) or portable "
@@ -261,7 +266,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         chunk_tiles=args.chunk_tiles,
         shard_tiles=args.shard_tiles,
         compression=args.compression,
-        source_options=ee_options(args) if args.source == "earthengine" else {},
+        source_options=(ee_options(args) if args.source == "earthengine" else {})
+        | ({"faults": args.faults} if args.faults else {}),
     )
     from mmearth_data.build import acquire_build_lock, check_request
 

@@ -36,7 +36,14 @@ from mmearth_data.sources import (
     source_version,
     source_years,
 )
-from mmearth_data.store import StoreWriter, _exists, check_compression, config_hash, create_store
+from mmearth_data.store import (
+    StoreWriter,
+    _exists,
+    check_compression,
+    config_hash,
+    create_store,
+    payload_problem,
+)
 from mmearth_data.world import World
 
 log = logging.getLogger(__name__)
@@ -444,6 +451,9 @@ class ShardReport:
     seconds: float
 
 
+TILE_RETRIES = 3  # transient failures of one tile asked again before its slot moves to an alternate
+
+
 def export_shard(cfg: BuildConfig, shard: int, candidates: list[list[dict[str, Any]]]) -> ShardReport:
     """Fetch every slot of one shard (trying alternates on failure) and write the shard."""
     t0 = time.perf_counter()
@@ -451,6 +461,7 @@ def export_shard(cfg: BuildConfig, shard: int, candidates: list[list[dict[str, A
     mods = registry.stored_modalities(cfg.modalities)
     n = len(candidates)
     attempt = [0] * n
+    tries = [0] * n  # transient failures of the current candidate
     rows: list[dict[str, Any] | None] = [None] * n
     results: list[Any] = [None] * n
     failures: list[dict[str, str]] = []
@@ -462,14 +473,23 @@ def export_shard(cfg: BuildConfig, shard: int, candidates: list[list[dict[str, A
             raise RuntimeError(f"source {cfg.source} returned {len(got)} results for {len(reqs)} tiles")
         nxt = []
         for i, res in zip(todo, got, strict=True):
-            if isinstance(res, TileFailure):
-                failures.append({"tile_id": res.tile_id, "stage": res.stage, "reason": res.reason})
-                attempt[i] += 1
-                if attempt[i] < len(candidates[i]):
-                    nxt.append(i)
+            if not isinstance(res, TileFailure):
+                problem = payload_problem(res, mods, cfg.tile_size)
+                if problem is None:
+                    rows[i] = candidates[i][attempt[i]]
+                    results[i] = res
+                    continue
+                res = TileFailure(res.tile_id, "store", f"corrupt payload rejected: {problem}")
+            retry = res.transient and tries[i] < TILE_RETRIES
+            failures.append({"tile_id": res.tile_id, "stage": res.stage, "reason": res.reason,
+                             "action": "retried" if retry else "backfilled"})  # fmt: skip
+            if retry:
+                tries[i] += 1
             else:
-                rows[i] = candidates[i][attempt[i]]
-                results[i] = res
+                attempt[i] += 1
+                tries[i] = 0
+            if attempt[i] < len(candidates[i]):
+                nxt.append(i)
         todo = nxt
     written = StoreWriter(cfg.store).write_shard(shard, rows, results)
     backfilled = sum(1 for i in range(n) if results[i] is not None and attempt[i] > 0)

@@ -288,6 +288,35 @@ def create_store(
     return group
 
 
+def payload_problem(res: TileResult, modalities: Sequence[Modality], tile_size: int) -> str | None:
+    """Why ``res`` must not be written (None when it may): a modality missing, of another shape, of a
+    dtype that does not hold the registry's values exactly, with NaN or inf where the registry's dtype
+    has no room for them (or inf anywhere), or all fill although flagged present."""
+    for m in modalities:
+        a = res.arrays.get(m.name)
+        if a is None:
+            return f"{m.name}: missing"
+        a = np.asarray(a)
+        want = m.shape(1, tile_size)[1:]
+        if a.shape != want:
+            return f"{m.name}: shape {a.shape}, expected {want}"
+        if a.dtype.kind not in "biuf":
+            return f"{m.name}: dtype {a.dtype} is not numeric"
+        if a.dtype.kind == "f":
+            if np.isinf(a).any():
+                return f"{m.name}: inf values"
+            if np.isnan(a).any() and m.np_dtype.kind != "f":
+                return f"{m.name}: NaN in a {m.np_dtype} modality"
+        if m.np_dtype.kind in "iu" and a.size:
+            lo, hi = np.iinfo(m.np_dtype).min, np.iinfo(m.np_dtype).max
+            vmin, vmax = np.nanmin(a), np.nanmax(a)
+            if vmin < lo or vmax > hi:
+                return f"{m.name}: values {vmin}..{vmax} outside {m.np_dtype}"
+        if res.present.get(m.name) and a.size and bool(np.all(m.is_fill(a))):
+            return f"{m.name}: all fill although delivered as present"
+    return None
+
+
 def _write_provenance(data: dict[str, np.ndarray], i: int, extra: dict[str, Any]) -> None:
     """Scene provenance a source reports in ``TileResult.extra`` into the shard's arrays (row ``i``)."""
     data["s2_id"][i] = str(extra.get("s2_id") or "")

@@ -293,3 +293,39 @@ def test_a_build_killed_while_creating_the_store_or_its_plots_resumes(tmp_path, 
     (plots / "strata.png").unlink()  # killed between writing the plan and its plots
     build_in_process(BuildConfig(store=store, **opts))
     assert (plots / "strata.png").exists() and (plots / "sample_map.png").exists()
+
+
+def test_injected_faults_are_retried_backfilled_or_rejected_and_nothing_is_lost(tmp_path):
+    from collections import Counter
+
+    from mmearth_data.build import TILE_RETRIES, build_dir
+    from mmearth_data.sources import make_source
+    from mmearth_data.sources.base import TileRequest
+    from mmearth_data.store import payload_problem
+
+    store = str(tmp_path / "f.zarr")
+    opts = dict(n_tiles=64, tile_size=32, shard_tiles=16, chunk_tiles=4, years=(2019, 2020), seed=5)
+    faults = "transient=0.3,permanent=0.05,corrupt=0.1,seed=2"
+    summary = build_in_process(BuildConfig(store=store, source_options={"faults": faults}, **opts))
+    assert summary["complete"] == 64 and validate_store(store, deep=True)["valid"]
+    failures = json.loads((Path(build_dir(store)) / "failures.json").read_text())
+    kinds = Counter(f["reason"].split(":")[0] for f in failures)
+    assert kinds["transient fault (injected)"] > 10 and kinds["permanent fault (injected)"] >= 1
+    assert kinds["corrupt payload rejected"] >= 3
+    per_tile = Counter(f["tile_id"] for f in failures if f["reason"].startswith("transient"))
+    assert max(per_tile.values()) <= TILE_RETRIES + 1  # retried at most TILE_RETRIES times, then moved on
+    assert all(f["action"] in ("retried", "backfilled") for f in failures)
+    # no silent drop: a permanently failed or rejected tile is never in the store, and its slot is filled
+    written = set(strings(zarr.open_group(store, mode="r")["tile_id"][:]))
+    gone = {f["tile_id"] for f in failures if f["action"] == "backfilled"}
+    assert not gone & written and summary["backfilled"] >= 1
+    # every corruption the injector makes is caught at the store boundary
+    from mmearth_data.registry import stored_modalities
+    from mmearth_data.sources.faults import CORRUPTIONS, corrupt
+
+    mods = stored_modalities()
+    t = TileRequest.at(47.0, 8.0, 2020, 32, biome=4, ecoregion=654)
+    good = make_source("offline", seed=5).fetch([t], mods)[0]
+    assert payload_problem(good, mods, 32) is None
+    for kind in CORRUPTIONS:
+        assert payload_problem(corrupt(good, mods, kind), mods, 32) is not None, kind

@@ -10,7 +10,13 @@ SOURCES = ("offline", "earthengine")
 
 
 def make_source(name: str, **options: Any) -> Source:
-    """Instantiate the source called ``name`` with its options (seed, credentials, ...)."""
+    """Instantiate the source called ``name`` with its options (seed, credentials, ...); option
+    ``faults`` (a :class:`~mmearth_data.sources.faults.FaultSpec` text) wraps it in fault injection."""
+    if options.get("faults"):
+        from mmearth_data.sources.faults import FaultSpec, FaultySource
+
+        inner = make_source(name, **{k: v for k, v in options.items() if k != "faults"})
+        return FaultySource(inner, FaultSpec.parse(options["faults"]))
     if name == "offline":
         from mmearth_data.sources.offline import OfflineSource
 

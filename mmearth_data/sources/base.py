@@ -83,6 +83,7 @@ class TileFailure:
     tile_id: str
     stage: str
     reason: str
+    transient: bool = False  # worth asking again for the same tile (the build retries it a few times)
 
 
 class Source(Protocol):

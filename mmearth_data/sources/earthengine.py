@@ -111,6 +111,8 @@ def check_reachable(host: str, timeout_s: float = 5.0) -> None:
             f"cannot reach {host}{via} ({err}); check this machine's network connection or proxy "
             "(HTTPS_PROXY) and run the same command again (nothing was written)"
         ) from None
+
+
 SEP = "__"  # band names in the stacked image: <modality>__<band>
 EE_DTYPES = {"uint8": "uint8", "uint16": "uint16", "float16": "float32", "float32": "float32"}
 # masked float pixels come back as this value: finite (strict JSON), exact in float32, and outside every
