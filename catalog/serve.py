@@ -56,6 +56,26 @@ def land_png(width: int = 1440) -> bytes:
     return png_bytes(img)
 
 
+class HeadAsGet:
+    """ASGI middleware: a HEAD request is answered as its GET (same status and headers, no body)
+    instead of 405."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_headers_only(message):
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app(dict(scope, method="GET"), receive, send_headers_only)
+
+
 def create_app(catalog: str | Path, allowed_hosts: list[str] | None = None) -> FastAPI:
     """The browse app of ``catalog``. With ``allowed_hosts`` a request whose ``Host`` header names
     another host is refused (400), so that a page on another site cannot reach the catalog through a
@@ -67,6 +87,7 @@ def create_app(catalog: str | Path, allowed_hosts: list[str] | None = None) -> F
     table = ds.dataset(items_path(catalog), format="parquet").to_table(columns=["id", "mmearth:index"])
     index = dict(zip(table.column("id").to_pylist(), table.column("mmearth:index").to_pylist(), strict=True))
     app = FastAPI(title=f"{coll['id']} catalog", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(HeadAsGet)
     if allowed_hosts:
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 

@@ -181,6 +181,13 @@ def test_server_refuses_other_host_headers(catalog_dir):
     # a page on another site whose DNS name was rebound to 127.0.0.1 sends its own name as Host
     r = client.get("/api/tiles?limit=1", headers={"host": "attacker.example"})
     assert r.status_code == 400 and b"tiles" not in r.content
+    head, get = client.head("/"), client.get("/")  # HEAD answers as GET, without the body
+    assert (
+        head.status_code == 200
+        and head.content == b""
+        and head.headers["content-type"].startswith("text/html")
+    )
+    assert head.headers["content-length"] == get.headers["content-length"] == str(len(get.content))
 
 
 def test_quicklook_drawn_from_the_store_when_no_file(tmp_path, small_store):
