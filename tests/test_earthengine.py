@@ -479,3 +479,41 @@ def test_build_without_network_exits_2_before_writing(tmp_path, monkeypatch, cap
         == 2
     )
     assert asked[0] == ("proxy.local", 3128) and "through the proxy" in capsys.readouterr().err
+
+
+def test_no_planted_secret_reaches_any_output(tmp_path, prefect_harness, monkeypatch, capfd):
+    """Secrets in the environment and the key file's path and contents appear in no file the build,
+    the catalog or pretraining writes (store, artifacts, catalog, checkpoints, TensorBoard, Prefect's
+    home) and in nothing printed."""
+    import os
+
+    from catalog.build import build_catalog
+    from flows.build_corpus import run_build
+    from model.pretrain import main as pretrain_main
+
+    marker = "PLANTED-SECRET-7f3a9c"
+    key = tmp_path / f"key-{marker}.json"
+    key.write_text(json.dumps({"type": "service_account", "private_key": f"-----{marker}-----",
+                               "client_email": f"{marker}@p.iam.gserviceaccount.com"}))  # fmt: skip
+    monkeypatch.setenv("EE_SERVICE_ACCOUNT_KEY", str(key))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
+    monkeypatch.setenv("MMEARTH_TEST_TOKEN", marker)
+    register_transport("secret-sim", SimulatedTransport(latency_s=0.0, seed=2))
+    opts = {"transport": "secret-sim", "key_file": str(key), "project": "p", "backoff_base_s": 0.001}
+    store = str(tmp_path / "out" / "s.zarr")
+    cfg = BuildConfig(store=store, n_tiles=16, tile_size=64, seed=4, shard_tiles=16, source="earthengine",
+                      source_options=opts)  # fmt: skip
+    assert run_build(cfg, workers=1, show_progress=False)["complete"] == 16
+    build_catalog(store, tmp_path / "out" / "catalog", quicklooks="all")
+    args = ["--store", store, "--out", str(tmp_path / "out" / "run"), "--img-size", "32", "--batch-size", "4"]
+    assert pretrain_main(["--no-progress", "--workers", "0", "--steps", "1", *args]) == 0
+    printed = capfd.readouterr()
+    assert marker not in printed.out + printed.err
+    roots = [tmp_path / "out", Path(os.environ["PREFECT_HOME"])]
+    scanned = 0
+    for root in roots:
+        for f in root.rglob("*"):
+            if f.is_file():
+                scanned += 1
+                assert marker.encode() not in f.read_bytes(), f
+    assert scanned > 50
