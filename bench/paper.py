@@ -81,6 +81,7 @@ def _complete_tasks(path: Path) -> bool:
 
 def pretrain(args, store: str, pretext: str) -> str:
     from model.pretrain import main as pretrain_main
+    from model.pretrain import read_state
 
     out = Path(args.work) / f"run_{pretext}_{args.steps}"
     argv = ["--store", store, "--out", str(out), "--model", args.model, "--img-size", str(args.img_size),
@@ -88,9 +89,7 @@ def pretrain(args, store: str, pretext: str) -> str:
             "--pretext", pretext, "--device", args.device, "--workers", str(args.workers),
             "--seed", "0", "--no-progress"]  # fmt: skip
     if (out / "state.pt").exists():
-        import torch
-
-        if int(torch.load(out / "state.pt", weights_only=True)["step"]) >= args.steps:
+        if int(read_state(out / "state.pt")["step"]) >= args.steps:
             return str(out)
         argv.append("--resume")
     if pretrain_main(argv) != 0:
@@ -153,7 +152,9 @@ def _logged_train_seconds(run: str) -> float:
     """Training time of a finished run from its metrics.csv (batch / samples_per_s summed over steps)."""
     import csv
 
-    state_args = json.loads(__import__("torch").load(Path(run) / "state.pt", weights_only=True)["args"])
+    from model.pretrain import read_state
+
+    state_args = json.loads(read_state(Path(run) / "state.pt")["args"])
     batch = state_args["batch_size"] * state_args.get("accum", 1)
     with open(Path(run) / "metrics.csv") as f:
         return sum(

@@ -177,14 +177,14 @@ def check_store_path(cfg: BuildConfig) -> bool:
     returns True when it holds this build's corpus (a resume). Reads only (a local path's nearest
     existing folder gets a probe file, removed at once, to learn whether it can be written)."""
     try:
-        fs, path = fsspec.core.url_to_fs(cfg.store)
+        local = _local_path(cfg.store)
     except (ImportError, ValueError) as err:
         raise BuildInputError(
             f"--store {cfg.store}: {err}; install the filesystem's package into the environment or choose a "
             "local path (nothing was changed)"
         ) from None
-    if "file" in fs.protocol:
-        _check_writable(path)
+    if local is not None:
+        _check_writable(local)
     exists, is_group = _exists(cfg.store)
     if exists and not is_group:
         raise BuildInputError(
@@ -219,6 +219,12 @@ def check_store_path(cfg: BuildConfig) -> bool:
     except StoreError as err:
         raise BuildInputError(str(err)) from None
     return True
+
+
+def _local_path(store: str) -> str | None:
+    """The local filesystem path of ``store``, or None when it lives on another filesystem."""
+    fs, path = fsspec.core.url_to_fs(store)
+    return path if "file" in fs.protocol else None
 
 
 def _check_writable(path: str) -> None:
@@ -261,11 +267,11 @@ def acquire_build_lock(store: str) -> None:
     import fcntl
     import os
 
-    fs, _ = fsspec.core.url_to_fs(store)
-    if "file" not in fs.protocol:
+    local = _local_path(store)
+    if local is None:
         log.warning("no build lock on %s: another build of the same store would not be stopped", store)
         return
-    lock_dir = build_dir(fsspec.core.url_to_fs(store)[1])
+    lock_dir = build_dir(local)
     path = os.path.join(lock_dir, "lock")
     if path in _LOCKS:
         return
@@ -422,10 +428,10 @@ def _staging_path(store: str) -> tuple[str, str]:
     import os
     import shutil
 
-    fs, path = fsspec.core.url_to_fs(store)
-    if "file" not in fs.protocol:
+    local = _local_path(store)
+    if local is None:
         return store, store
-    base = os.path.abspath(path).rstrip("/")
+    base = os.path.abspath(local).rstrip("/")
     for old in glob.glob(f"{glob.escape(base)}.creating-*"):
         shutil.rmtree(old, ignore_errors=True)
     return base, f"{base}.creating-{os.getpid()}"

@@ -41,7 +41,7 @@ B = {b: i for i, b in enumerate(S2_BANDS)}
 WC_TREES, WC_WATER = 10, 80
 
 
-HOST_OVERRIDE: tuple[str, int] | None = None  # (host, port) to probe instead (tests)
+HOST_OVERRIDE: tuple[str, int] | None = None  # (host, port) to probe as well (tests: a dead port)
 
 
 class EECheckError(RuntimeError):
@@ -218,7 +218,6 @@ def run_ee_check(
 ) -> tuple[list[Check], dict[str, Any]]:
     """Build the four tiles and check them. Raises :class:`EECheckError` when it cannot run."""
     from mmearth_data.sources.earthengine import (
-        HIGH_VOLUME_URL,
         EarthEngineSource,
         EEConfig,
         register_transport,
@@ -237,9 +236,8 @@ def run_ee_check(
         probe.check(128, stored_modalities())
     except SourceError as err:
         raise EECheckError(str(err)) from None
-    if not simulate:
-        host = HIGH_VOLUME_URL.split("//")[1] if probe.cfg.high_volume else "earthengine.googleapis.com"
-        reach(*(HOST_OVERRIDE or (host, 443)))
+    if not simulate and HOST_OVERRIDE:  # the real endpoint was probed by the source's check above
+        reach(*HOST_OVERRIDE)
     profile_ids: list[str] = []
     t0 = time.perf_counter()
     with _profiling(simulate, profile_ids.append):

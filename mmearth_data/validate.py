@@ -107,9 +107,8 @@ def deep_check(r: CorpusReader) -> list[dict[str, Any]]:
             if col is None:
                 continue
             for i in range(a, b):
-                if complete[i] and sums_ok[i] and tile_checksum(v[i - a]) != sums[i, col]:
-                    problem = "values differ from the checksum written with them"
-                    damaged.append({"index": i, "tile_id": str(ids[i]), "array": m.name, "problem": problem})
+                if sums_ok[i] and tile_checksum(v[i - a]) != sums[i, col]:
+                    mark(i, i + 1, m.name, "values differ from the checksum written with them")
     return sorted(damaged, key=lambda d: (d["index"], d["array"]))
 
 
