@@ -11,6 +11,7 @@ twice. Re-running the same command resumes: only shards with an incomplete tile 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from flows.guard import guard_worker, spare, stop_on_signal
 from mmearth_data.build import BuildConfig, ShardReport, export_shard, finish, prepare
 
 SHARD_RETRIES = 2
@@ -66,31 +68,61 @@ def build_corpus(cfg: BuildConfig, show_progress: bool = True) -> dict[str, Any]
     return summary
 
 
+def _temporary_server():
+    """Prefect's temporary local server, started in a session of its own (a terminal's Ctrl-C does not
+    reach it: the main process stops it in order) and watching this process (it exits when this process
+    is killed outright)."""
+    import prefect
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    class GuardedServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            app_dir = str(prefect.__module_path__.parent)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "flows.guard", str(os.getpid()), "uvicorn", "--app-dir", app_dir,
+                 "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                 "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+                env={"PREFECT_SERVER_ANALYTICS_ENABLED": "false", **os.environ, "PREFECT_UI_ENABLED": "0",
+                     "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+                     **get_current_settings().to_environment_variables(exclude_unset=True)},
+                start_new_session=True,
+            )  # fmt: skip
+            spare(proc.pid)
+            return proc
+
+    return GuardedServer()
+
+
 @contextmanager
 def prefect_api() -> Iterator[None]:
     """Use the configured Prefect API, or one temporary local server shared with worker processes
-    (without it every worker process would start a server of its own)."""
+    (without it every worker process would start a server of its own). Stops on SIGINT/SIGTERM as
+    :mod:`flows.guard` describes."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
-        yield
+        with stop_on_signal():
+            yield
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
+    server = _temporary_server()
     server.start()
     old = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = server.api_url
+    drain = 10.0
     try:
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
+        with stop_on_signal(on_timeout=server.stop), temporary_settings({PREFECT_API_URL: server.api_url}):
             yield
+    except KeyboardInterrupt:
+        drain = 1.0  # stopping: do not wait long for queued logs
+        raise
     finally:
         # flush queued logs and events while the server still listens
         from prefect.events.worker import EventsWorker
         from prefect.logging.handlers import APILogWorker
 
-        APILogWorker.drain_all(timeout=10)
-        EventsWorker.drain_all(timeout=10)
+        APILogWorker.drain_all(timeout=drain)
+        EventsWorker.drain_all(timeout=drain)
         if old is None:
             os.environ.pop("PREFECT_API_URL", None)
         else:
@@ -101,11 +133,17 @@ def prefect_api() -> Iterator[None]:
 def run_build(cfg: BuildConfig, workers: int | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Run the flow with a task runner suited to the source: processes for the CPU-bound offline
     source, threads otherwise (network-bound: several shards in flight, each fetching its tiles
-    concurrently under the source's own cap on requests)."""
+    concurrently under the source's own cap on requests). SIGINT/SIGTERM stop it within seconds with
+    :class:`flows.guard.BuildInterrupted` (completed shards are kept; re-running resumes)."""
     if workers is None:
         workers = (os.cpu_count() or 1) if cfg.source == "offline" else 4
     if cfg.source == "offline" and workers > 1:
-        runner = ProcessPoolTaskRunner(max_workers=workers)
+        # a worker killed on Ctrl-C leaves its semaphores to multiprocessing's resource tracker, which
+        # frees them and would warn about it in the terminal
+        filt = "ignore::UserWarning:multiprocessing.resource_tracker"
+        if filt not in os.environ.get("PYTHONWARNINGS", ""):
+            os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), filt]))
+        runner = ProcessPoolTaskRunner(max_workers=workers, initializer=guard_worker, initargs=(os.getpid(),))
     else:
         runner = ThreadPoolTaskRunner(max_workers=max(workers, 1))
     with prefect_api():

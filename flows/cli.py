@@ -489,6 +489,12 @@ def main(argv: list[str] | None = None) -> int:
     except BuildInputError as err:
         err_console.print(f"[bold red]error:[/] {err}")
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM (flows.guard.BuildInterrupted)
+        err_console.print(
+            f"\n[bold yellow]stopped[/] ({err or 'SIGINT'}): completed shards are kept; re-run the same "
+            "command to resume"
+        )
+        return getattr(err, "exit_code", 130)
     parser.error(f"unknown command {args.command}")
     return 2
 
