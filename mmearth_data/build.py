@@ -26,6 +26,7 @@ import geopandas as gpd
 import numpy as np
 
 from mmearth_data import registry
+from mmearth_data.crash import crash_point
 from mmearth_data.grid import GridError, check_tile_size
 from mmearth_data.sampling import SampleConfig, SamplingError, sample_plan
 from mmearth_data.sources import (
@@ -340,6 +341,7 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
                 },
             },
         )
+        crash_point("created")
         if staged != target:
             import os
 
@@ -364,6 +366,7 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
         plan.to_parquet(buf)
         fs.pipe_file(f"{path}.tmp", buf.getvalue())
         fs.mv(f"{path}.tmp", path)
+        crash_point("plan")
     if not all(fs.exists(f"{fs._parent(path)}/{n}") for n in PLOTS):  # also after a kill between the two
         _write_plots(plan, out)
     return Prepared(cfg, todo, -(-cfg.n_tiles // shard_tiles), cand, resumed, plan_path)

@@ -19,6 +19,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from mmearth_data.crash import crash_point
 from mmearth_data.registry import Modality
 from mmearth_data.store import CorpusReader, strings
 
@@ -106,6 +107,7 @@ def compute_statistics(url: str) -> dict[str, Any]:
 def write_statistics(url: str) -> dict[str, Any]:
     """Compute the statistics and store them in the group attribute ``statistics``."""
     stats = compute_statistics(url)
+    crash_point("statistics")
     group = zarr.open_group(url, mode="r+", zarr_format=3)
     group.attrs["statistics"] = stats
     return stats

@@ -32,6 +32,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.codecs.numcodecs import PCodec
 
+from mmearth_data.crash import crash_point
 from mmearth_data.registry import MODALITIES, Modality, get, registry_dict
 from mmearth_data.sources.base import TileResult
 
@@ -389,7 +390,9 @@ class StoreWriter:
         data["checksum"] = checksum
         for name, values in data.items():
             self.group[name][s0:s1] = values
+            crash_point("shard-array")
         self.group["complete"][s0:s1] = complete  # last: marks the shard's tiles done
+        crash_point("shard-done")
         return int(complete.sum())
 
     def incomplete_shards(self) -> list[int]:
