@@ -371,8 +371,11 @@ def cmd_repair(args: argparse.Namespace) -> int:
     except StoreError as err:
         err_console.print(f"[bold red]error:[/] {err}")
         return 2
+    if res["restored_metadata"]:
+        console.print(f"restored metadata from the build's copy: {', '.join(res['restored_metadata'])}")
     if not res["shards"]:
-        console.print(f"nothing to repair: every tile of {args.store} matches its checksums")
+        if not res["restored_metadata"]:
+            console.print(f"nothing to repair: every tile of {args.store} matches its checksums")
         return 0
     console.print(
         f"{res['damaged_tiles']} damaged tiles in shards {res['shards']}: "

@@ -341,11 +341,14 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
                 },
             },
         )
+        save_metadata_copy(cfg.store, staged)
         crash_point("created")
         if staged != target:
             import os
 
             os.rename(staged, target)  # the store appears whole, or not at all
+    elif load_metadata_copy(cfg.store) is None:  # a store made before the copy was kept
+        save_metadata_copy(cfg.store)
     writer = StoreWriter(cfg.store)
     todo = writer.incomplete_shards()
     cand: dict[int, list[list[dict[str, Any]]]] = {}
@@ -565,24 +568,94 @@ def config_from_store(url: str) -> BuildConfig:
     )  # fmt: skip
 
 
+METADATA_COPY = "metadata.json"
+
+
+def save_metadata_copy(store: str, source: str | None = None) -> None:
+    """Keep every ``zarr.json`` of the store (read from ``source``, by default the store itself) in
+    ``<store>.build/metadata.json``, written whole or not at all, for :func:`restore_metadata`. Taken
+    when the store is created; whatever changes the store's layout must take it again."""
+    from mmearth_data.store import metadata_documents
+
+    docs = {k: v.decode() for k, v in metadata_documents(source or store).items()}
+    fs, path = fsspec.core.url_to_fs(f"{build_dir(store)}/{METADATA_COPY}")
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    fs.pipe_file(f"{path}.tmp", json.dumps(docs, indent=0).encode())
+    fs.mv(f"{path}.tmp", path)
+
+
+def load_metadata_copy(store: str) -> dict[str, str] | None:
+    """The copy :func:`save_metadata_copy` keeps, or None when there is none (or it is unreadable)."""
+    fs, path = fsspec.core.url_to_fs(f"{build_dir(store)}/{METADATA_COPY}")
+    try:
+        docs = json.loads(fs.cat_file(path))
+    except (FileNotFoundError, ValueError):
+        return None
+    return docs if isinstance(docs, dict) and "zarr.json" in docs else None
+
+
+def damaged_metadata(store: str) -> tuple[dict[str, str] | None, dict[str, str]]:
+    """(the build's metadata copy or None, ``{key: problem}`` for every missing or damaged
+    ``zarr.json``); no problems where there is no store at all (the reader says so)."""
+    from mmearth_data.store import metadata_problems
+
+    copy = load_metadata_copy(store)
+    fs, root = fsspec.core.url_to_fs(store)
+    root = root.rstrip("/")
+    found = [p[len(root) + 1 :] for p in fs.glob(f"{root}/*/zarr.json")]
+    problems = metadata_problems(store, sorted(set(copy or ()) | set(found) | {"zarr.json"}))
+    if copy is None and problems.get("zarr.json") == "missing":
+        return None, {}
+    return copy, problems
+
+
+def restore_metadata(store: str) -> list[str]:
+    """Rewrite every missing or damaged ``zarr.json`` of the store from the build's copy; returns the
+    keys restored. Raises :class:`StoreError` when some are damaged and there is no copy."""
+    from mmearth_data.store import StoreError
+
+    copy, problems = damaged_metadata(store)
+    if not problems:
+        return []
+    if copy is None or any(k not in copy for k in problems):
+        listed = ", ".join(f"{k} ({v})" for k, v in problems.items())
+        raise StoreError(
+            f"{store}: damaged metadata {listed} and no copy of it in {build_dir(store)}/{METADATA_COPY}; "
+            "restore those files from a copy of your own, or rebuild into a new --store (nothing was changed)"
+        )
+    fs, root = fsspec.core.url_to_fs(store)
+    for key in sorted(problems):
+        target = f"{root.rstrip('/')}/{key}"
+        fs.makedirs(fs._parent(target), exist_ok=True)
+        fs.pipe_file(f"{target}.tmp", copy[key].encode())
+        fs.mv(f"{target}.tmp", target)
+    return sorted(problems)
+
+
 def repair_store(url: str, world: World | None = None) -> dict[str, Any]:
-    """Re-export the shards that hold damaged tiles (``validate --deep``): their shard files are removed
-    from every per-tile array, their tiles marked incomplete and, for the offline source, the build is
-    resumed from the store's own configuration, which rewrites exactly those shards and the
-    statistics. Other sources need their credentials: the shards are marked and the summary says to
-    re-run ``mmearth build`` with the same options."""
+    """Repair what ``validate --deep`` finds: missing or damaged ``zarr.json`` files are restored from
+    the copy the build keeps (:func:`restore_metadata`); then the shards that hold damaged tiles are
+    re-exported: their shard files are removed from every per-tile array, their tiles marked incomplete
+    and, for the offline source, the build is resumed from the store's own configuration, which rewrites
+    exactly those shards and the statistics. Other sources need their credentials: the shards are
+    marked and the summary says to re-run ``mmearth build`` with the same options."""
+    from mmearth_data.stats import write_statistics
     from mmearth_data.store import CorpusReader
     from mmearth_data.validate import deep_check
 
+    restored = restore_metadata(url)
     reader = CorpusReader(url)
     damaged = deep_check(reader)
     shards = sorted({d["index"] // reader.shard_tiles for d in damaged})
     out: dict[str, Any] = {
         "store": url,
+        "restored_metadata": restored,
         "damaged_tiles": len({d["index"] for d in damaged}),
         "shards": shards,
     }
     if not shards:
+        if "zarr.json" in restored:  # the root's copy may predate the statistics
+            write_statistics(url)
         return out | {"rebuilt": False}
     cfg = config_from_store(url)
     writer = StoreWriter(url)

@@ -415,8 +415,41 @@ def _damaged_metadata(url: str, array: str, err: Exception) -> str:
     where = f"{url.rstrip('/')}/{array + '/' if array else ''}zarr.json"
     return (
         f"{where} cannot be read ({type(err).__name__}: {str(err)[:160]}); the store's metadata is damaged. "
-        "Restore that file from a copy, or rebuild into a new --store (nothing was changed)"
+        f"Run `mmearth repair --store {url}` to restore it from the copy the build keeps, or restore that "
+        "file from a copy of your own (nothing was changed)"
     )
+
+
+def metadata_documents(url: str) -> dict[str, bytes]:
+    """Every ``zarr.json`` of the store (root and arrays) by its key in the store, as stored."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    group = zarr.open_group(url, mode="r", zarr_format=3)
+    keys = ["zarr.json"] + [f"{name}/zarr.json" for name in sorted(group.array_keys())]
+    return {k: fs.cat_file(f"{root.rstrip('/')}/{k}") for k in keys}
+
+
+def metadata_problems(url: str, keys: Sequence[str]) -> dict[str, str]:
+    """``{key: problem}`` for every ``zarr.json`` among ``keys`` (as :func:`metadata_documents` names
+    them) that is missing or that zarr cannot open."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    out: dict[str, str] = {}
+    for key in keys:
+        if not fs.exists(f"{root.rstrip('/')}/{key}"):
+            out[key] = "missing"
+            continue
+        name = key[: -len("/zarr.json")] if key != "zarr.json" else ""
+        try:
+            if name:
+                zarr.open_array(url, path=name, mode="r", zarr_format=3)
+            else:
+                zarr.open_group(url, mode="r", zarr_format=3).attrs.asdict()
+        except Exception as err:  # JSON, metadata or codec errors
+            out[key] = f"{type(err).__name__}: {str(err)[:160]}"
+    return out
 
 
 class CorpusReader:

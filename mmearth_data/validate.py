@@ -112,8 +112,65 @@ def deep_check(r: CorpusReader) -> list[dict[str, Any]]:
     return sorted(damaged, key=lambda d: (d["index"], d["array"]))
 
 
+def metadata_damage(url: str) -> list[dict[str, Any]]:
+    """Damaged tiles by metadata: for every missing or unreadable ``zarr.json`` (checked against the
+    copy the build keeps), every complete tile of that array (the root's: of every array) is listed as
+    in :func:`deep_check`; tile ids and flags are read straight from their arrays where those can be."""
+    import zarr
+
+    from mmearth_data.build import damaged_metadata
+
+    copy, problems = damaged_metadata(url)
+    if not problems:
+        return []
+
+    def array(name: str) -> np.ndarray | None:
+        if f"{name}/zarr.json" in problems:
+            return None
+        try:
+            return np.asarray(zarr.open_array(url, path=name, mode="r", zarr_format=3)[:])
+        except Exception:
+            return None
+
+    ids, complete = array("tile_id"), array("complete")
+    if ids is None and complete is None:
+        import json
+
+        n = int(json.loads(copy["zarr.json"])["attributes"]["n_tiles"]) if copy else 0
+    else:
+        n = len(ids) if ids is not None else len(complete)
+    ids = strings(ids) if ids is not None else np.full(n, "", dtype=object)
+    complete = complete if complete is not None else np.ones(n, bool)
+    out = []
+    for key, problem in sorted(problems.items()):
+        name = "zarr.json (root: every array)" if key == "zarr.json" else key[: -len("/zarr.json")]
+        out += [
+            {"index": int(i), "tile_id": str(ids[i]), "array": name, "problem": f"{key} {problem}"}
+            for i in np.flatnonzero(complete)
+        ]
+    return out
+
+
+def _damage_report(url: str, damaged: list[dict[str, Any]]) -> list[str]:
+    by_array: dict[str, list] = {}
+    for d in damaged:
+        by_array.setdefault(d["array"], []).append(d)
+    problems = []
+    for array, ds in by_array.items():
+        shown = ", ".join(f"{d['index']} ({d['tile_id'] or '?'})" for d in ds[:6])
+        more = f" and {len(ds) - 6} more" if len(ds) > 6 else ""
+        problems.append(f"{array}: {len(ds)} damaged tiles ({ds[0]['problem']}): {shown}{more}")
+    problems.append(f"run `mmearth repair --store {url}` to restore them")
+    return problems
+
+
 def validate_store(url: str, deep: bool = False) -> dict[str, Any]:
     problems: list[str] = []
+    if deep:
+        damaged = metadata_damage(url)
+        if damaged:
+            problems = _damage_report(url, damaged)
+            return {"store": url, "valid": False, "problems": problems, "damaged": damaged}
     try:
         r = CorpusReader(url)
     except StoreError as err:
@@ -123,14 +180,7 @@ def validate_store(url: str, deep: bool = False) -> dict[str, Any]:
     if deep:
         damaged = deep_check(r)
         if damaged:
-            by_array: dict[str, list] = {}
-            for d in damaged:
-                by_array.setdefault(d["array"], []).append(d)
-            for array, ds in by_array.items():
-                shown = ", ".join(f"{d['index']} ({d['tile_id'] or '?'})" for d in ds[:6])
-                more = f" and {len(ds) - 6} more" if len(ds) > 6 else ""
-                problems.append(f"{array}: {len(ds)} damaged tiles ({ds[0]['problem']}): {shown}{more}")
-            problems.append(f"run `mmearth repair --store {url}` to re-export the damaged tiles")
+            problems = _damage_report(url, damaged)
             return {"store": url, "valid": False, "problems": problems, "damaged": damaged}
         if "checksum" not in g:
             problems.append("no per-tile checksums (a store of schema < 1.2): only chunk reads were checked")

@@ -329,3 +329,56 @@ def test_injected_faults_are_retried_backfilled_or_rejected_and_nothing_is_lost(
     assert payload_problem(good, mods, 32) is None
     for kind in CORRUPTIONS:
         assert payload_problem(corrupt(good, mods, kind), mods, 32) is not None, kind
+
+
+def _all_files(path: str) -> dict[str, bytes]:
+    root = Path(path)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_damaged_or_missing_metadata_named_by_validate_restored_by_repair(small_store, tmp_path, capsys):
+    import shutil
+
+    from flows.cli import main as cli_main
+
+    copy = str(tmp_path / "meta.zarr")
+    shutil.copytree(small_store, copy)
+    shutil.copytree(small_store.replace(".zarr", ".build"), str(tmp_path / "meta.build"))
+    before = _all_files(copy)
+    ids = strings(zarr.open_group(copy, mode="r")["tile_id"][:])
+    (Path(copy) / "sentinel1" / "zarr.json").write_text('{"zarr_format": 3, "node_ty')  # cut short
+    (Path(copy) / "dem" / "zarr.json").unlink()
+    root = Path(copy) / "zarr.json"
+    root.write_bytes(root.read_bytes().replace(b'"n_tiles"', b'"n_tiles\x00'))
+    capsys.readouterr()
+    assert cli_main(["validate", "--store", copy, "--deep", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    arrays = {d["array"] for d in report["damaged"]}
+    assert arrays == {"sentinel1", "dem", "zarr.json (root: every array)"}
+    assert {d["index"] for d in report["damaged"] if d["array"] == "dem"} == set(range(len(ids)))
+    text = " ".join(report["problems"])
+    assert "dem/zarr.json missing" in text and "sentinel1/zarr.json JSONDecodeError" in text
+    assert ids[0] in text and "mmearth repair" in text
+    with pytest.raises(StoreError, match=r"zarr\.json cannot be read .*mmearth repair --store"):
+        CorpusReader(copy)
+    assert cli_main(["repair", "--store", copy]) == 0
+    out = capsys.readouterr().out
+    assert "dem/zarr.json" in out and "sentinel1/zarr.json" in out
+    assert _all_files(copy) == before  # byte for byte, statistics included
+    assert cli_main(["validate", "--store", copy, "--deep"]) == 0
+
+
+def test_repair_without_a_metadata_copy_changes_nothing(small_store, tmp_path, capsys):
+    import shutil
+
+    from flows.cli import main as cli_main
+
+    copy = str(tmp_path / "nocopy.zarr")
+    shutil.copytree(small_store, copy)  # its build folder (and the copy in it) stays behind
+    (Path(copy) / "dem" / "zarr.json").write_text("{")
+    before = _all_files(copy)
+    capsys.readouterr()
+    assert cli_main(["repair", "--store", copy]) == 2
+    err = capsys.readouterr().err
+    assert "dem/zarr.json" in err and "no copy" in err and "nothing was changed" in err
+    assert _all_files(copy) == before
