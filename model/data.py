@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmearth_data.registry import Modality, get
-from mmearth_data.store import DATE_FILL, CorpusReader, strings
+from mmearth_data.store import DATE_FILL, CorpusReader, strings, tile_checksum
 
 
 class DataError(ValueError):
@@ -177,6 +177,7 @@ class StreamingCorpus(IterableDataset):
         world_size: int | None = None,
         random_crop: bool = True,
         cloud_mask: bool = False,
+        verify: bool = True,
     ):
         super().__init__()
         reader = CorpusReader(url)
@@ -241,6 +242,9 @@ class StreamingCorpus(IterableDataset):
             if m.stored and not m.categorical and m.name != "sentinel2_masks"
         }
         self.lut = {m.name: class_lookup(m) for m in self.modalities if m.categorical}
+        # every tile read is checked against the checksum written with it, and must still be complete
+        names = list(strings(g["modality"][:])) if "checksum" in g else []
+        self._sum_col = {n: names.index(n) for n in names} if verify else {}
         self._reader: CorpusReader | None = None
         self._arrays: dict = {}
 
@@ -313,13 +317,27 @@ class StreamingCorpus(IterableDataset):
             self._arrays = {m.name: self._reader.group[m.name] for m in self.modalities if m.stored}
             if self.cloud_mask:
                 self._arrays["sentinel2_masks"] = self._reader.group["sentinel2_masks"]
+            self._arrays["complete"] = self._reader.group["complete"]
+            if self._sum_col:
+                self._arrays["checksum"] = self._reader.group["checksum"]
         idx = np.arange(s0, s1)
+        wanted = self.eligible[s0:s1]
+        gone = wanted & ~self._read_array("complete", s0, s1).astype(bool)
+        if gone.any():
+            raise DataError(
+                f"{self.url}: tiles {', '.join(str(s0 + i) for i in np.flatnonzero(gone)[:6])} are no longer "
+                "complete: the store was changed or removed while it was being read (rebuilt, repaired or "
+                f"deleted?); check it with `mmearth validate --store {self.url}` and start again"
+            )
+        sums = self._read_array("checksum", s0, s1) if self._sum_col else None
         out: dict[str, np.ndarray] = {}
         for m in self.modalities:
             if not m.stored:
                 out[m.name] = derived_values(m, self.meta, idx)
                 continue
             raw = self._read_array(m.name, s0, s1)
+            if sums is not None and m.name in self._sum_col:
+                self._verify(m.name, raw, sums[:, self._sum_col[m.name]], wanted, s0)
             absent = ~self.present[m.name][s0:s1]
             if m.categorical:
                 vals = self.lut[m.name][raw]
@@ -337,8 +355,21 @@ class StreamingCorpus(IterableDataset):
                 x = x[:, m.model_band_index]
             out[m.name] = x
         if self.cloud_mask:
-            out["cloud"] = opaque_cloud(self._read_array("sentinel2_masks", s0, s1))
+            raw = self._read_array("sentinel2_masks", s0, s1)
+            if sums is not None and "sentinel2_masks" in self._sum_col:
+                self._verify("sentinel2_masks", raw, sums[:, self._sum_col["sentinel2_masks"]], wanted, s0)
+            out["cloud"] = opaque_cloud(raw)
         return out
+
+    def _verify(self, name: str, raw: np.ndarray, sums: np.ndarray, wanted: np.ndarray, s0: int) -> None:
+        bad = [s0 + i for i in np.flatnonzero(wanted) if tile_checksum(raw[i]) != sums[i]]
+        if bad:
+            raise DataError(
+                f"{self.url}: array {name!r}, tiles {', '.join(map(str, bad[:6]))} differ from the checksum "
+                f"written with them (a damaged or deleted shard file); run `mmearth validate --store "
+                f"{self.url} --deep` to list the damaged tiles and `mmearth repair --store {self.url}` to "
+                "re-export them"
+            )
 
     def _read_array(self, name: str, s0: int, s1: int) -> np.ndarray:
         try:

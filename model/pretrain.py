@@ -85,6 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="leave opaque-cloud pixels (stored masks) out of every pixel target's loss",
     )
     ap.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="check every tile read against the checksum written with it (a damaged or deleted shard, or a "
+        "store changed while training, stops training with a message instead of feeding it fill)",
+    )
+    ap.add_argument(
         "--recipe",
         choices=["paper"],
         help="paper: MMEarth's pretraining recipe (200 epochs, effective batch 4096 by accumulation, "
@@ -307,6 +314,7 @@ def run(args: argparse.Namespace) -> dict:
             start_batches=start_step * args.accum,
             batch_size=args.batch_size,
             cloud_mask=args.cloud_aware,
+            verify=args.verify,
             **kw,
         )
 
@@ -481,6 +489,12 @@ def main(argv: list[str] | None = None) -> int:
         res = run(args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (DataError, StoreError) as err:  # the store damaged, changed or gone while training
+        text = str(err)
+        if "Original Traceback" in text:  # raised in a DataLoader worker: its own message only
+            text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]  # "model.data.DataError: ..."
+        print(f"error: {text} (checkpoints so far are kept; --resume goes on from there)", file=sys.stderr)
         return 2
     if "checkpoint" in res:
         last = res["last"]

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from mmearth_data.build import BuildConfig, build_in_process
 from mmearth_data.registry import MODALITIES, Modality, get
-from mmearth_data.store import CorpusReader
+from mmearth_data.store import CorpusReader, StoreError
 from model.data import DataError, StreamingCorpus, class_lookup, make_loader
 from model.encoder import SIZES, MaskedConvNeXtV2
 from model.mpmae import MPMAE, random_mask, select_pretext
@@ -531,3 +531,26 @@ def test_layer_wise_lr_decay_depths():
     assert evaluate.layer_id("stages.2.downsample.1.weight", depths) == 5
     assert evaluate.layer_id("stages.3.blocks.1.mlp.fc2.weight", depths) == 12
     assert evaluate.layer_id("weight", depths) == n  # the head
+
+
+def test_a_deleted_shard_or_a_vanished_store_stops_training_with_a_message(tmp_path, small_store, capsys):
+    import shutil
+    from pathlib import Path
+
+    store = str(tmp_path / "s.zarr")
+    shutil.copytree(small_store, store)
+    shard = sorted(p for p in (Path(store) / "sentinel2" / "c").rglob("*") if p.is_file())[0]
+    shard.unlink()  # reads back as fill while its tiles stay complete
+    out = str(tmp_path / "r")
+    assert _pretrain("--store", store, "--out", out, "--steps", "4", "--workers", "1") == 2
+    err = capsys.readouterr().err
+    assert "array 'sentinel2'" in err and store in err and "mmearth repair" in err
+    assert "Traceback" not in err
+    # without verification the fill would be trained on (the option exists for damaged-but-known stores)
+    assert _pretrain("--store", store, "--out", str(tmp_path / "nv"), "--steps", "1", "--no-verify") == 0
+
+    shutil.copytree(small_store, str(tmp_path / "t.zarr"))
+    ds = StreamingCorpus(str(tmp_path / "t.zarr"), [get("sentinel2")], 32, split=None, epochs=1)
+    shutil.rmtree(tmp_path / "t.zarr")  # the store removed between opening and reading
+    with pytest.raises((DataError, StoreError), match=r"t\.zarr"):
+        list(ds)
