@@ -439,16 +439,15 @@ def write_quicklooks(reader: CorpusReader, out: Path, progress=None) -> int:
     qdir = out / "quicklooks"
     qdir.mkdir(parents=True, exist_ok=True)
     names = [p for p in PANELS if p in {m.name for m in reader.modalities}]
-    g = reader.group
     n = 0
     for k in range(reader.n_shards):
         s0, s1 = reader.shard_range(k)
-        complete = np.asarray(g["complete"][s0:s1]).astype(bool)
+        complete = reader.read(["complete"], s0, s1)["complete"].astype(bool)
         if not complete.any():
             continue
-        ids = strings(g["tile_id"][s0:s1])
-        data = reader.read(names, s0, s1)
-        present = {m: np.asarray(g[f"{m}_present"][s0:s1]).astype(bool) for m in names}
+        data = reader.read(["tile_id", *names, *(f"{m}_present" for m in names)], s0, s1)
+        ids = strings(data["tile_id"])
+        present = {m: data[f"{m}_present"].astype(bool) for m in names}
         for i in np.flatnonzero(complete):
             arrays = {m: data[m][i] for m in names if present[m][i]}
             (qdir / f"{ids[i]}.png").write_bytes(png_bytes(strip(arrays)))

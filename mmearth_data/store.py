@@ -420,6 +420,15 @@ def _damaged_metadata(url: str, array: str, err: Exception) -> str:
     )
 
 
+def unreadable(url: str, array: str, start: int, stop: int, err: Exception) -> str:
+    """The message for tiles ``start:stop`` of ``array`` that cannot be read (a damaged chunk)."""
+    return (
+        f"{url}: array {array!r}, tiles {start}..{stop - 1} cannot be read ({type(err).__name__}: "
+        f"{str(err)[:200]}); run `mmearth validate --store {url} --deep` to list the damaged tiles and "
+        f"`mmearth repair --store {url}` to re-export them"
+    )
+
+
 def metadata_documents(url: str) -> dict[str, bytes]:
     """Every ``zarr.json`` of the store (root and arrays) by its key in the store, as stored."""
     import fsspec
@@ -499,14 +508,22 @@ class CorpusReader:
         return s0, min(s0 + self.shard_tiles, self.n_tiles)
 
     def read(self, names: Sequence[str], start: int, stop: int) -> dict[str, np.ndarray]:
-        """Arrays ``names`` (modalities or per-tile variables) for tiles ``start:stop``."""
-        return {n: np.asarray(self.group[n][start:stop]) for n in names}
+        """Arrays ``names`` (modalities or per-tile variables) for tiles ``start:stop``; a damaged chunk
+        raises :class:`StoreError` naming the array, the tiles and the store."""
+        return {n: self._get(n, start, stop) for n in names}
+
+    def _get(self, name: str, start: int, stop: int) -> np.ndarray:
+        try:
+            return np.asarray(self.group[name][start:stop])
+        except Exception as err:  # checksum mismatch, truncated or undecodable chunk
+            last = self.n_tiles if stop is None else stop
+            raise StoreError(unreadable(self.url, name, start, last, err)) from err
 
     def read_shard(self, shard: int, names: Sequence[str]) -> dict[str, np.ndarray]:
         return self.read(names, *self.shard_range(shard))
 
     def s2_dates(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        days = np.asarray(self.group["s2_date"][start:stop])
+        days = self._get("s2_date", start, stop)
         out = (EPOCH + days.astype("timedelta64[D]")).astype("datetime64[D]")
         return np.where(days == DATE_FILL, np.datetime64("NaT"), out)
 
@@ -518,23 +535,23 @@ class CorpusReader:
         cols += [m.name for m in self.modalities if m.scalar]
         data = {}
         for c in cols:
-            v = self.group[c][start:stop]
-            data[c] = strings(v) if v.dtype.kind == "T" else np.asarray(v)
+            v = self._get(c, start, stop)
+            data[c] = strings(v) if v.dtype.kind == "T" else v
         df = pd.DataFrame(data, index=pd.RangeIndex(start, stop))
         df["s2_date"] = self.s2_dates(start, stop)
         if "s2_id" in self.group:  # scene provenance (schema 1.1)
-            df["s2_id"] = strings(self.group["s2_id"][start:stop])
-            df["cloud_score"] = np.asarray(self.group["cloud_score"][start:stop])
-            df["cloud_score_source"] = strings(self.group["cloud_score_source"][start:stop])
-            ids = np.asarray(self.group["s1_ids"][start:stop])
-            days = np.asarray(self.group["s1_date"][start:stop])
-            gaps = np.asarray(self.group["s1_gap_days"][start:stop])
+            df["s2_id"] = strings(self._get("s2_id", start, stop))
+            df["cloud_score"] = self._get("cloud_score", start, stop)
+            df["cloud_score_source"] = strings(self._get("cloud_score_source", start, stop))
+            ids = self._get("s1_ids", start, stop)
+            days = self._get("s1_date", start, stop)
+            gaps = self._get("s1_gap_days", start, stop)
             for k, orbit in enumerate(ORBIT_NAMES):
                 df[f"s1_ids_{orbit}"] = strings(ids[:, k])
                 d = (EPOCH + days[:, k].astype("timedelta64[D]")).astype("datetime64[D]")
                 df[f"s1_date_{orbit}"] = np.where(days[:, k] == DATE_FILL, np.datetime64("NaT"), d)
                 df[f"s1_gap_days_{orbit}"] = gaps[:, k]
-        df["transform"] = list(np.asarray(self.group["transform"][start:stop]))
+        df["transform"] = list(self._get("transform", start, stop))
         return df
 
     def dataset(self, **kwargs) -> xr.Dataset:

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmearth_data.registry import Modality, get
-from mmearth_data.store import DATE_FILL, CorpusReader, strings, tile_checksum
+from mmearth_data.store import DATE_FILL, CorpusReader, strings, tile_checksum, unreadable
 
 
 class DataError(ValueError):
@@ -375,11 +375,7 @@ class StreamingCorpus(IterableDataset):
         try:
             return np.asarray(self._arrays[name][s0:s1])
         except Exception as err:  # a damaged chunk: checksum mismatch, truncated, undecodable
-            raise DataError(
-                f"{self.url}: array {name!r}, tiles {s0}..{s1 - 1} cannot be read ({type(err).__name__}: "
-                f"{err}); run `mmearth validate --store {self.url} --deep` to list the damaged tiles and "
-                f"`mmearth repair --store {self.url}` to re-export them"
-            ) from err
+            raise DataError(unreadable(self.url, name, s0, s1, err)) from err
 
     def _crop(self, tile: int, epoch: int) -> tuple[int, int]:
         """Crop offset of ``tile`` in ``epoch``: a hash of (seed, epoch, tile), so any sample can be

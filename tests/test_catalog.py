@@ -313,3 +313,23 @@ def test_a_catalog_build_that_failed_part_way_is_redone(tmp_path, small_store, m
     with pytest.raises(cb.CatalogError, match="holds other files"):
         cb.build_catalog(small_store, foreign)
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+def test_a_damaged_chunk_stops_the_catalog_with_a_message_and_the_next_build_succeeds(
+    small_store, tmp_path, capsys
+):
+    store = str(tmp_path / "s.zarr")
+    shutil.copytree(small_store, store)
+    shutil.copytree(small_store.replace(".zarr", ".build"), str(tmp_path / "s.build"))
+    shard = sorted(p for p in (Path(store) / "sentinel2" / "c").rglob("*") if p.is_file())[1]
+    raw = bytearray(shard.read_bytes())
+    raw[60] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    out = str(tmp_path / "cat")
+    capsys.readouterr()
+    assert cli(["catalog", "build", "--store", store, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "array 'sentinel2'" in err and "mmearth repair" in err and "Traceback" not in err
+    assert cli(["repair", "--store", store]) == 0
+    assert cli(["catalog", "build", "--store", store, "--out", out]) == 0
+    assert validate_catalog(out) == 56
