@@ -38,6 +38,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 bench: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
 	$(PY) bench/build.py
 	$(PY) bench/store_size.py
 	$(PY) bench/loader.py

@@ -1,0 +1,227 @@
+"""Export a corpus store to MMEarth's HDF5 layout, which MMEarth-train and torchgeo's ``MMEarth`` read.
+
+The layout (MMEarth-data's release, as its readers expect it): a folder ``<name>/`` holding
+
+- ``<name>.h5``: one dataset per modality with the tile axis first, one chunk per tile, gzip level 4:
+  ``sentinel2`` uint16 (n, 13, H, W) in MMEarth's band order (B1-B7, **B8A, B8**, B9-B12; 0 = no data),
+  ``sentinel2_cloudmask`` (QA60) and ``sentinel2_cloudprod`` (MSK_CLDPRB) uint16 (65535 = no data),
+  ``sentinel2_scl`` uint8 (255), ``sentinel1`` float32 (n, 8, H, W) ascending VV, VH, HH, HV then
+  descending (-inf), ``aster`` (elevation, slope; float32 with -inf, or int16 as MMEarth writes it),
+  ``canopy_height_eth`` uint8 (n, 2, H, W) (255), ``dynamic_world`` uint8 (n, 1, H, W) classes 1-9
+  (0), ``esa_worldcover`` uint8 (n, 1, H, W) codes 10-100 (255), ``era5`` float32 (n, 12) (inf),
+  ``biome`` uint8 one-hot (n, 14), ``eco_region`` uint8 one-hot (n, 846), ``lat``/``lon`` float32
+  (n, 2) sine and cosine, ``month`` float32 (n, 2), and ``metadata`` (n, 1) tile ids as bytes;
+- ``<name>_tile_info.json``: per tile id ``S2_DATE``, ``S2_type`` (l1c / l2a), ``lat``, ``lon``,
+  ``CRS`` and ``BANDS`` (bands delivered per modality);
+- ``<name>_band_stats.json``: mean, std, min, max per band for ``sentinel2_l1c``, ``sentinel2_l2a``,
+  ``sentinel1``, ``aster``, ``canopy_height_eth``, ``era5``, ``lat``, ``lon``, ``month`` (from the
+  store's statistics where it has them, else computed over the exported values);
+- ``<name>_splits.json``: ``train`` / ``val`` / ``test`` lists of row indices.
+
+Only complete tiles are exported, in store order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from mmearth_data.registry import get
+from mmearth_data.store import CorpusReader, strings
+
+S2_ORDER = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8A", "B8", "B9", "B10", "B11", "B12")
+S1_ORDER = ("VV_asc", "VH_asc", "HH_asc", "HV_asc", "VV_desc", "VH_desc", "HH_desc", "HV_desc")
+ERA5_NAMES = (
+    "prev_temperature_2m", "prev_temperature_2m_min", "prev_temperature_2m_max",
+    "prev_total_precipitation_sum",
+    "curr_temperature_2m", "curr_temperature_2m_min", "curr_temperature_2m_max",
+    "curr_total_precipitation_sum",
+    "0_temperature_2m_mean", "1_temperature_2m_min_min", "2_temperature_2m_max_max",
+    "3_total_precipitation_sum_sum",
+)  # fmt: skip
+N_BIOMES, N_ECOREGIONS = 14, 846
+
+
+def _moments(x: np.ndarray) -> dict[str, list[float]]:
+    """Per-band mean/std/min/max over finite values; ``x`` is (n, bands, ...)."""
+    v = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1).astype(np.float64)
+    v = np.where(np.isfinite(v), v, np.nan)
+    return {
+        "mean": np.nanmean(v, 1).tolist(),
+        "std": np.nanstd(v, 1).tolist(),
+        "min": np.nanmin(v, 1).tolist(),
+        "max": np.nanmax(v, 1).tolist(),
+    }
+
+
+def _from_store(stats: dict[str, Any], bands: tuple[str, ...]) -> dict[str, list[float]]:
+    """Per-band statistics from the store's; a band without data (B10 of L2A) gets mean 0, std 1."""
+    empty = {"mean": 0.0, "std": 1.0, "min": 0.0, "max": 0.0}
+    return {
+        k: [float(stats[b][k]) if stats[b].get(k) is not None else empty[k] for b in bands]
+        for k in ("mean", "std", "min", "max")
+    }
+
+
+def export_mmearth_h5(url: str, out: str, name: str = "data_100k_v001", dem_dtype: str = "float32") -> str:
+    """Write the complete tiles of the store at ``url`` into ``out/name/`` (see the module docstring);
+    returns that folder. ``dem_dtype="int16"`` rounds the DEM as MMEarth's release stores it."""
+    import h5py
+
+    if dem_dtype not in ("float32", "int16"):
+        raise ValueError(f"dem_dtype {dem_dtype!r}: use float32 (lossless) or int16 (MMEarth's)")
+    r = CorpusReader(url)
+    stored = {m.name for m in r.modalities}
+    need = {"sentinel2", "sentinel2_masks", "sentinel1", "dem", "era5", "dynamic_world", "esa_worldcover",
+            "canopy_height", "biome", "ecoregion"}  # fmt: skip
+    if need - stored:
+        raise ValueError(
+            f"{url} lacks {', '.join(sorted(need - stored))}; MMEarth's layout needs every modality"
+        )
+    meta = r.tiles()
+    rows = np.flatnonzero(meta["complete"].to_numpy())
+    n, S = len(rows), r.tile_size
+    folder = os.path.join(out, name)
+    os.makedirs(folder, exist_ok=True)
+    s2_idx = [get("sentinel2").bands.index(b) for b in S2_ORDER]
+    mask_bands = get("sentinel2_masks").bands
+    f = h5py.File(os.path.join(folder, f"{name}.h5"), "w")
+
+    def ds(key: str, shape: tuple[int, ...], dtype: Any) -> Any:
+        return f.create_dataset(
+            key, shape=(n, *shape), dtype=dtype, chunks=(1, *shape), compression="gzip", compression_opts=4
+        )
+
+    out_ds = {
+        "sentinel2": ds("sentinel2", (13, S, S), "uint16"),
+        "sentinel2_cloudmask": ds("sentinel2_cloudmask", (1, S, S), "uint16"),
+        "sentinel2_cloudprod": ds("sentinel2_cloudprod", (1, S, S), "uint16"),
+        "sentinel2_scl": ds("sentinel2_scl", (1, S, S), "uint8"),
+        "sentinel1": ds("sentinel1", (8, S, S), "float32"),
+        "aster": ds("aster", (2, S, S), dem_dtype),
+        "canopy_height_eth": ds("canopy_height_eth", (2, S, S), "uint8"),
+        "dynamic_world": ds("dynamic_world", (1, S, S), "uint8"),
+        "esa_worldcover": ds("esa_worldcover", (1, S, S), "uint8"),
+        "era5": ds("era5", (12,), "float32"),
+        "biome": ds("biome", (N_BIOMES,), "uint8"),
+        "eco_region": ds("eco_region", (N_ECOREGIONS,), "uint8"),
+        "lat": ds("lat", (2,), "float32"),
+        "lon": ds("lon", (2,), "float32"),
+        "month": ds("month", (2,), "float32"),
+    }
+    ids = meta["tile_id"].to_numpy()[rows].astype(str)
+    f.create_dataset("metadata", data=np.array([[t.encode()] for t in ids], dtype="S32"))
+    s2_level = meta["s2_product"].to_numpy()[rows].astype(str)
+    tile_info: dict[str, Any] = {}
+    pos = 0
+    extra = {"aster": [], "lat": [], "lon": [], "month": []}
+    for k in range(r.n_shards):
+        s0, s1 = r.shard_range(k)
+        keep = np.flatnonzero(meta["complete"].to_numpy()[s0:s1])
+        if not len(keep):
+            continue
+        d = r.read(sorted(need) + [f"{m}_present" for m in sorted(need)], s0, s1)
+        d = {key: v[keep] for key, v in d.items()}
+        a, b = pos, pos + len(keep)
+        out_ds["sentinel2"][a:b] = d["sentinel2"][:, s2_idx]
+        masks = d["sentinel2_masks"]
+        for key, band, fill in (
+            ("sentinel2_cloudmask", "QA60", 65535),
+            ("sentinel2_cloudprod", "MSK_CLDPRB", 65535),
+        ):
+            v = masks[:, mask_bands.index(band)].astype(np.uint16)
+            out_ds[key][a:b] = np.where(v == 255, fill, v)[:, None]
+        out_ds["sentinel2_scl"][a:b] = masks[:, mask_bands.index("SCL")][:, None]
+        s1 = d["sentinel1"].astype(np.float32)
+        out_ds["sentinel1"][a:b] = np.where(np.isnan(s1), -np.inf, s1)
+        dem = d["dem"]
+        if dem_dtype == "int16":
+            dem = np.where(np.isnan(dem), -32768, np.round(dem)).astype(np.int16)
+        else:
+            dem = np.where(np.isnan(dem), -np.inf, dem)
+        out_ds["aster"][a:b] = dem
+        extra["aster"].append(np.where(np.isnan(d["dem"]), np.nan, d["dem"])[:, :, ::4, ::4])
+        out_ds["canopy_height_eth"][a:b] = d["canopy_height"]
+        out_ds["dynamic_world"][a:b] = d["dynamic_world"]
+        out_ds["esa_worldcover"][a:b] = np.where(d["esa_worldcover"] == 0, 255, d["esa_worldcover"])
+        out_ds["era5"][a:b] = np.where(np.isnan(d["era5"]), np.inf, d["era5"])
+        onehot = np.zeros((len(keep), N_BIOMES), np.uint8)
+        ok = (d["biome"] >= 1) & (d["biome"] <= N_BIOMES)
+        onehot[np.flatnonzero(ok), d["biome"][ok].astype(int) - 1] = 1
+        out_ds["biome"][a:b] = onehot
+        onehot = np.zeros((len(keep), N_ECOREGIONS), np.uint8)
+        ok = (d["ecoregion"] >= 1) & (d["ecoregion"] <= N_ECOREGIONS)
+        onehot[np.flatnonzero(ok), d["ecoregion"][ok].astype(int) - 1] = 1
+        out_ds["eco_region"][a:b] = onehot
+        rows_k = s0 + keep
+        lat = np.radians(meta["lat"].to_numpy()[rows_k])
+        lon = np.radians(meta["lon"].to_numpy()[rows_k])
+        date = meta["s2_date"].to_numpy()[rows_k].astype("datetime64[M]")
+        month = (date.astype(int) % 12 + 1).astype(np.float64)
+        for key, v in (("lat", lat), ("lon", lon), ("month", 2 * np.pi * month / 12)):
+            enc = np.stack([np.sin(v), np.cos(v)], 1).astype(np.float32)
+            out_ds[key][a:b] = enc
+            extra[key].append(enc)
+        for j, i in enumerate(rows_k):
+            tid = str(meta["tile_id"].iloc[i])
+            epsg = int(meta["epsg"].iloc[i])
+            tile_info[tid] = {
+                "S2_DATE": str(meta["s2_date"].iloc[i].date())
+                if not np.isnat(meta["s2_date"].to_numpy()[i])
+                else "",  # fmt: skip
+                "S2_type": s2_level[a + j].lower(),
+                "lat": float(meta["lat"].iloc[i]),
+                "lon": float(meta["lon"].iloc[i]),
+                "CRS": f"EPSG:{epsg}",
+                "BANDS": {
+                    "sentinel2": list(S2_ORDER),
+                    "sentinel1_asc": ["VV", "VH", "HH", "HV"] if d["sentinel1_present"][j] else [],
+                    "sentinel1_desc": ["VV", "VH", "HH", "HV"] if d["sentinel1_present"][j] else [],
+                    "aster": ["b1", "slope"] if d["dem_present"][j] else [],
+                    "era5": list(ERA5_NAMES) if d["era5_present"][j] else [],
+                    "dynamic_world": ["label"] if d["dynamic_world_present"][j] else [],
+                    "canopy_height_eth": ["height", "std"] if d["canopy_height_present"][j] else [],
+                    "esa_worldcover": ["Map"] if d["esa_worldcover_present"][j] else [],
+                },
+            }
+        pos = b
+    f.close()
+    st = r.statistics
+    s2 = get("sentinel2").bands
+    band_stats = {
+        "sentinel2_l1c": _from_store(st["sentinel2"]["L1C"], S2_ORDER)
+        if "L1C" in st.get("sentinel2", {})
+        else None,  # fmt: skip
+        "sentinel2_l2a": _from_store(st["sentinel2"]["L2A"], S2_ORDER)
+        if "L2A" in st.get("sentinel2", {})
+        else None,  # fmt: skip
+        "sentinel1": _from_store(st["sentinel1"], S1_ORDER),
+        "aster": _moments(np.concatenate(extra["aster"])),
+        "canopy_height_eth": _from_store(st["canopy_height"], ("height", "std")),
+        "era5": _from_store(st["era5"], get("era5").bands),
+        "lat": _moments(np.concatenate(extra["lat"])),
+        "lon": _moments(np.concatenate(extra["lon"])),
+        "month": _moments(np.concatenate(extra["month"])),
+    }
+    fallback = band_stats["sentinel2_l2a"] or band_stats["sentinel2_l1c"]
+    for level in ("sentinel2_l1c", "sentinel2_l2a"):
+        band_stats[level] = band_stats[level] or fallback
+    assert len(s2) == 13
+    split = meta["split"].to_numpy()[rows].astype(str)
+    splits = {s: np.flatnonzero(split == s).tolist() for s in ("train", "val", "test")}
+    for suffix, obj in (("tile_info", tile_info), ("band_stats", band_stats), ("splits", splits)):
+        with open(os.path.join(folder, f"{name}_{suffix}.json"), "w") as fh:
+            json.dump(obj, fh, allow_nan=False)
+    return folder
+
+
+def tile_ids(folder: str) -> list[str]:
+    """Tile ids of an export, in row order."""
+    import h5py
+
+    name = os.path.basename(folder.rstrip("/"))
+    with h5py.File(os.path.join(folder, f"{name}.h5"), "r") as f:
+        return strings(np.array([row[0].decode() for row in f["metadata"][:]], dtype=object)).tolist()
