@@ -47,18 +47,25 @@ class Normaliser:
     mean: np.ndarray  # (bands,) or (levels, bands)
     std: np.ndarray
 
-    def apply(self, x: np.ndarray, level: np.ndarray | None = None) -> np.ndarray:
-        """Normalise ``x`` (tile axis first) in float32; ``level`` picks the row per tile (Sentinel-2)."""
-        x = np.asarray(x, np.float32)  # a fresh float32 copy of the integer or float16 data
+    def apply(
+        self, x: np.ndarray, level: np.ndarray | None = None, bands: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Normalise ``x`` (tile axis first) in float32; ``level`` picks the row per tile (Sentinel-2),
+        ``bands`` the statistics' bands that ``x`` holds (all by default)."""
+        x = np.array(x, np.float32)  # a fresh float32 copy of the integer or float16 data
         extra = (1,) * (x.ndim - 2)
-        mean, std = self.mean.astype(np.float32), self.std.astype(np.float32)
+        mean, std = self.mean, self.std
+        if bands is not None:
+            mean, std = mean[..., bands], std[..., bands]
+        scale = (1.0 / std).astype(np.float32)
+        shift = (-mean / std).astype(np.float32)
         if level is None:
-            mean, std = mean.reshape((1, -1) + extra), std.reshape((1, -1) + extra)
+            scale, shift = scale.reshape((1, -1) + extra), shift.reshape((1, -1) + extra)
         else:
-            mean = mean[level].reshape(level.shape + (-1,) + extra)
-            std = std[level].reshape(level.shape + (-1,) + extra)
-        x -= mean
-        x /= std
+            scale = scale[level].reshape(level.shape + (-1,) + extra)
+            shift = shift[level].reshape(level.shape + (-1,) + extra)
+        x *= scale
+        x += shift
         return x
 
 
@@ -242,9 +249,15 @@ class StreamingCorpus(IterableDataset):
             if m.stored and not m.categorical and m.name != "sentinel2_masks"
         }
         self.lut = {m.name: class_lookup(m) for m in self.modalities if m.categorical}
-        # every tile read is checked against the checksum written with it, and must still be complete
-        names = list(strings(g["modality"][:])) if "checksum" in g else []
-        self._sum_col = {n: names.index(n) for n in names} if verify else {}
+        # tile-level modalities are small: read once (a chunk each per unit would cost as much as images)
+        self._tile_cache = {
+            m.name: np.asarray(g[m.name][:]) for m in self.modalities if m.stored and m.kind == "tile"
+        }
+        # every tile read is checked against the checksum written with it, as the store held it when
+        # training started: a deleted or damaged shard, or tiles rewritten or removed since, stop training
+        names = list(strings(g["modality"][:])) if "checksum" in g and verify else []
+        self._sum_col = {n: names.index(n) for n in names}
+        self._sums = np.asarray(g["checksum"][:]) if names else None
         self._reader: CorpusReader | None = None
         self._arrays: dict = {}
 
@@ -310,55 +323,68 @@ class StreamingCorpus(IterableDataset):
         return [m.name for m in self.modalities] + (["cloud"] if self.cloud_mask else []) + ["index"]
 
     # --- reading -------------------------------------------------------------------------------------
-    def _read_unit(self, s0: int, s1: int) -> dict[str, np.ndarray]:
-        """All modalities of tiles s0:s1, normalised / mapped, as numpy (tile axis first)."""
+    def _read_unit(self, s0: int, s1: int, epoch: int = 0) -> dict[str, np.ndarray]:
+        """All modalities of tiles s0:s1 for ``epoch``, cropped, normalised / mapped, as numpy (tile axis
+        first). Pixel modalities are cropped (and Sentinel-2's model bands picked) on the stored integers,
+        before anything is converted to float."""
         if self._reader is None:
             self._reader = CorpusReader(self.url)
             self._arrays = {m.name: self._reader.group[m.name] for m in self.modalities if m.stored}
             if self.cloud_mask:
                 self._arrays["sentinel2_masks"] = self._reader.group["sentinel2_masks"]
-            self._arrays["complete"] = self._reader.group["complete"]
-            if self._sum_col:
-                self._arrays["checksum"] = self._reader.group["checksum"]
         idx = np.arange(s0, s1)
         wanted = self.eligible[s0:s1]
-        gone = wanted & ~self._read_array("complete", s0, s1).astype(bool)
-        if gone.any():
-            raise DataError(
-                f"{self.url}: tiles {', '.join(str(s0 + i) for i in np.flatnonzero(gone)[:6])} are no longer "
-                "complete: the store was changed or removed while it was being read (rebuilt, repaired or "
-                f"deleted?); check it with `mmearth validate --store {self.url}` and start again"
-            )
-        sums = self._read_array("checksum", s0, s1) if self._sum_col else None
+        sums = self._sums[s0:s1] if self._sums is not None else None
+        crops = [self._crop(t, epoch) for t in range(s0, s1)]
         out: dict[str, np.ndarray] = {}
         for m in self.modalities:
             if not m.stored:
                 out[m.name] = derived_values(m, self.meta, idx)
                 continue
-            raw = self._read_array(m.name, s0, s1)
+            raw = (
+                self._tile_cache[m.name][s0:s1]
+                if m.name in self._tile_cache
+                else self._read_array(m.name, s0, s1)
+            )
             if sums is not None and m.name in self._sum_col:
                 self._verify(m.name, raw, sums[:, self._sum_col[m.name]], wanted, s0)
             absent = ~self.present[m.name][s0:s1]
+            if m.kind == "pixel":
+                raw = self._cropped(raw, crops, m.model_band_index if m.model_bands is not None else None)
+            elif m.model_bands is not None:
+                raw = raw[:, m.model_band_index]
             if m.categorical:
                 vals = self.lut[m.name][raw]
                 if m.kind == "pixel":
                     vals = vals[:, 0]  # one band: (tile, y, x)
-                vals[absent] = -1
+                if absent.any():
+                    vals[absent] = -1
                 out[m.name] = vals
                 continue
-            invalid = m.is_fill(raw)
             level = self.meta["level"][s0:s1] if m.name == "sentinel2" else None
-            x = self.norm[m.name].apply(raw, level)
-            x[invalid] = np.nan
-            x[absent] = np.nan
-            if m.model_bands is not None:  # e.g. Sentinel-2 without B10
-                x = x[:, m.model_band_index]
+            band_rows = m.model_band_index if m.model_bands is not None else None
+            x = self.norm[m.name].apply(raw, level, band_rows)
+            if not np.issubdtype(raw.dtype, np.floating):  # a float fill (NaN) stays NaN by itself
+                x[m.is_fill(raw)] = np.nan
+            if absent.any():
+                x[absent] = np.nan
             out[m.name] = x
         if self.cloud_mask:
             raw = self._read_array("sentinel2_masks", s0, s1)
             if sums is not None and "sentinel2_masks" in self._sum_col:
                 self._verify("sentinel2_masks", raw, sums[:, self._sum_col["sentinel2_masks"]], wanted, s0)
-            out["cloud"] = opaque_cloud(raw)
+            out["cloud"] = opaque_cloud(self._cropped(raw, crops, None))
+        return out
+
+    def _cropped(self, raw: np.ndarray, crops: list[tuple[int, int]], bands: np.ndarray | None) -> np.ndarray:
+        """The ``img_size`` crop of each tile of ``raw`` (tile, band, y, x) at its offsets, optionally
+        only ``bands``: one contiguous array in the stored dtype."""
+        S = self.img_size
+        n_bands = raw.shape[1] if bands is None else len(bands)
+        out = np.empty((raw.shape[0], n_bands, S, S), raw.dtype)
+        for i, (y, x) in enumerate(crops):
+            tile = raw[i, :, y : y + S, x : x + S]
+            out[i] = tile if bands is None else tile[bands]
         return out
 
     def _verify(self, name: str, raw: np.ndarray, sums: np.ndarray, wanted: np.ndarray, s0: int) -> None:
@@ -416,27 +442,21 @@ class StreamingCorpus(IterableDataset):
                 data = {}
                 where = {}
                 for a, b in units:
-                    d = self._read_unit(a, b)
+                    d = self._read_unit(a, b, epoch)
                     for t in range(a, b):
                         where[t] = (len(data), t - a)
                     data[len(data)] = d
                 for tile in order[skip:]:
                     u, k = where[int(tile)]
-                    yield self._sample(data[u], k, int(tile), epoch)
+                    yield self._sample(data[u], k, int(tile))
                 skip = 0
             epoch += 1
 
-    def _sample(self, d: dict[str, np.ndarray], k: int, tile: int, epoch: int) -> dict[str, torch.Tensor]:
-        y, x = self._crop(tile, epoch)
-        S = self.img_size
-        out = {}
-        for m in self.modalities:
-            v = d[m.name][k]
-            if m.kind == "pixel":
-                v = v[..., y : y + S, x : x + S]
-            out[m.name] = torch.from_numpy(np.ascontiguousarray(v))
+    def _sample(self, d: dict[str, np.ndarray], k: int, tile: int) -> dict[str, torch.Tensor]:
+        """Sample ``k`` of a unit read by :meth:`_read_unit` (already cropped: contiguous views)."""
+        out = {m.name: torch.from_numpy(np.asarray(d[m.name][k])) for m in self.modalities}
         if self.cloud_mask:
-            out["cloud"] = torch.from_numpy(np.ascontiguousarray(d["cloud"][k][y : y + S, x : x + S]))
+            out["cloud"] = torch.from_numpy(d["cloud"][k])
         out["index"] = torch.tensor(tile, dtype=torch.int64)
         return out
 
