@@ -15,9 +15,9 @@ One store is built (offline source) and exported to MMEarth's HDF5 layout
 
 Each loader runs ``--repeats`` whole epochs through a ``DataLoader`` (batch ``--batch-size``; the
 readers' own start-up, such as opening files, included; ours with workers keeps them between epochs,
-as training does, and starts them before the timing); min / median / max samples/s are printed. "Per worker" is
-``num_workers=0`` (the loop's own process reads); ours also runs with 1 and 2 workers for the scaling
-from 1 to 2 workers (both of this machine's cores). Ends with
+as training does, and starts them before the timing); min / median / max samples/s are printed.
+"Per worker" is ``num_workers=0`` (the loop's own process reads); ours also runs with 1 and 2
+workers for the scaling from 1 to 2 workers (both of this machine's cores). Ends with
 ``bench: loader per_worker=<ours, 0 workers> target=1000 scaling_1to2=<x> target=1.6
 vs_torchgeo=<x> target=5 ok|short``.
 """

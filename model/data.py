@@ -28,12 +28,13 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import fsspec
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmearth_data.registry import Modality, get
-from mmearth_data.store import DATE_FILL, CorpusReader, strings, tile_checksum, unreadable
+from mmearth_data.store import DATE_FILL, CorpusReader, strings, unreadable
 
 
 class DataError(ValueError):
@@ -253,11 +254,21 @@ class StreamingCorpus(IterableDataset):
         self._tile_cache = {
             m.name: np.asarray(g[m.name][:]) for m in self.modalities if m.stored and m.kind == "tile"
         }
-        # every tile read is checked against the checksum written with it, as the store held it when
-        # training started: a deleted or damaged shard, or tiles rewritten or removed since, stop training
-        names = list(strings(g["modality"][:])) if "checksum" in g and verify else []
-        self._sum_col = {n: names.index(n) for n in names}
-        self._sums = np.asarray(g["checksum"][:]) if names else None
+        for name, vals in self._tile_cache.items() if verify else ():
+            m = get(name)
+            fill = m.is_fill(vals).reshape(len(vals), -1).all(1)
+            lost = np.flatnonzero(fill & self.present[name] & eligible)
+            if len(lost):
+                raise DataError(
+                    f"{url}: array {name!r}, tiles {', '.join(map(str, lost[:6]))} read back as no-data "
+                    f"although they hold {name} (a deleted shard file?); run `mmearth validate --store {url} "
+                    f"--deep` and `mmearth repair --store {url}`"
+                )
+        # chunks carry CRC32C checksums that zarr checks on every read; what a read cannot see is a shard
+        # file that is gone (it reads back as fill): each unit checks that the shard file of every
+        # modality it reads exists wherever one of its tiles holds that modality
+        self._verify = verify
+        self._fs, self._root = fsspec.core.url_to_fs(url)
         self._reader: CorpusReader | None = None
         self._arrays: dict = {}
 
@@ -333,8 +344,6 @@ class StreamingCorpus(IterableDataset):
             if self.cloud_mask:
                 self._arrays["sentinel2_masks"] = self._reader.group["sentinel2_masks"]
         idx = np.arange(s0, s1)
-        wanted = self.eligible[s0:s1]
-        sums = self._sums[s0:s1] if self._sums is not None else None
         crops = [self._crop(t, epoch) for t in range(s0, s1)]
         out: dict[str, np.ndarray] = {}
         for m in self.modalities:
@@ -346,9 +355,9 @@ class StreamingCorpus(IterableDataset):
                 if m.name in self._tile_cache
                 else self._read_array(m.name, s0, s1)
             )
-            if sums is not None and m.name in self._sum_col:
-                self._verify(m.name, raw, sums[:, self._sum_col[m.name]], wanted, s0)
             absent = ~self.present[m.name][s0:s1]
+            if self._verify and m.name not in self._tile_cache and not absent.all():
+                self._check_shard(m.name, raw.ndim, s0)
             if m.kind == "pixel":
                 raw = self._cropped(raw, crops, m.model_band_index if m.model_bands is not None else None)
             elif m.model_bands is not None:
@@ -371,8 +380,8 @@ class StreamingCorpus(IterableDataset):
             out[m.name] = x
         if self.cloud_mask:
             raw = self._read_array("sentinel2_masks", s0, s1)
-            if sums is not None and "sentinel2_masks" in self._sum_col:
-                self._verify("sentinel2_masks", raw, sums[:, self._sum_col["sentinel2_masks"]], wanted, s0)
+            if self._verify and self.present.get("sentinel2_masks", np.ones(1, bool))[s0:s1].any():
+                self._check_shard("sentinel2_masks", raw.ndim, s0)
             out["cloud"] = opaque_cloud(self._cropped(raw, crops, None))
         return out
 
@@ -387,14 +396,15 @@ class StreamingCorpus(IterableDataset):
             out[i] = tile if bands is None else tile[bands]
         return out
 
-    def _verify(self, name: str, raw: np.ndarray, sums: np.ndarray, wanted: np.ndarray, s0: int) -> None:
-        bad = [s0 + i for i in np.flatnonzero(wanted) if tile_checksum(raw[i]) != sums[i]]
-        if bad:
+    def _check_shard(self, name: str, ndim: int, s0: int) -> None:
+        """Raise :class:`DataError` when the shard file of ``name`` holding tile ``s0`` is missing."""
+        key = f"{self._root.rstrip('/')}/{name}/c/{s0 // self.shard_tiles}" + "/0" * (ndim - 1)
+        if not self._fs.exists(key):
             raise DataError(
-                f"{self.url}: array {name!r}, tiles {', '.join(map(str, bad[:6]))} differ from the checksum "
-                f"written with them (a damaged or deleted shard file); run `mmearth validate --store "
-                f"{self.url} --deep` to list the damaged tiles and `mmearth repair --store {self.url}` to "
-                "re-export them"
+                f"{self.url}: array {name!r}, tiles {s0}.. : its shard file {key} is missing although "
+                "those tiles hold data (deleted, or the store changed while training); run `mmearth "
+                f"validate --store {self.url} --deep` to list the damaged tiles and `mmearth repair --store "
+                f"{self.url}` to re-export them"
             )
 
     def _read_array(self, name: str, s0: int, s1: int) -> np.ndarray:

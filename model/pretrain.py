@@ -88,8 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--verify",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="check every tile read against the checksum written with it (a damaged or deleted shard, or a "
-        "store changed while training, stops training with a message instead of feeding it fill)",
+        help="stop with a message, instead of training on no-data, when a shard file the loader reads is "
+        "gone (deleted, or the store changed while training); damaged chunks always fail their CRC32C",
     )
     ap.add_argument(
         "--recipe",

@@ -549,6 +549,13 @@ def test_a_deleted_shard_or_a_vanished_store_stops_training_with_a_message(tmp_p
     # without verification the fill would be trained on (the option exists for damaged-but-known stores)
     assert _pretrain("--store", store, "--out", str(tmp_path / "nv"), "--steps", "1", "--no-verify") == 0
 
+    # a tile-level modality (read whole when the loader opens) with a shard file gone
+    era5 = str(tmp_path / "e.zarr")
+    shutil.copytree(small_store, era5)
+    sorted(p for p in (Path(era5) / "era5" / "c").rglob("*") if p.is_file())[0].unlink()
+    with pytest.raises(DataError, match=r"array 'era5', tiles 0, 1, .*no-data"):
+        StreamingCorpus(era5, [get("sentinel2"), get("era5")], 32, split=None, epochs=1)
+
     shutil.copytree(small_store, str(tmp_path / "t.zarr"))
     ds = StreamingCorpus(str(tmp_path / "t.zarr"), [get("sentinel2")], 32, split=None, epochs=1)
     shutil.rmtree(tmp_path / "t.zarr")  # the store removed between opening and reading
