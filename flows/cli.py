@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="alternate tiles planned per tile (backfill)",
     )  # fmt: skip
     b.add_argument("--shard-tiles", type=int, default=0, help="tiles per shard (default: from --tiles)")
-    b.add_argument("--chunk-tiles", type=int, default=4, help="tiles per chunk")
+    b.add_argument(
+        "--chunk-tiles", type=int, default=0, help="tiles per chunk (default: 16 or a divisor of the shard)"
+    )
     b.add_argument(
         "--faults",
         help="inject faults, e.g. transient=0.1,permanent=0.01,corrupt=0.01,slow=0.05,slow_s=0.2,seed=0 "

@@ -69,7 +69,7 @@ class BuildConfig:
     years: tuple[int, ...] = (2017, 2018, 2019, 2020)
     modalities: tuple[str, ...] = DEFAULT_MODALITIES
     reserve: int = 2
-    chunk_tiles: int = 4
+    chunk_tiles: int = 0  # 0: 16, or the largest power of two dividing the shard size below that
     shard_tiles: int = 0  # 0: chosen from n_tiles (64 .. 1024 tiles, at most ~1000 shards)
     compression: str = "compact"  # or "portable": core Zarr v3 codecs only (see store.py)
     source_options: dict[str, Any] = field(default_factory=dict, hash=False)
@@ -79,6 +79,13 @@ class BuildConfig:
             return self.shard_tiles
         want = max(64, 2 ** math.ceil(math.log2(max(self.n_tiles, 1) / 1000))) if self.n_tiles > 0 else 64
         return int(min(1024, want))
+
+    def resolved_chunk_tiles(self) -> int:
+        """Tiles per chunk: 16 by default (fewer, larger chunks: zarr-python's cost per chunk is as high
+        as decoding a small pixel array's tiles; the loader reads whole shards anyway)."""
+        if self.chunk_tiles:
+            return self.chunk_tiles
+        return math.gcd(16, self.resolved_shard_tiles())
 
     def identity(self) -> dict[str, Any]:
         """What must match for a re-run to resume this store (credentials and paths excluded)."""
@@ -94,7 +101,7 @@ class BuildConfig:
             "years": list(self.years),
             "modalities": list(self.modalities),
             "reserve": self.reserve,
-            "chunk_tiles": self.chunk_tiles,
+            "chunk_tiles": self.resolved_chunk_tiles(),
             "shard_tiles": self.resolved_shard_tiles(),
             "compression": self.compression,
         }
@@ -142,10 +149,10 @@ def check_config(cfg: BuildConfig) -> None:
         check_compression(cfg.compression)
     except ValueError as err:
         raise BuildInputError(str(err)) from None
-    if cfg.chunk_tiles <= 0 or cfg.resolved_shard_tiles() % cfg.chunk_tiles:
+    if cfg.chunk_tiles < 0 or cfg.resolved_shard_tiles() % cfg.resolved_chunk_tiles():
         raise BuildInputError(
             f"shard size {cfg.resolved_shard_tiles()} must be a positive multiple of the chunk size "
-            f"{cfg.chunk_tiles}"
+            f"{cfg.resolved_chunk_tiles()} (--shard-tiles, --chunk-tiles)"
         )
 
 
@@ -324,7 +331,7 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
             n_tiles=cfg.n_tiles,
             tile_size=cfg.tile_size,
             modalities=mods,
-            chunk_tiles=cfg.chunk_tiles,
+            chunk_tiles=cfg.resolved_chunk_tiles(),
             shard_tiles=shard_tiles,
             compression=cfg.compression,
             attrs={

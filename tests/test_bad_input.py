@@ -153,6 +153,8 @@ CASES = [
             "7",
             "--shard-tiles",
             "16",
+            "--chunk-tiles",
+            "4",
         ],
         "sentinel2/zarr.json cannot be read",
     ),  # fmt: skip

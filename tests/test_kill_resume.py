@@ -90,7 +90,7 @@ def _complete(path):
 def test_sigkill_of_a_prefect_build_at_a_seeded_moment_then_resume(tmp_path):
     """The flow as users run it (Prefect, process pool), killed with its whole process group once a
     seeded number of tiles is complete."""
-    opts = dict(n_tiles=320, tile_size=64, shard_tiles=8, chunk_tiles=4, seed=11, years=(2018, 2020))
+    opts = dict(n_tiles=320, tile_size=64, shard_tiles=8, seed=11, years=(2018, 2020))
     args = [
         "--tiles",
         "320",
