@@ -102,10 +102,15 @@ def build(tile_size: int, n: int) -> str:
     return store
 
 
-def measure(store, img, patch, batch, steps, device, workers, decoder) -> dict:
+def measure(
+    store, img, patch, batch, steps, device, workers, decoder, channels_last=False, compile=False
+) -> dict:
     targets = select_pretext("all")
     torch.manual_seed(0)
     model = MPMAE(targets, "atto", patch, decoder=decoder).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     ds = StreamingCorpus(store, targets, img, split=None, seed=0, shuffle_buffer=max(256, batch))
     dl = DataLoader(
@@ -131,8 +136,12 @@ def measure(store, img, patch, batch, steps, device, workers, decoder) -> dict:
         if cuda:
             torch.cuda.synchronize()
         t1 = time.perf_counter()
+        if channels_last:
+            b = {
+                k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in b.items()
+            }
         with ctx():
-            loss, _ = model(b)
+            loss, _ = step_model(b)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -151,33 +160,46 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch-size", type=int, default=None, help="default: 32 on CPU, 256 on CUDA")
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--workers", type=int, default=None, help="default: 0 on CPU, 8 on CUDA")
+    ap.add_argument(
+        "--workers", default=None, help="DataLoader workers, a comma list (default: 0 on CPU, 1,4,8 on CUDA)"
+    )
+    ap.add_argument("--channels-last", action="store_true", help="model and inputs in channels-last layout")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--tiles", type=int, default=None, help="tiles per store (default: 128 CPU, 2048 CUDA)")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     batch = args.batch_size or (256 if cuda else 32)
-    workers = args.workers if args.workers is not None else (8 if cuda else 0)
+    worker_list = [int(w) for w in (args.workers or ("1,4,8" if cuda else "0")).split(",")]
     tiles = args.tiles or (2048 if cuda else 128)
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     configs = [(64, 56, 8, "shared"), (128, 112, 16, "shared"), (128, 112, 16, "per-modality")]
     stores = {}
     rows = []
-    for tile, img, patch, decoder in configs:
-        if tile not in stores:
-            stores[tile] = build(tile, tiles)
-        r = measure(stores[tile], img, patch, batch, args.steps, device, workers, decoder)
-        rows.append((img, patch, decoder, r))
-    print(f"| {name}: atto, all targets, batch {batch}, {workers} workers | step s | samples/s | data wait |")
-    print("|---|---:|---:|---:|")
-    for img, patch, decoder, r in rows:
+    for workers in worker_list:
+        for tile, img, patch, decoder in configs:
+            if tile not in stores:
+                stores[tile] = build(tile, tiles)
+            r = measure(stores[tile], img, patch, batch, args.steps, device, workers, decoder,
+                        args.channels_last, args.compile)  # fmt: skip
+            rows.append((workers, img, patch, decoder, r))
+    extras = ", ".join(x for x, on in (("bf16 autocast", cuda), ("channels-last", args.channels_last),
+                                       ("torch.compile", args.compile)) if on) or "fp32"  # fmt: skip
+    print(
+        f"| {name}: atto, all targets, batch {batch}, {extras} | workers | step s | samples/s | data wait |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for workers, img, patch, decoder, r in rows:
         print(
-            f"| {img} px, patch {patch}, {decoder} decoder | {r['step_s']:.3f} | {r['samples_s']:.1f} "
-            f"| {100 * r['wait']:.0f} % |"
+            f"| {img} px, patch {patch}, {decoder} decoder | {workers} | {r['step_s']:.3f} | "
+            f"{r['samples_s']:.1f} | {100 * r['wait']:.0f} % |"
         )
     if cuda:
-        busy = 1 - max(r["wait"] for *_, r in rows)
-        print(f"bench: train gpu_busy={busy:.2f} target=0.9 {'ok' if busy >= 0.9 else 'short'}")
+        most = max(worker_list)
+        busy = 1 - max(r["wait"] for w, *_, r in rows if w == most)
+        print(
+            f"bench: train gpu_busy={busy:.2f} target=0.9 workers={most} {'ok' if busy >= 0.9 else 'short'}"
+        )
     else:
         t = interleaved(stores[128], batch, args.steps)
         med = {k: statistics.median(v) for k, v in t.items()}
