@@ -15,7 +15,9 @@ One store is built (offline source) and exported to MMEarth's HDF5 layout
 
 Each loader runs ``--repeats`` whole epochs through a ``DataLoader`` (batch ``--batch-size``; the
 readers' own start-up, such as opening files, included; ours with workers keeps them between epochs,
-as training does, and starts them before the timing); min / median / max samples/s are printed.
+as training does, and starts them before the timing); min / median / max samples/s are printed, with the cores
+each kept busy (CPU seconds of the process and its workers over wall seconds: zarr decodes on a thread
+of its own, so "in the loop's process" is not one core) and samples per core-second.
 "Per worker" is ``num_workers=0`` (the loop's own process reads); ours also runs with 1 and 2
 workers for the scaling from 1 to 2 workers (both of this machine's cores). Ends with
 ``bench: loader per_worker=<ours, 0 workers> target=1000 scaling_1to2=<x> target=1.6
@@ -112,17 +114,38 @@ class MMEarthTrainPattern(Dataset):
         return out
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its live children (DataLoader workers), user + system."""
+    import psutil
+
+    procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+CORES: dict[int, list[float]] = {}  # id(rates) -> cores busy per epoch
+
+
 def epochs(make, n_samples: int, repeats: int) -> list[float]:
-    """samples/s of ``repeats`` whole epochs, each timed from creating the iterator to its end."""
-    rates = []
+    """samples/s of ``repeats`` whole epochs, each timed from creating the iterator to its end; the
+    cores they kept busy (CPU seconds / wall seconds) go to :data:`CORES`."""
+    rates, cores = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        c, t = cpu_seconds(), time.perf_counter()
         seen = 0
         for batch in make():
             seen += len(batch) if isinstance(batch, list) else int(next(iter(batch.values())).shape[0])
         dt = time.perf_counter() - t
         assert seen == n_samples, (seen, n_samples)
         rates.append(seen / dt)
+        cores.append((cpu_seconds() - c) / dt)
+    CORES[id(rates)] = cores
     return rates
 
 
@@ -170,10 +193,14 @@ def main() -> None:
         rows.append((f"ours: streaming Zarr (model.data.StreamingCorpus), {label}", w, per_worker[w]))
     print(f"\n{n} tiles of {args.tile_size} px, crops {args.img_size} px, every pretraining modality, "
           f"batch {b}, {R} whole epochs each\n")  # fmt: skip
-    print("| reader | workers | min | median | max samples/s |")
-    print("|---|---:|---:|---:|---:|")
+    print("| reader | workers | min | median | max samples/s | cores busy | samples per core-second |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, w, r in rows:
-        print(f"| {name} | {w} | {min(r):.0f} | {statistics.median(r):.0f} | {max(r):.0f} |")
+        busy = statistics.median(CORES[id(r)])
+        print(
+            f"| {name} | {w} | {min(r):.0f} | {statistics.median(r):.0f} | {max(r):.0f} | {busy:.2f} "
+            f"| {statistics.median(r) / busy:.0f} |"
+        )
     ours = statistics.median(per_worker[0])
     scaling = statistics.median(per_worker[2]) / statistics.median(per_worker[1])
     vs_tg = ours / statistics.median(tg) if tg else float("nan")
