@@ -146,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also re-read every chunk and compare each tile with the checksums written with it",
     )  # fmt: skip
 
+    x = sub.add_parser(
+        "export-h5", help="write MMEarth's HDF5 layout of a store (MMEarth-train and torchgeo read it)"
+    )
+    x.add_argument("--store", required=True)
+    x.add_argument("--out", required=True, help="folder; the export goes into OUT/NAME/")
+    x.add_argument(
+        "--name", default="data_100k_v001",
+        help="MMEarth's file stem: data_100k_v001 (128 px), data_1M_v001_64 (64 px) or data_1M_v001",
+    )  # fmt: skip
+    x.add_argument(
+        "--dem-dtype", choices=["float32", "int16"], default="float32",
+        help="float32 keeps our DEM exactly; int16 rounds it as MMEarth's release stores it (lossy)",
+    )  # fmt: skip
     rp = sub.add_parser("repair", help="re-export the tiles that `validate --deep` finds damaged")
     rp.add_argument("--store", required=True)
 
@@ -364,6 +377,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report["valid"] else 1
 
 
+def cmd_export_h5(args: argparse.Namespace) -> int:
+    from mmearth_data.mmearth_h5 import export_mmearth_h5
+    from mmearth_data.store import StoreError
+
+    try:
+        folder = export_mmearth_h5(args.store, args.out, args.name, args.dem_dtype)
+    except (StoreError, ValueError, FileExistsError, NotADirectoryError) as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        return 2
+    console.print(f"MMEarth HDF5 layout written to {folder}")
+    return 0
+
+
 def cmd_repair(args: argparse.Namespace) -> int:
     from mmearth_data.build import repair_store
     from mmearth_data.store import StoreError
@@ -485,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_validate(args)
         if args.command == "repair":
             return cmd_repair(args)
+        if args.command == "export-h5":
+            return cmd_export_h5(args)
         if args.command == "ee-check":
             return cmd_ee_check(args)
         if args.command == "tasks":

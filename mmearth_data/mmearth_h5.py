@@ -5,14 +5,16 @@ The layout (MMEarth-data's release, as its readers expect it): a folder ``<name>
 - ``<name>.h5``: one dataset per modality with the tile axis first, one chunk per tile, gzip level 4:
   ``sentinel2`` uint16 (n, 13, H, W) in MMEarth's band order (B1-B7, **B8A, B8**, B9-B12; 0 = no data),
   ``sentinel2_cloudmask`` (QA60) and ``sentinel2_cloudprod`` (MSK_CLDPRB) uint16 (65535 = no data),
-  ``sentinel2_scl`` uint8 (255), ``sentinel1`` float32 (n, 8, H, W) ascending VV, VH, HH, HV then
+  ``sentinel2_scl`` uint16 (255), ``sentinel1`` float32 (n, 8, H, W) ascending VV, VH, HH, HV then
   descending (-inf), ``aster`` (elevation, slope; float32 with -inf, or int16 as MMEarth writes it),
-  ``canopy_height_eth`` uint8 (n, 2, H, W) (255), ``dynamic_world`` uint8 (n, 1, H, W) classes 1-9
-  (0), ``esa_worldcover`` uint8 (n, 1, H, W) codes 10-100 (255), ``era5`` float32 (n, 12) (inf),
-  ``biome`` uint8 one-hot (n, 14), ``eco_region`` uint8 one-hot (n, 846), ``lat``/``lon`` float32
-  (n, 2) sine and cosine, ``month`` float32 (n, 2), and ``metadata`` (n, 1) tile ids as bytes;
+  ``canopy_height_eth`` int8 (n, 2, H, W) (our 0-254 m and fill 255 reinterpreted: heights above 127 m
+  and the fill read back negative), ``dynamic_world`` uint8 (n, 1, H, W) classes 1-9 (0),
+  ``esa_worldcover`` uint8 (n, 1, H, W) codes 10-100 (255), ``era5`` float32 (n, 12) (inf),
+  ``biome`` uint8 one-hot (n, 14), ``eco_region`` uint16 one-hot (n, 846), ``lat``/``lon`` float32
+  (n, 2) sine and cosine, ``month`` float32 (n, 2), and ``metadata`` records (tile id, S2 type);
 - ``<name>_tile_info.json``: per tile id ``S2_DATE``, ``S2_type`` (l1c / l2a), ``lat``, ``lon``,
-  ``CRS`` and ``BANDS`` (bands delivered per modality);
+  ``CRS`` and ``BANDS`` (bands delivered per modality; ERA5's monthly bands named by their month,
+  ``YYYYMM_temperature_2m``, as MMEarth names them);
 - ``<name>_band_stats.json``: mean, std, min, max per band for ``sentinel2_l1c``, ``sentinel2_l2a``,
   ``sentinel1``, ``aster``, ``canopy_height_eth``, ``era5``, ``lat``, ``lon``, ``month`` (from the
   store's statistics where it has them, else computed over the exported values);
@@ -28,9 +30,10 @@ import os
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from mmearth_data.registry import get
-from mmearth_data.store import CorpusReader, strings
+from mmearth_data.store import CorpusReader
 
 S2_ORDER = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8A", "B8", "B9", "B10", "B11", "B12")
 S1_ORDER = ("VV_asc", "VH_asc", "HH_asc", "HV_asc", "VV_desc", "VH_desc", "HH_desc", "HV_desc")
@@ -73,6 +76,9 @@ def export_mmearth_h5(url: str, out: str, name: str = "data_100k_v001", dem_dtyp
 
     if dem_dtype not in ("float32", "int16"):
         raise ValueError(f"dem_dtype {dem_dtype!r}: use float32 (lossless) or int16 (MMEarth's)")
+    final = os.path.join(out, name)
+    if os.path.exists(final):
+        raise FileExistsError(f"{final} already exists; choose another --out or --name (nothing was changed)")
     r = CorpusReader(url)
     stored = {m.name for m in r.modalities}
     need = {"sentinel2", "sentinel2_masks", "sentinel1", "dem", "era5", "dynamic_world", "esa_worldcover",
@@ -84,8 +90,12 @@ def export_mmearth_h5(url: str, out: str, name: str = "data_100k_v001", dem_dtyp
     meta = r.tiles()
     rows = np.flatnonzero(meta["complete"].to_numpy())
     n, S = len(rows), r.tile_size
-    folder = os.path.join(out, name)
-    os.makedirs(folder, exist_ok=True)
+    folder = os.path.join(out, f".{name}.partial")  # renamed into place once whole
+    if os.path.exists(folder):
+        import shutil
+
+        shutil.rmtree(folder)
+    os.makedirs(folder)
     s2_idx = [get("sentinel2").bands.index(b) for b in S2_ORDER]
     mask_bands = get("sentinel2_masks").bands
     f = h5py.File(os.path.join(folder, f"{name}.h5"), "w")
@@ -99,22 +109,24 @@ def export_mmearth_h5(url: str, out: str, name: str = "data_100k_v001", dem_dtyp
         "sentinel2": ds("sentinel2", (13, S, S), "uint16"),
         "sentinel2_cloudmask": ds("sentinel2_cloudmask", (1, S, S), "uint16"),
         "sentinel2_cloudprod": ds("sentinel2_cloudprod", (1, S, S), "uint16"),
-        "sentinel2_scl": ds("sentinel2_scl", (1, S, S), "uint8"),
+        "sentinel2_scl": ds("sentinel2_scl", (1, S, S), "uint16"),
         "sentinel1": ds("sentinel1", (8, S, S), "float32"),
         "aster": ds("aster", (2, S, S), dem_dtype),
-        "canopy_height_eth": ds("canopy_height_eth", (2, S, S), "uint8"),
+        "canopy_height_eth": ds("canopy_height_eth", (2, S, S), "int8"),
         "dynamic_world": ds("dynamic_world", (1, S, S), "uint8"),
         "esa_worldcover": ds("esa_worldcover", (1, S, S), "uint8"),
         "era5": ds("era5", (12,), "float32"),
         "biome": ds("biome", (N_BIOMES,), "uint8"),
-        "eco_region": ds("eco_region", (N_ECOREGIONS,), "uint8"),
+        "eco_region": ds("eco_region", (N_ECOREGIONS,), "uint16"),
         "lat": ds("lat", (2,), "float32"),
         "lon": ds("lon", (2,), "float32"),
         "month": ds("month", (2,), "float32"),
     }
     ids = meta["tile_id"].to_numpy()[rows].astype(str)
-    f.create_dataset("metadata", data=np.array([[t.encode()] for t in ids], dtype="S32"))
     s2_level = meta["s2_product"].to_numpy()[rows].astype(str)
+    record = np.dtype([("meta_id", f"S{max(len(t) for t in ids)}"), ("S2_type", "S3")])
+    recs = [(t.encode(), lv.lower().encode()) for t, lv in zip(ids, s2_level, strict=True)]
+    f.create_dataset("metadata", data=np.array(recs, record))
     tile_info: dict[str, Any] = {}
     pos = 0
     extra = {"aster": [], "lat": [], "lon": [], "month": []}
@@ -134,7 +146,7 @@ def export_mmearth_h5(url: str, out: str, name: str = "data_100k_v001", dem_dtyp
         ):
             v = masks[:, mask_bands.index(band)].astype(np.uint16)
             out_ds[key][a:b] = np.where(v == 255, fill, v)[:, None]
-        out_ds["sentinel2_scl"][a:b] = masks[:, mask_bands.index("SCL")][:, None]
+        out_ds["sentinel2_scl"][a:b] = masks[:, mask_bands.index("SCL")][:, None].astype(np.uint16)
         s1 = d["sentinel1"].astype(np.float32)
         out_ds["sentinel1"][a:b] = np.where(np.isnan(s1), -np.inf, s1)
         dem = d["dem"]
@@ -144,7 +156,7 @@ def export_mmearth_h5(url: str, out: str, name: str = "data_100k_v001", dem_dtyp
             dem = np.where(np.isnan(dem), -np.inf, dem)
         out_ds["aster"][a:b] = dem
         extra["aster"].append(np.where(np.isnan(d["dem"]), np.nan, d["dem"])[:, :, ::4, ::4])
-        out_ds["canopy_height_eth"][a:b] = d["canopy_height"]
+        out_ds["canopy_height_eth"][a:b] = d["canopy_height"].view(np.int8)  # MMEarth's int8: 255 -> -1
         out_ds["dynamic_world"][a:b] = d["dynamic_world"]
         out_ds["esa_worldcover"][a:b] = np.where(d["esa_worldcover"] == 0, 255, d["esa_worldcover"])
         out_ds["era5"][a:b] = np.where(np.isnan(d["era5"]), np.inf, d["era5"])
@@ -152,7 +164,7 @@ def export_mmearth_h5(url: str, out: str, name: str = "data_100k_v001", dem_dtyp
         ok = (d["biome"] >= 1) & (d["biome"] <= N_BIOMES)
         onehot[np.flatnonzero(ok), d["biome"][ok].astype(int) - 1] = 1
         out_ds["biome"][a:b] = onehot
-        onehot = np.zeros((len(keep), N_ECOREGIONS), np.uint8)
+        onehot = np.zeros((len(keep), N_ECOREGIONS), np.uint16)
         ok = (d["ecoregion"] >= 1) & (d["ecoregion"] <= N_ECOREGIONS)
         onehot[np.flatnonzero(ok), d["ecoregion"][ok].astype(int) - 1] = 1
         out_ds["eco_region"][a:b] = onehot
@@ -168,10 +180,14 @@ def export_mmearth_h5(url: str, out: str, name: str = "data_100k_v001", dem_dtyp
         for j, i in enumerate(rows_k):
             tid = str(meta["tile_id"].iloc[i])
             epsg = int(meta["epsg"].iloc[i])
+            day = meta["s2_date"].iloc[i]
+            curr = day.strftime("%Y%m") if not pd.isna(day) else "curr"
+            prev = (
+                (day.replace(day=1) - pd.Timedelta(days=1)).strftime("%Y%m") if not pd.isna(day) else "prev"
+            )
+            era5_bands = [b.replace("prev", prev).replace("curr", curr) for b in ERA5_NAMES]
             tile_info[tid] = {
-                "S2_DATE": str(meta["s2_date"].iloc[i].date())
-                if not np.isnat(meta["s2_date"].to_numpy()[i])
-                else "",  # fmt: skip
+                "S2_DATE": day.strftime("%Y-%m-%d") if not pd.isna(day) else "",
                 "S2_type": s2_level[a + j].lower(),
                 "lat": float(meta["lat"].iloc[i]),
                 "lon": float(meta["lon"].iloc[i]),
@@ -181,7 +197,7 @@ def export_mmearth_h5(url: str, out: str, name: str = "data_100k_v001", dem_dtyp
                     "sentinel1_asc": ["VV", "VH", "HH", "HV"] if d["sentinel1_present"][j] else [],
                     "sentinel1_desc": ["VV", "VH", "HH", "HV"] if d["sentinel1_present"][j] else [],
                     "aster": ["b1", "slope"] if d["dem_present"][j] else [],
-                    "era5": list(ERA5_NAMES) if d["era5_present"][j] else [],
+                    "era5": era5_bands if d["era5_present"][j] else [],
                     "dynamic_world": ["label"] if d["dynamic_world_present"][j] else [],
                     "canopy_height_eth": ["height", "std"] if d["canopy_height_present"][j] else [],
                     "esa_worldcover": ["Map"] if d["esa_worldcover_present"][j] else [],
@@ -215,13 +231,5 @@ def export_mmearth_h5(url: str, out: str, name: str = "data_100k_v001", dem_dtyp
     for suffix, obj in (("tile_info", tile_info), ("band_stats", band_stats), ("splits", splits)):
         with open(os.path.join(folder, f"{name}_{suffix}.json"), "w") as fh:
             json.dump(obj, fh, allow_nan=False)
-    return folder
-
-
-def tile_ids(folder: str) -> list[str]:
-    """Tile ids of an export, in row order."""
-    import h5py
-
-    name = os.path.basename(folder.rstrip("/"))
-    with h5py.File(os.path.join(folder, f"{name}.h5"), "r") as f:
-        return strings(np.array([row[0].decode() for row in f["metadata"][:]], dtype=object)).tolist()
+    os.rename(folder, final)
+    return final
