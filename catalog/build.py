@@ -370,7 +370,8 @@ def collection_dict(
         "mmearth:s2_product": sorted(acc.products),
         "mmearth:modality": [m.name for m in mods],
     }
-    build = attrs.get("build", {})
+    derived = attrs.get("derived")  # a store made by `mmearth derive`: its source's build
+    build = attrs.get("build") or (derived or {}).get("source_build", {})
     links = [
         {"rel": "self", "href": "./collection.json", "type": "application/json"},
         {"rel": "root", "href": "./collection.json", "type": "application/json"},
@@ -417,6 +418,7 @@ def collection_dict(
             "config": build.get("config"),
             "source": build.get("source"),
             "versions": build.get("versions"),
+            **({"derived": {k: v for k, v in derived.items() if k != "source_build"}} if derived else {}),
             "catalog_created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         },
         "mmearth:legends": legends(),

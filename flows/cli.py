@@ -159,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--dem-dtype", choices=["float32", "int16"], default="float32",
         help="float32 keeps our DEM exactly; int16 rounds it as MMEarth's release stores it (lossy)",
     )  # fmt: skip
+    dv = sub.add_parser(
+        "derive", help="a variant of a store: centre crop, stratified subset, new split, fewer modalities"
+    )
+    dv.add_argument("--store", required=True, help="the source store")
+    dv.add_argument("--out", required=True, help="the derived store (a new path)")
+    dv.add_argument("--crop", type=int, help="centre crop in pixels (64: MMEarth64 from 128 px tiles)")
+    dv.add_argument("--subset", type=int, help="N tiles balanced over biome x year (MMEarth100k)")
+    dv.add_argument("--split", help="new spatially blocked split, e.g. train=0.9,val=0.05,test=0.05")
+    dv.add_argument("--modalities", help="modalities to keep, comma separated (sentinel2 required)")
+    dv.add_argument("--seed", type=int, default=0)
     rp = sub.add_parser("repair", help="re-export the tiles that `validate --deep` finds damaged")
     rp.add_argument("--store", required=True)
 
@@ -390,6 +400,29 @@ def cmd_export_h5(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_derive(args: argparse.Namespace) -> int:
+    from mmearth_data.derive import Derivation, DeriveError, derive_store, parse_split
+    from mmearth_data.store import StoreError
+
+    try:
+        how = Derivation(
+            crop=args.crop,
+            subset=args.subset,
+            split=parse_split(args.split) if args.split else None,
+            modalities=tuple(m.strip() for m in args.modalities.split(",")) if args.modalities else None,
+            seed=args.seed,
+        )
+        res = derive_store(args.store, args.out, how)
+    except (DeriveError, StoreError) as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        return 2
+    console.print(
+        f"derived {res['n_tiles']} tiles of {res['tile_size']} px ({', '.join(res['modalities'])}) into "
+        f"{res['store']} from {res['from']}: {res['derivation']}"
+    )
+    return 0
+
+
 def cmd_repair(args: argparse.Namespace) -> int:
     from mmearth_data.build import repair_store
     from mmearth_data.store import StoreError
@@ -513,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_repair(args)
         if args.command == "export-h5":
             return cmd_export_h5(args)
+        if args.command == "derive":
+            return cmd_derive(args)
         if args.command == "ee-check":
             return cmd_ee_check(args)
         if args.command == "tasks":

@@ -80,17 +80,21 @@ def allocate(n: int, strata: list[tuple[int, int]], capacity: dict[tuple[int, in
     return alloc
 
 
-def split_of(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
-    """Train / val / test by a stable hash of the 1-degree block (no seed: same for every corpus)."""
+def split_of(lat: np.ndarray, lon: np.ndarray, splits=SPLITS, seed: int | None = None) -> np.ndarray:
+    """Train / val / test by a stable hash of the 1-degree block (without ``seed``: the same for every
+    corpus); ``splits`` gives (name, share) pairs."""
     out = []
+    salt = "" if seed is None else f"{seed}:"
     for la, lo in zip(np.floor(lat).astype(int), np.floor(lon).astype(int), strict=True):
-        u = int.from_bytes(hashlib.sha1(f"{la},{lo}".encode()).digest()[:8], "big") / 2**64
+        u = int.from_bytes(hashlib.sha1(f"{salt}{la},{lo}".encode()).digest()[:8], "big") / 2**64
         acc = 0.0
-        for name, p in SPLITS:
+        for name, p in splits:
             acc += p
             if u < acc:
                 out.append(name)
                 break
+        else:  # shares summing to 1 up to rounding
+            out.append(splits[-1][0])
     return np.array(out, dtype=object)
 
 

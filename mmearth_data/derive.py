@@ -1,0 +1,196 @@
+"""Variants of a corpus store without re-exporting anything: crop, subset, re-split, drop modalities.
+
+    mmearth derive --store SRC --out DST [--crop 64] [--subset N] [--split train=0.9,val=0.05,test=0.05]
+        [--modalities sentinel2,sentinel1,...] [--seed 0]
+
+- ``--crop C``: the centre C x C pixels of every pixel modality (MMEarth64 from the 128 px corpus); each
+  tile's affine transform moves its origin by the cropped margin, so the tile stays georeferenced on
+  the same UTM 10 m grid, centred where it was.
+- ``--subset N``: N of the source's complete tiles, stratified over biome x year the way the sampler
+  balances a build (strata differ by at most one unless a stratum runs out; then the rest goes to the
+  others), seeded (MMEarth100k from the full corpus).
+- ``--split``: train / val / test re-drawn by a seeded hash of the 1-degree block (spatially blocked:
+  a block's tiles share a split).
+- ``--modalities``: keep only these (Sentinel-2 is required).
+
+The derived store is a corpus store like any other (``mmearth validate`` passes): only complete
+tiles are carried over, checksums are recomputed for cropped values, statistics are computed afresh,
+and the ``derived`` attribute names the source store (its path and configuration hash) and the
+derivation. Reads and writes go shard by shard of the derived store.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from mmearth_data.sampling import split_of
+from mmearth_data.store import (
+    TILE_VARS,
+    CorpusReader,
+    StoreError,
+    create_store,
+    strings,
+    tile_checksum,
+)
+
+
+class DeriveError(ValueError):
+    """A derivation that cannot be made (the message names the option and the fix)."""
+
+
+@dataclass(frozen=True)
+class Derivation:
+    crop: int | None = None
+    subset: int | None = None
+    split: tuple[tuple[str, float], ...] | None = None
+    modalities: tuple[str, ...] | None = None
+    seed: int = 0
+
+
+def parse_split(text: str) -> tuple[tuple[str, float], ...]:
+    """``train=0.9,val=0.05,test=0.05`` -> ((name, share), ...); shares must sum to 1."""
+    out = []
+    for part in text.split(","):
+        name, _, share = part.partition("=")
+        try:
+            value = float(share)
+        except ValueError:
+            raise DeriveError(
+                f"--split {text!r}: use name=share pairs like train=0.9,val=0.05,test=0.05"
+            ) from None
+        if name.strip() not in ("train", "val", "test") or not 0 <= value <= 1:
+            raise DeriveError(f"--split {text!r}: names are train, val, test and shares lie in [0, 1]")
+        out.append((name.strip(), value))
+    if abs(sum(v for _, v in out) - 1) > 1e-6:
+        raise DeriveError(f"--split {text!r}: the shares sum to {sum(v for _, v in out):g}, not 1")
+    return tuple(out)
+
+
+def stratified_subset(biome: np.ndarray, year: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of ``n`` tiles balanced over (biome, year) strata, sorted; seeded within each stratum."""
+    keys = sorted(set(zip(biome.tolist(), year.tolist(), strict=True)))
+    members = {k: np.flatnonzero((biome == k[0]) & (year == k[1])) for k in keys}
+    alloc = {k: 0 for k in keys}
+    left, open_ = n, [k for k in keys if len(members[k])]
+    while left > 0 and open_:
+        share, extra = divmod(left, len(open_))
+        room = []
+        for i, k in enumerate(open_):
+            take = min(share + (1 if i < extra else 0), len(members[k]) - alloc[k])
+            alloc[k] += take
+            left -= take
+            if alloc[k] < len(members[k]):
+                room.append(k)
+        if room == open_ and share == 0 and extra == 0:
+            break
+        open_ = room
+    rng = np.random.default_rng([seed, 20_240_502])
+    picked = [rng.permutation(members[k])[: alloc[k]] for k in keys if alloc[k]]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+
+
+def derive_store(src: str, dst: str, how: Derivation) -> dict[str, Any]:
+    """Write the derived store at ``dst`` (see the module docstring); returns a summary."""
+    from mmearth_data.build import _exists
+    from mmearth_data.stats import write_statistics
+
+    r = CorpusReader(src)
+    if _exists(dst)[0] or os.path.exists(dst):
+        raise DeriveError(f"--out {dst} already exists; choose a new path (nothing was changed)")
+    names = [m.name for m in r.modalities]
+    keep = list(how.modalities) if how.modalities else names
+    unknown = [k for k in keep if k not in names]
+    if unknown:
+        raise DeriveError(f"--modalities: {', '.join(unknown)} not in {src} (it holds {', '.join(names)})")
+    if "sentinel2" not in keep:
+        raise DeriveError("--modalities must keep sentinel2 (the encoder's input)")
+    mods = [m for m in r.modalities if m.name in keep]
+    size = r.tile_size
+    if how.crop is not None:
+        if not 0 < how.crop <= size:
+            raise DeriveError(f"--crop {how.crop}: must be between 1 and the source's tile size {size}")
+        size = how.crop
+    off = (r.tile_size - size) // 2
+    meta = r.tiles()
+    complete = meta["complete"].to_numpy()
+    sel = np.flatnonzero(complete)
+    if how.subset is not None:
+        if not 0 < how.subset <= len(sel):
+            raise DeriveError(f"--subset {how.subset}: the source has {len(sel)} complete tiles")
+        sub = stratified_subset(
+            meta["biome"].to_numpy()[sel].astype(int),
+            meta["year"].to_numpy()[sel].astype(int),
+            how.subset,
+            how.seed,
+        )
+        sel = sel[sub]
+    n = len(sel)
+    if n == 0:
+        raise DeriveError(f"{src} holds no complete tile to derive from")
+    shard_tiles = min(r.shard_tiles, max(r.chunk_tiles, 1 << (n - 1).bit_length()))
+    chunk_tiles = min(r.chunk_tiles, shard_tiles)
+    shard_tiles -= shard_tiles % chunk_tiles
+    derivation = {k: v for k, v in asdict(how).items() if v is not None}
+    # no "build" attribute of its own: `mmearth build` and `repair` must not take it for the source
+    attrs = {
+        "grid": r.attrs.get("grid", {}),
+        "derived": {
+            "from": os.path.abspath(src) if "://" not in src else src,
+            "from_config_hash": r.attrs.get("build", {}).get("config_hash"),
+            "derivation": derivation,
+            "source_build": r.attrs.get("build", {}),
+        },
+    }
+    create_store(
+        dst, n_tiles=n, tile_size=size, modalities=mods, chunk_tiles=chunk_tiles, shard_tiles=shard_tiles,
+        attrs=attrs, compression=r.attrs.get("compression", {}).get("mode", "compact"),
+    )  # fmt: skip
+    import zarr
+
+    g_src, g = r.group, zarr.open_group(dst, mode="r+", zarr_format=3)
+    new_split = None
+    if how.split is not None:
+        new_split = split_of(meta["lat"].to_numpy()[sel], meta["lon"].to_numpy()[sel], how.split, how.seed)
+    tile_names = [v.name for v in TILE_VARS if v.name in g_src] + [f"{m.name}_present" for m in mods]
+    for s0 in range(0, n, shard_tiles):
+        s1 = min(s0 + shard_tiles, n)
+        idx = sel[s0:s1]
+        data: dict[str, np.ndarray] = {}
+        for name in tile_names:
+            data[name] = np.asarray(g_src[name].oindex[idx])
+        for m in mods:
+            v = np.asarray(g_src[m.name].oindex[idx])
+            if m.kind == "pixel" and size != r.tile_size:
+                v = np.ascontiguousarray(v[..., off : off + size, off : off + size])
+            data[m.name] = v
+        if size != r.tile_size:
+            tr = data["transform"].copy()
+            tr[:, 2] += tr[:, 0] * off + tr[:, 1] * off  # origin moves by the cropped margin
+            tr[:, 5] += tr[:, 3] * off + tr[:, 4] * off
+            data["transform"] = tr
+        if new_split is not None:
+            data["split"] = new_split[s0:s1]
+        data["checksum"] = np.array(
+            [[tile_checksum(data[m.name][i]) for m in mods] for i in range(s1 - s0)], np.uint32
+        ).reshape(s1 - s0, len(mods))
+        for name, values in data.items():
+            if values.dtype.kind == "T":
+                values = strings(values)
+            g[name][s0:s1] = values
+        g["complete"][s0:s1] = np.ones(s1 - s0, bool)
+    write_statistics(dst)
+    return {
+        "store": dst,
+        "from": src,
+        "n_tiles": n,
+        "tile_size": size,
+        "modalities": keep,
+        "derivation": derivation,
+    }
+
+
+__all__ = ["Derivation", "DeriveError", "StoreError", "derive_store", "parse_split", "stratified_subset"]
