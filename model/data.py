@@ -186,8 +186,10 @@ class StreamingCorpus(IterableDataset):
         random_crop: bool = True,
         cloud_mask: bool = False,
         verify: bool = True,
+        raw: bool = False,
     ):
         super().__init__()
+        self.raw = raw
         reader = CorpusReader(url)
         self.url = url
         self.modalities = tuple(modalities)
@@ -331,7 +333,8 @@ class StreamingCorpus(IterableDataset):
         return out
 
     def sample_keys(self) -> list[str]:
-        return [m.name for m in self.modalities] + (["cloud"] if self.cloud_mask else []) + ["index"]
+        keys = [m.name for m in self.modalities] + (["cloud"] if self.cloud_mask else []) + ["index"]
+        return keys + (["level"] if self.raw else [])
 
     # --- reading -------------------------------------------------------------------------------------
     def _read_unit(self, s0: int, s1: int, epoch: int = 0) -> dict[str, np.ndarray]:
@@ -370,6 +373,9 @@ class StreamingCorpus(IterableDataset):
                     vals[absent] = -1
                 out[m.name] = vals
                 continue
+            if self.raw:  # stored dtype; absent tiles hold pure fill (the store's contract)
+                out[m.name] = raw
+                continue
             level = self.meta["level"][s0:s1] if m.name == "sentinel2" else None
             band_rows = m.model_band_index if m.model_bands is not None else None
             x = self.norm[m.name].apply(raw, level, band_rows)
@@ -383,6 +389,8 @@ class StreamingCorpus(IterableDataset):
             if self._verify and self.present.get("sentinel2_masks", np.ones(1, bool))[s0:s1].any():
                 self._check_shard("sentinel2_masks", raw.ndim, s0)
             out["cloud"] = opaque_cloud(self._cropped(raw, crops, None))
+        if self.raw:
+            out["level"] = self.meta["level"][s0:s1]
         return out
 
     def _cropped(self, raw: np.ndarray, crops: list[tuple[int, int]], bands: np.ndarray | None) -> np.ndarray:
@@ -468,6 +476,48 @@ class StreamingCorpus(IterableDataset):
         if self.cloud_mask:
             out["cloud"] = torch.from_numpy(d["cloud"][k])
         out["index"] = torch.tensor(tile, dtype=torch.int64)
+        if self.raw:
+            out["level"] = torch.tensor(int(d["level"][k]), dtype=torch.int64)
+        return out
+
+
+class BatchNormaliser:
+    """The loader's normalisation, applied to a batch of a ``raw=True`` stream wherever the batch lives
+    (on the GPU, after a copy of the stored integers: half the bytes of float32 through the workers'
+    shared memory and the host-to-device copy, and no float work on the CPU). Gives the values the
+    loader gives with ``raw=False``: no-data and absent tiles NaN, per-band z-scores (Sentinel-2 per
+    processing level, from the batch's ``level``)."""
+
+    def __init__(self, ds: StreamingCorpus):
+        self.items = []
+        for m in ds.modalities:
+            if not m.stored or m.categorical or m.name == "sentinel2_masks":
+                continue
+            norm = ds.norm[m.name]
+            mean, std = norm.mean, norm.std
+            if m.model_bands is not None:
+                mean, std = mean[..., m.model_band_index], std[..., m.model_band_index]
+            scale = torch.from_numpy((1.0 / std).astype(np.float32))
+            shift = torch.from_numpy((-mean / std).astype(np.float32))
+            nan_fill = isinstance(m.fill, float) and np.isnan(m.fill)
+            self.items.append((m.name, m.kind == "pixel", scale, shift, None if nan_fill else m.fill))
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = dict(batch)
+        for name, pixel, scale, shift, fill in self.items:
+            x = batch[name]
+            scale, shift = scale.to(x.device), shift.to(x.device)
+            if scale.ndim == 2:  # per processing level: one row per sample
+                level = batch["level"].to(x.device)
+                scale, shift = scale[level], shift[level]
+            else:
+                scale, shift = scale[None], shift[None]
+            if pixel:
+                scale, shift = scale[..., None, None], shift[..., None, None]
+            y = x.float() * scale + shift
+            if fill is not None:
+                y = y.masked_fill(x == fill, float("nan"))
+            out[name] = y
         return out
 
 

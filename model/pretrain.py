@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmearth_data.store import StoreError
-from model.data import DataError, StreamingCorpus, make_loader, read_tile_list
+from model.data import BatchNormaliser, DataError, StreamingCorpus, make_loader, read_tile_list
 from model.encoder import SIZES, check_geometry
 from model.mpmae import MPMAE, PRETEXT_GROUPS, select_pretext
 
@@ -83,6 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="leave opaque-cloud pixels (stored masks) out of every pixel target's loss",
+    )
+    ap.add_argument(
+        "--normalise",
+        choices=["device", "loader"],
+        default="device",
+        help="device: workers hand out the stored integers and the training process normalises them where "
+        "the model runs (half the bytes through shared memory and to the GPU); loader: workers normalise "
+        "to float32. Both give the same values",
     )
     ap.add_argument(
         "--verify",
@@ -315,6 +323,7 @@ def run(args: argparse.Namespace) -> dict:
             batch_size=args.batch_size,
             cloud_mask=args.cloud_aware,
             verify=args.verify,
+            raw=args.normalise == "device",
             **kw,
         )
 
@@ -360,6 +369,7 @@ def run(args: argparse.Namespace) -> dict:
         if ddp
         else model
     )
+    normalise = BatchNormaliser(ds) if ds.raw else None
     loader = make_loader(
         ds,
         args.batch_size,
@@ -425,6 +435,8 @@ def run(args: argparse.Namespace) -> dict:
             if tiles_file is not None:
                 tiles_file.write("\n".join(str(int(i)) for i in batch["index"]) + "\n")
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if normalise is not None:
+                batch = normalise(batch)
             gen = torch.Generator().manual_seed(
                 ((args.seed * 1_000_003 + step) * 131 + micro) * 65_537 + rank
             )

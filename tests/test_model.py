@@ -561,3 +561,29 @@ def test_a_deleted_shard_or_a_vanished_store_stops_training_with_a_message(tmp_p
     shutil.rmtree(tmp_path / "t.zarr")  # the store removed between opening and reading
     with pytest.raises((DataError, StoreError), match=r"t\.zarr"):
         list(ds)
+
+
+def test_device_normalisation_equals_the_loaders(tmp_path, small_store):
+    """Workers handing out stored integers, normalised in the training process, give exactly the
+    loader's float32 values (and so the same training)."""
+    from model.data import BatchNormaliser
+
+    mods = select_pretext("all")
+    a = StreamingCorpus(small_store, mods, 32, split=None, seed=3, epochs=1, cloud_mask=True)
+    b = StreamingCorpus(small_store, mods, 32, split=None, seed=3, epochs=1, cloud_mask=True, raw=True)
+    norm = BatchNormaliser(b)
+    n = 0
+    for x, y in zip(DataLoader(a, batch_size=8), DataLoader(b, batch_size=8), strict=True):
+        assert y["sentinel2"].dtype == torch.uint16 and y["sentinel1"].dtype == torch.float16
+        y = norm(y)
+        for k in x:
+            assert torch.equal(
+                torch.nan_to_num(x[k].float(), nan=-9e9), torch.nan_to_num(y[k].float(), nan=-9e9)
+            ), k
+        n += 1
+    assert n >= 5
+    ra, rb = str(tmp_path / "a"), str(tmp_path / "b")
+    assert _pretrain("--store", small_store, "--out", ra, "--steps", "2", "--normalise", "loader") == 0
+    assert _pretrain("--store", small_store, "--out", rb, "--steps", "2", "--normalise", "device") == 0
+    wa, wb = load_file(f"{ra}/model.safetensors"), load_file(f"{rb}/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
