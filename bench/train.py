@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmearth_data.build import BuildConfig, build_in_process
-from model.data import StreamingCorpus
+from model.data import BatchNormaliser, StreamingCorpus
 from model.mpmae import MPMAE, select_pretext
 
 TARGET_RATIO = 0.55  # our default step time over MMEarth-train's
@@ -112,7 +112,8 @@ def measure(
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    ds = StreamingCorpus(store, targets, img, split=None, seed=0, shuffle_buffer=max(256, batch))
+    ds = StreamingCorpus(store, targets, img, split=None, seed=0, shuffle_buffer=max(256, batch), raw=True)
+    normalise = BatchNormaliser(ds)  # as pretraining does (--normalise device)
     dl = DataLoader(
         ds,
         batch_size=batch,
@@ -132,7 +133,7 @@ def measure(
     for step in range(steps + 2):  # two warm-up steps
         t0 = time.perf_counter()
         b = next(it)
-        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        b = normalise({k: v.to(device, non_blocking=True) for k, v in b.items()})
         if cuda:
             torch.cuda.synchronize()
         t1 = time.perf_counter()
