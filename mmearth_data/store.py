@@ -6,12 +6,13 @@ Data flow: source results -> :class:`StoreWriter` (one region write per array pe
 Layout: every variable has the leading dimension ``tile``; pixel modalities are
 ``(tile, <modality>_band, y, x)``, tile-level ones ``(tile, <modality>_band)`` or ``(tile,)``. Chunks
 hold ``chunk_tiles`` whole tiles (all bands), shards ``shard_tiles`` tiles. Compression is lossless:
-Blosc/Zstd + byte shuffle for every array, except that a ``compact`` store (the default) compresses the
-modalities whose registry entry says ``codec="pcodec"`` (Sentinel-2, DEM) with Pcodec, the registered
-Zarr v3 extension codec ``numcodecs.pcodec`` (zarr-python with numcodecs, zarrs); a ``portable`` store
-uses Blosc/Zstd throughout, for readers that know only the core codecs. A shard is written in one
-region write per array, the ``complete`` flags last, so a killed build never leaves a tile marked
-complete that is not fully written; re-running redoes exactly the shards with an incomplete tile.
+Blosc/Zstd + byte shuffle for every array, except that a ``compact`` store (the default) follows each
+modality's registry ``codec``: Sentinel-2 at Zstd level 9 (still a core codec) and the DEM with Pcodec,
+the registered Zarr v3 extension codec ``numcodecs.pcodec`` (zarr-python with numcodecs, zarrs); a
+``portable`` store uses Blosc/Zstd level 5 throughout, for readers that know only the core codecs. A
+shard is written in one region write per array, the ``complete`` flags last, so a killed build never
+leaves a tile marked complete that is not fully written; re-running redoes exactly the shards with an
+incomplete tile.
 """
 
 from __future__ import annotations
@@ -170,8 +171,8 @@ def check_compression(compression: str) -> None:
     """Raise ValueError naming the choices when ``compression`` is not a store compression mode."""
     if compression not in COMPRESSION_MODES:
         raise ValueError(
-            f"--compression {compression!r} is not known; use compact (default: Pcodec for Sentinel-2 "
-            "and DEM, Blosc/Zstd for the rest) or portable (Blosc/Zstd only, for any Zarr v3 reader)"
+            f"--compression {compression!r} is not known; use compact (default: Pcodec for the DEM, "
+            "Blosc/Zstd for the rest) or portable (Blosc/Zstd only, for any Zarr v3 reader)"
         )
 
 
@@ -180,6 +181,8 @@ def array_codecs(m: Modality, compression: str) -> dict[str, Any]:
     check_compression(compression)
     if compression == "compact" and m.codec == "pcodec":
         return {"serializer": PCodec(level=PCODEC_LEVEL), "compressors": (Crc32cCodec(),)}
+    if compression == "compact" and m.codec == "zstd9":
+        return {"compressors": (BloscCodec(cname="zstd", clevel=9, shuffle="shuffle"), Crc32cCodec())}
     return {"compressors": CHECKED}
 
 
@@ -277,9 +280,7 @@ def create_store(
             "n_shards": n_shards,
             "compression": {
                 "mode": compression,
-                "codecs": {
-                    m.name: m.codec if "serializer" in codecs[m.name] else "blosc" for m in modalities
-                },
+                "codecs": {m.name: m.codec if compression == "compact" else "blosc" for m in modalities},
             },
             "modalities": [m.name for m in modalities],
             "registry": registry_dict(tuple(MODALITIES)),
