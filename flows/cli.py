@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--compression",
         default="compact",
-        help="compact (default: Pcodec for the DEM, Blosc/Zstd 9 for Sentinel-2, Zstd 5 for the rest) or "
+        help="compact (default: Pcodec for the DEM, Blosc/Zstd for the rest) or "
         "portable (Blosc/Zstd only, for Zarr v3 readers without numcodecs extension codecs); both lossless",
     )
     b.add_argument("--workers", type=int, default=None, help="parallel shard tasks (default: CPU count)")

@@ -18,7 +18,7 @@ import numpy as np
 
 Kind = Literal["pixel", "tile"]
 Resampling = Literal["bilinear", "nearest"]
-Codec = Literal["blosc", "zstd9", "pcodec"]
+Codec = Literal["blosc", "pcodec"]
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,8 @@ class Modality:
     maps on-disk values to class names for categorical modalities. ``target`` says whether MP-MAE
     predicts it; ``stored`` is false for modalities derived from per-tile metadata (location, time).
     ``codec`` is how the store compresses it, losslessly either way: ``blosc`` (Blosc/Zstd level 5 with
-    byte shuffle, a core Zarr v3 codec), ``zstd9`` (the same at level 9: Sentinel-2, where real scenes
-    come out 0.81-0.83x MMEarth's gzip HDF5 against 0.95-1.01x with Pcodec) or ``pcodec`` (Pcodec, the
-    registered Zarr v3 extension codec ``numcodecs.pcodec``: the DEM).
+    byte shuffle, a core Zarr v3 codec; Sentinel-2 too, where real scenes come out smaller than with
+    Pcodec) or ``pcodec`` (Pcodec, the registered Zarr v3 extension codec ``numcodecs.pcodec``: the DEM).
     ``model_bands`` are the bands the model reads and predicts when they differ from the stored ones
     (Sentinel-2: the 12 bands MMEarth uses; B10, an L1C-only cirrus band, stays in the store).
     """
@@ -226,7 +225,7 @@ MODALITIES: tuple[Modality, ...] = (
         "top-of-atmosphere (see s2_product). The scene's UTM grid at 10 m defines the tile.",
         provider="ESA Copernicus",
         license="Copernicus Sentinel data terms (free, full and open)",
-        codec="zstd9",
+        codec="blosc",
         model_bands=S2_L2A_BANDS,
         ee=EERecipe(
             "COPERNICUS/S2_SR_HARMONIZED",

@@ -7,9 +7,9 @@ Layout: every variable has the leading dimension ``tile``; pixel modalities are
 ``(tile, <modality>_band, y, x)``, tile-level ones ``(tile, <modality>_band)`` or ``(tile,)``. Chunks
 hold ``chunk_tiles`` whole tiles (all bands), shards ``shard_tiles`` tiles. Compression is lossless:
 Blosc/Zstd + byte shuffle for every array, except that a ``compact`` store (the default) follows each
-modality's registry ``codec``: Sentinel-2 at Zstd level 9 (still a core codec) and the DEM with Pcodec,
-the registered Zarr v3 extension codec ``numcodecs.pcodec`` (zarr-python with numcodecs, zarrs); a
-``portable`` store uses Blosc/Zstd level 5 throughout, for readers that know only the core codecs. A
+modality's registry ``codec``: the DEM with Pcodec, the registered Zarr v3 extension codec
+``numcodecs.pcodec`` (zarr-python with numcodecs, zarrs); a ``portable`` store uses Blosc/Zstd
+throughout, for readers that know only the core codecs. A
 shard is written in one region write per array, the ``complete`` flags last, so a killed build never
 leaves a tile marked complete that is not fully written; re-running redoes exactly the shards with an
 incomplete tile.
@@ -181,8 +181,6 @@ def array_codecs(m: Modality, compression: str) -> dict[str, Any]:
     check_compression(compression)
     if compression == "compact" and m.codec == "pcodec":
         return {"serializer": PCodec(level=PCODEC_LEVEL), "compressors": (Crc32cCodec(),)}
-    if compression == "compact" and m.codec == "zstd9":
-        return {"compressors": (BloscCodec(cname="zstd", clevel=9, shuffle="shuffle"), Crc32cCodec())}
     return {"compressors": CHECKED}
 
 
