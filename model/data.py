@@ -501,12 +501,19 @@ class BatchNormaliser:
             shift = torch.from_numpy((-mean / std).astype(np.float32))
             nan_fill = isinstance(m.fill, float) and np.isnan(m.fill)
             self.items.append((m.name, m.kind == "pixel", scale, shift, None if nan_fill else m.fill))
+        self._devices: dict[str, list] = {}
+
+    def _on(self, device: torch.device) -> list:
+        """The statistics on ``device``, copied there once."""
+        key = str(device)
+        if key not in self._devices:
+            self._devices[key] = [(n, p, sc.to(device), sh.to(device), f) for n, p, sc, sh, f in self.items]
+        return self._devices[key]
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = dict(batch)
-        for name, pixel, scale, shift, fill in self.items:
+        for name, pixel, scale, shift, fill in self._on(batch["sentinel2"].device):
             x = batch[name]
-            scale, shift = scale.to(x.device), shift.to(x.device)
             if scale.ndim == 2:  # per processing level: one row per sample
                 level = batch["level"].to(x.device)
                 scale, shift = scale[level], shift[level]
