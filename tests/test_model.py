@@ -150,7 +150,7 @@ def test_worldcover_tree_cover_is_a_class_not_nodata():
     assert lut[get("dynamic_world").fill] == -1
 
 
-@pytest.mark.parametrize("world,workers", [(1, 0), (2, 0), (2, 2), (3, 2)])
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 0), (2, 2), (3, 2), (4, 2)])  # 4 x 2: 2 nodes x 2 ranks x 2 workers
 def test_ranks_and_workers_cover_each_tile_exactly_once(small_store, world, workers):
     seen = []
     for rank in range(world):
