@@ -242,8 +242,11 @@ class StreamingCorpus(IterableDataset):
         if not eligible.any():
             raise DataError(f"no complete tile of split {split!r} in {url}; build or finish the store first")
         self.eligible = eligible
+        read = [m.name for m in self.modalities if m.stored] + (
+            ["sentinel2_masks"] if self.cloud_mask else []
+        )
         self.present = {
-            m.name: np.asarray(g[f"{m.name}_present"][:]).astype(bool) for m in self.modalities if m.stored
+            name: np.asarray(g[f"{name}_present"][:]).astype(bool) for name in dict.fromkeys(read)
         }
         statistics = reader.statistics
         self.norm = {
@@ -386,7 +389,7 @@ class StreamingCorpus(IterableDataset):
             out[m.name] = x
         if self.cloud_mask:
             raw = self._read_array("sentinel2_masks", s0, s1)
-            if self._verify and self.present.get("sentinel2_masks", np.ones(1, bool))[s0:s1].any():
+            if self._verify and self.present["sentinel2_masks"][s0:s1].any():
                 self._check_shard("sentinel2_masks", raw.ndim, s0)
             out["cloud"] = opaque_cloud(self._cropped(raw, crops, None))
         if self.raw:

@@ -150,7 +150,9 @@ def test_worldcover_tree_cover_is_a_class_not_nodata():
     assert lut[get("dynamic_world").fill] == -1
 
 
-@pytest.mark.parametrize("world,workers", [(1, 0), (2, 0), (2, 2), (3, 2), (4, 2)])  # 4 x 2: 2 nodes x 2 ranks x 2 workers
+@pytest.mark.parametrize(
+    "world,workers", [(1, 0), (2, 0), (2, 2), (3, 2), (4, 2)]
+)  # 4 x 2: 2 nodes x 2 ranks x 2 workers
 def test_ranks_and_workers_cover_each_tile_exactly_once(small_store, world, workers):
     seen = []
     for rank in range(world):
@@ -555,6 +557,16 @@ def test_a_deleted_shard_or_a_vanished_store_stops_training_with_a_message(tmp_p
     sorted(p for p in (Path(era5) / "era5" / "c").rglob("*") if p.is_file())[0].unlink()
     with pytest.raises(DataError, match=r"array 'era5', tiles 0, 1, .*no-data"):
         StreamingCorpus(era5, [get("sentinel2"), get("era5")], 32, split=None, epochs=1)
+
+    # the cloud masks (read beside Sentinel-2 for the cloud-aware losses) with a later shard file gone
+    masks = str(tmp_path / "m.zarr")
+    shutil.copytree(small_store, masks)
+    next(
+        p for p in (Path(masks) / "sentinel2_masks" / "c").rglob("*") if p.is_file() and p.parts[-4] == "2"
+    ).unlink()
+    ds = StreamingCorpus(masks, [get("sentinel2")], 32, split=None, epochs=1, cloud_mask=True)
+    with pytest.raises(DataError, match=r"array 'sentinel2_masks', tiles 32\.\."):
+        list(ds)
 
     shutil.copytree(small_store, str(tmp_path / "t.zarr"))
     ds = StreamingCorpus(str(tmp_path / "t.zarr"), [get("sentinel2")], 32, split=None, epochs=1)
