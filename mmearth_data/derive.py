@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from mmearth_data.sampling import split_of
+from mmearth_data.sampling import allocate, split_of
 from mmearth_data.store import (
     TILE_VARS,
     CorpusReader,
@@ -71,23 +71,11 @@ def parse_split(text: str) -> tuple[tuple[str, float], ...]:
 
 
 def stratified_subset(biome: np.ndarray, year: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Indices of ``n`` tiles balanced over (biome, year) strata, sorted; seeded within each stratum."""
+    """Indices of ``n`` tiles balanced over (biome, year) strata as the sampler balances a build
+    (:func:`~mmearth_data.sampling.allocate`), sorted; seeded within each stratum."""
     keys = sorted(set(zip(biome.tolist(), year.tolist(), strict=True)))
     members = {k: np.flatnonzero((biome == k[0]) & (year == k[1])) for k in keys}
-    alloc = {k: 0 for k in keys}
-    left, open_ = n, [k for k in keys if len(members[k])]
-    while left > 0 and open_:
-        share, extra = divmod(left, len(open_))
-        room = []
-        for i, k in enumerate(open_):
-            take = min(share + (1 if i < extra else 0), len(members[k]) - alloc[k])
-            alloc[k] += take
-            left -= take
-            if alloc[k] < len(members[k]):
-                room.append(k)
-        if room == open_ and share == 0 and extra == 0:
-            break
-        open_ = room
+    alloc = allocate(n, keys, {k: len(v) for k, v in members.items()})
     rng = np.random.default_rng([seed, 20_240_502])
     picked = [rng.permutation(members[k])[: alloc[k]] for k in keys if alloc[k]]
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
