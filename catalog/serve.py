@@ -213,8 +213,19 @@ def create_app(catalog: str | Path, allowed_hosts: list[str] | None = None) -> F
     return app
 
 
-def serve(catalog: str | Path, host: str = "127.0.0.1", port: int = 8765) -> None:
+def allowed_hosts_for(host: str) -> list[str]:
+    """``Host`` header values a server bound to ``host`` answers: the address itself, and the local
+    names when it listens on a loopback address."""
+    local = ("127.0.0.1", "localhost", "::1")
+    return [host] + ([h for h in local if h != host] if host in local else [])
+
+
+def serve(catalog: str | Path, host: str = "127.0.0.1", port: int = 8765, announce=None) -> None:
+    """Serve the browse page of ``catalog`` (requests naming another host are refused); ``announce(url)``
+    is called once the catalog has been opened, before the server starts."""
     import uvicorn
 
-    hosts = [host] + (["localhost", "127.0.0.1", "::1"] if host in ("127.0.0.1", "localhost", "::1") else [])
-    uvicorn.run(create_app(catalog, allowed_hosts=hosts), host=host, port=port, log_level="warning")
+    app = create_app(catalog, allowed_hosts=allowed_hosts_for(host))
+    if announce is not None:
+        announce(f"http://{host}:{port}/")
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -15,6 +15,12 @@ import sys
 from rich.console import Console
 
 from mmearth_data.build import DEFAULT_MODALITIES, BuildConfig, BuildInputError
+from mmearth_data.derive import DeriveError
+from mmearth_data.mmearth_h5 import ExportError
+from mmearth_data.store import StoreError
+
+# bad input of any command: the message names the problem and the fix, exit 2
+USER_ERRORS = (BuildInputError, StoreError, DeriveError, ExportError)
 
 console = Console(stderr=False)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -389,33 +395,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_export_h5(args: argparse.Namespace) -> int:
     from mmearth_data.mmearth_h5 import export_mmearth_h5
-    from mmearth_data.store import StoreError
 
-    try:
-        folder = export_mmearth_h5(args.store, args.out, args.name, args.dem_dtype)
-    except (StoreError, ValueError, FileExistsError, NotADirectoryError) as err:
-        err_console.print(f"[bold red]error:[/] {err}")
-        return 2
+    folder = export_mmearth_h5(args.store, args.out, args.name, args.dem_dtype)
     console.print(f"MMEarth HDF5 layout written to {folder}")
     return 0
 
 
 def cmd_derive(args: argparse.Namespace) -> int:
-    from mmearth_data.derive import Derivation, DeriveError, derive_store, parse_split
-    from mmearth_data.store import StoreError
+    from mmearth_data.derive import Derivation, derive_store, parse_split
 
-    try:
-        how = Derivation(
-            crop=args.crop,
-            subset=args.subset,
-            split=parse_split(args.split) if args.split else None,
-            modalities=tuple(m.strip() for m in args.modalities.split(",")) if args.modalities else None,
-            seed=args.seed,
-        )
-        res = derive_store(args.store, args.out, how)
-    except (DeriveError, StoreError) as err:
-        err_console.print(f"[bold red]error:[/] {err}")
-        return 2
+    how = Derivation(
+        crop=args.crop,
+        subset=args.subset,
+        split=parse_split(args.split) if args.split else None,
+        modalities=tuple(m.strip() for m in args.modalities.split(",")) if args.modalities else None,
+        seed=args.seed,
+    )
+    res = derive_store(args.store, args.out, how)
     console.print(
         f"derived {res['n_tiles']} tiles of {res['tile_size']} px ({', '.join(res['modalities'])}) into "
         f"{res['store']} from {res['from']}: {res['derivation']}"
@@ -425,13 +421,8 @@ def cmd_derive(args: argparse.Namespace) -> int:
 
 def cmd_repair(args: argparse.Namespace) -> int:
     from mmearth_data.build import repair_store
-    from mmearth_data.store import StoreError
 
-    try:
-        res = repair_store(args.store)
-    except StoreError as err:
-        err_console.print(f"[bold red]error:[/] {err}")
-        return 2
+    res = repair_store(args.store)
     if res["restored_metadata"]:
         console.print(f"restored metadata from the build's copy: {', '.join(res['restored_metadata'])}")
     if not res["shards"]:
@@ -451,7 +442,6 @@ def cmd_repair(args: argparse.Namespace) -> int:
 def cmd_catalog(args: argparse.Namespace) -> int:
     from catalog.build import CatalogError
     from catalog.search import SearchError
-    from mmearth_data.store import StoreError
 
     try:
         if args.catalog_command == "build":
@@ -468,13 +458,12 @@ def cmd_catalog(args: argparse.Namespace) -> int:
         if args.catalog_command == "search":
             return _catalog_search(args)
         if args.catalog_command == "serve":
-            from catalog.serve import create_app
+            from catalog.serve import serve
 
-            create_app(args.catalog)  # fails fast on a missing catalog
-            import uvicorn
+            def announce(url: str) -> None:
+                console.print(f"browse the catalog at {url}  (Ctrl-C stops)")
 
-            console.print(f"browse the catalog at http://{args.host}:{args.port}/  (Ctrl-C stops)")
-            uvicorn.run(create_app(args.catalog), host=args.host, port=args.port, log_level="warning")
+            serve(args.catalog, args.host, args.port, announce=announce)
             return 0
     except (SearchError, CatalogError, StoreError, FileNotFoundError) as err:
         err_console.print(f"[bold red]error:[/] {err}")
@@ -537,24 +526,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    commands = {
+        "build": cmd_build, "validate": cmd_validate, "repair": cmd_repair, "export-h5": cmd_export_h5,
+        "derive": cmd_derive, "ee-check": cmd_ee_check, "tasks": cmd_tasks, "catalog": cmd_catalog,
+    }  # fmt: skip
+    if args.command not in commands:
+        parser.error(f"unknown command {args.command}")
     try:
-        if args.command == "build":
-            return cmd_build(args)
-        if args.command == "validate":
-            return cmd_validate(args)
-        if args.command == "repair":
-            return cmd_repair(args)
-        if args.command == "export-h5":
-            return cmd_export_h5(args)
-        if args.command == "derive":
-            return cmd_derive(args)
-        if args.command == "ee-check":
-            return cmd_ee_check(args)
-        if args.command == "tasks":
-            return cmd_tasks(args)
-        if args.command == "catalog":
-            return cmd_catalog(args)
-    except BuildInputError as err:
+        return commands[args.command](args)
+    except USER_ERRORS as err:
         err_console.print(f"[bold red]error:[/] {err}")
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM (flows.guard.BuildInterrupted)
@@ -563,8 +543,6 @@ def main(argv: list[str] | None = None) -> int:
             "command to resume"
         )
         return getattr(err, "exit_code", 130)
-    parser.error(f"unknown command {args.command}")
-    return 2
 
 
 if __name__ == "__main__":

@@ -48,6 +48,10 @@ ERA5_NAMES = (
 N_BIOMES, N_ECOREGIONS = 14, 846
 
 
+class ExportError(ValueError):
+    """An export that cannot be made (the message names the problem and the fix; nothing is written)."""
+
+
 def _moments(x: np.ndarray) -> dict[str, list[float]]:
     """Per-band mean/std/min/max over finite values; ``x`` is (n, bands, ...)."""
     v = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1).astype(np.float64)
@@ -75,10 +79,12 @@ def export_mmearth_h5(url: str, out: str, name: str = "data_100k_v001", dem_dtyp
     import h5py
 
     if dem_dtype not in ("float32", "int16"):
-        raise ValueError(f"dem_dtype {dem_dtype!r}: use float32 (lossless) or int16 (MMEarth's)")
+        raise ExportError(f"dem_dtype {dem_dtype!r}: use float32 (lossless) or int16 (MMEarth's)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ExportError(f"--out {out} is a file; name a folder (nothing was changed)")
     final = os.path.join(out, name)
     if os.path.exists(final):
-        raise FileExistsError(f"{final} already exists; choose another --out or --name (nothing was changed)")
+        raise ExportError(f"{final} already exists; choose another --out or --name (nothing was changed)")
     r = CorpusReader(url)
     stored = {m.name for m in r.modalities}
     need = {"sentinel2", "sentinel2_masks", "sentinel1", "dem", "era5", "dynamic_world", "esa_worldcover",

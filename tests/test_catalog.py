@@ -292,6 +292,19 @@ def test_serve_binds_localhost_by_default():
     assert args.host == "127.0.0.1"
 
 
+def test_the_serve_command_refuses_other_host_headers(catalog_dir, monkeypatch):
+    import uvicorn
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    assert cli(["catalog", "serve", "--catalog", str(catalog_dir), "--port", "8799"]) == 0
+    assert served["host"] == "127.0.0.1" and served["port"] == 8799
+    client = TestClient(served["app"], base_url="http://127.0.0.1:8799")
+    assert client.get("/api/tiles?limit=1").status_code == 200
+    assert client.get("/api/tiles?limit=1", headers={"host": "localhost:8799"}).status_code == 200
+    assert client.get("/api/tiles?limit=1", headers={"host": "attacker.example"}).status_code == 400
+
+
 def test_a_catalog_build_that_failed_part_way_is_redone(tmp_path, small_store, monkeypatch):
     import catalog.build as cb
 
