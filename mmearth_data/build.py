@@ -374,8 +374,7 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
         fs.makedirs(fs._parent(path), exist_ok=True)
         buf = io.BytesIO()
         plan.to_parquet(buf)
-        fs.pipe_file(f"{path}.tmp", buf.getvalue())
-        fs.mv(f"{path}.tmp", path)
+        _write_whole(fs, path, buf.getvalue())
         crash_point("plan")
     if not all(fs.exists(f"{fs._parent(path)}/{n}") for n in PLOTS):  # also after a kill between the two
         _write_plots(plan, out)
@@ -430,6 +429,12 @@ def plan_labeler(cfg: BuildConfig, source: Any) -> CachedLabeler | None:
 
 
 PLOTS = ("sample_map.png", "strata.png")
+
+
+def _write_whole(fs: Any, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` on ``fs`` whole or not at all (beside it, then moved into place)."""
+    fs.pipe_file(f"{path}.tmp", data)
+    fs.mv(f"{path}.tmp", path)
 
 
 def _staging_path(store: str) -> tuple[str, str]:
@@ -587,8 +592,7 @@ def save_metadata_copy(store: str, source: str | None = None) -> None:
     docs = {k: v.decode() for k, v in metadata_documents(source or store).items()}
     fs, path = fsspec.core.url_to_fs(f"{build_dir(store)}/{METADATA_COPY}")
     fs.makedirs(fs._parent(path), exist_ok=True)
-    fs.pipe_file(f"{path}.tmp", json.dumps(docs, indent=0).encode())
-    fs.mv(f"{path}.tmp", path)
+    _write_whole(fs, path, json.dumps(docs, indent=0).encode())
 
 
 def load_metadata_copy(store: str) -> dict[str, str] | None:
@@ -634,8 +638,7 @@ def restore_metadata(store: str) -> list[str]:
     for key in sorted(problems):
         target = f"{root.rstrip('/')}/{key}"
         fs.makedirs(fs._parent(target), exist_ok=True)
-        fs.pipe_file(f"{target}.tmp", copy[key].encode())
-        fs.mv(f"{target}.tmp", target)
+        _write_whole(fs, target, copy[key].encode())
     return sorted(problems)
 
 

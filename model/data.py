@@ -48,6 +48,14 @@ class Normaliser:
     mean: np.ndarray  # (bands,) or (levels, bands)
     std: np.ndarray
 
+    def scale_shift(self, bands: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """float32 ``(1 / std, -mean / std)`` of ``bands`` (all by default): normalised = x * scale +
+        shift, the same numbers wherever it is applied (here or :class:`BatchNormaliser`)."""
+        mean, std = self.mean, self.std
+        if bands is not None:
+            mean, std = mean[..., bands], std[..., bands]
+        return (1.0 / std).astype(np.float32), (-mean / std).astype(np.float32)
+
     def apply(
         self, x: np.ndarray, level: np.ndarray | None = None, bands: np.ndarray | None = None
     ) -> np.ndarray:
@@ -55,11 +63,7 @@ class Normaliser:
         ``bands`` the statistics' bands that ``x`` holds (all by default)."""
         x = np.array(x, np.float32)  # a fresh float32 copy of the integer or float16 data
         extra = (1,) * (x.ndim - 2)
-        mean, std = self.mean, self.std
-        if bands is not None:
-            mean, std = mean[..., bands], std[..., bands]
-        scale = (1.0 / std).astype(np.float32)
-        shift = (-mean / std).astype(np.float32)
+        scale, shift = self.scale_shift(bands)
         if level is None:
             scale, shift = scale.reshape((1, -1) + extra), shift.reshape((1, -1) + extra)
         else:
@@ -71,6 +75,11 @@ class Normaliser:
 
 
 S2_LEVELS = ("L1C", "L2A")
+
+
+def _model_bands(m: Modality) -> list[int] | None:
+    """Positions of the bands the model reads among the stored ones, or None when it reads them all."""
+    return m.model_band_index if m.model_bands is not None else None
 
 
 def _band_stats(stats: dict, m: Modality) -> tuple[np.ndarray, np.ndarray]:
@@ -365,7 +374,7 @@ class StreamingCorpus(IterableDataset):
             if self._verify and m.name not in self._tile_cache and not absent.all():
                 self._check_shard(m.name, raw.ndim, s0)
             if m.kind == "pixel":
-                raw = self._cropped(raw, crops, m.model_band_index if m.model_bands is not None else None)
+                raw = self._cropped(raw, crops, _model_bands(m))
             elif m.model_bands is not None:
                 raw = raw[:, m.model_band_index]
             if m.categorical:
@@ -380,8 +389,7 @@ class StreamingCorpus(IterableDataset):
                 out[m.name] = raw
                 continue
             level = self.meta["level"][s0:s1] if m.name == "sentinel2" else None
-            band_rows = m.model_band_index if m.model_bands is not None else None
-            x = self.norm[m.name].apply(raw, level, band_rows)
+            x = self.norm[m.name].apply(raw, level, _model_bands(m))
             if not np.issubdtype(raw.dtype, np.floating):  # a float fill (NaN) stays NaN by itself
                 x[m.is_fill(raw)] = np.nan
             if absent.any():
@@ -496,12 +504,8 @@ class BatchNormaliser:
         for m in ds.modalities:
             if not m.stored or m.categorical or m.name == "sentinel2_masks":
                 continue
-            norm = ds.norm[m.name]
-            mean, std = norm.mean, norm.std
-            if m.model_bands is not None:
-                mean, std = mean[..., m.model_band_index], std[..., m.model_band_index]
-            scale = torch.from_numpy((1.0 / std).astype(np.float32))
-            shift = torch.from_numpy((-mean / std).astype(np.float32))
+            scale, shift = ds.norm[m.name].scale_shift(_model_bands(m))
+            scale, shift = torch.from_numpy(scale), torch.from_numpy(shift)
             nan_fill = isinstance(m.fill, float) and np.isnan(m.fill)
             self.items.append((m.name, m.kind == "pixel", scale, shift, None if nan_fill else m.fill))
         self._devices: dict[str, list] = {}
