@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -61,15 +60,15 @@ def check_tiles(size: int = 128) -> list[TileRequest]:
 
 
 def reach(host: str, port: int = 443, timeout_s: float = 5.0) -> None:
-    """Raise :class:`EECheckError` unless a TCP connection to ``host:port`` opens within the timeout."""
+    """Raise :class:`EECheckError` unless ``host:port`` can be reached (the source's own probe,
+    :func:`~mmearth_data.sources.earthengine.check_reachable`, proxy included)."""
+    from mmearth_data.sources.base import SourceError
+    from mmearth_data.sources.earthengine import check_reachable
+
     try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return
-    except OSError as err:
-        raise EECheckError(
-            f"cannot reach Earth Engine at {host}:{port} ({err}); check the network connection or proxy "
-            "(HTTPS_PROXY) of this machine, then run `mmearth ee-check` again"
-        ) from None
+        check_reachable(host, timeout_s, port=port, name=f"Earth Engine at {host}:{port}")
+    except SourceError as err:
+        raise EECheckError(str(err)) from None
 
 
 def eecu_from_profile(text: str) -> float | None:

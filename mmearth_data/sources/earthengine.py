@@ -90,15 +90,16 @@ DEFAULT_URL = "https://earthengine.googleapis.com"
 TOKEN_HOST = "oauth2.googleapis.com"  # where a service-account key is exchanged for a token
 
 
-def check_reachable(host: str, timeout_s: float = 5.0) -> None:
-    """Raise :class:`SourceError` unless a TCP connection to ``host:443`` (or to the HTTPS proxy named in
-    the environment, which then carries the traffic) opens within the timeout: a build without a
-    network stops before anything is written instead of retrying every request."""
+def check_reachable(host: str, timeout_s: float = 5.0, port: int = 443, name: str | None = None) -> None:
+    """Raise :class:`SourceError` unless a TCP connection to ``host:port`` (or to the HTTPS proxy named
+    in the environment, which then carries the traffic) opens within the timeout: a build without a
+    network stops before anything is written instead of retrying every request. ``name`` says what is
+    unreachable in the message (the host by default)."""
     import socket
     from urllib.parse import urlsplit
 
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    target = (host, 443)
+    target = (host, port)
     if proxy:
         u = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
         target = (u.hostname or "", u.port or 80)
@@ -108,7 +109,7 @@ def check_reachable(host: str, timeout_s: float = 5.0) -> None:
     except OSError as err:
         via = f" through the proxy {proxy}" if proxy else ""
         raise SourceError(
-            f"cannot reach {host}{via} ({err}); check this machine's network connection or proxy "
+            f"cannot reach {name or host}{via} ({err}); check this machine's network connection or proxy "
             "(HTTPS_PROXY) and run the same command again (nothing was written)"
         ) from None
 
