@@ -2,13 +2,11 @@
 
     python bench/store_size.py [--tiles 256] [--tile-size 64]
 
-MMEarth's layout is what its converter (MMEarth-data ``utils/convert_to_h5.py``) writes: one HDF5 file,
-one dataset per modality of shape (N, C, H, W), one sample per chunk, gzip level 4 (h5py), with its
-dtypes: Sentinel-2 uint16 (13 bands), QA60 and MSK_CLDPRB as separate uint16 datasets and SCL uint8,
-Sentinel-1 float32, canopy height int8, ERA5 float32, lat / lon / month as float32 sin-cos pairs, biome
-(14) and ecoregion (846) one-hot, a (tile id, S2 level) metadata record. One exception keeps the
-comparison lossless: MMEarth truncates the DEM to int16, which would lose our float32 elevation and
-slope, so the DEM stays float32 here (a larger HDF5 DEM than MMEarth's own).
+MMEarth's layout is written by ``mmearth export-h5`` (:mod:`mmearth_data.mmearth_h5`: what MMEarth-data's
+converter writes, one dataset per modality, one sample per chunk, gzip level 4, MMEarth's dtypes,
+one-hot biome and ecoregion, lat / lon / month as sin-cos pairs, a (tile id, S2 level) metadata record).
+The main comparison keeps the DEM float32, so that it is lossless; MMEarth truncates the DEM to int16,
+which is written too (``--dem-dtype int16``) as the target's reference.
 
 Every array is read back from the HDF5 file and checked equal to the store's. The table also gives a
 ``portable`` store (Blosc/Zstd only) and the same arrays in HDF5 with the store's own dtypes, so that
@@ -28,7 +26,8 @@ import h5py
 import numpy as np
 
 from mmearth_data.build import BuildConfig, build_in_process
-from mmearth_data.registry import N_ECOREGIONS
+from mmearth_data.mmearth_h5 import S2_ORDER, export_mmearth_h5
+from mmearth_data.registry import get
 from mmearth_data.store import CorpusReader
 
 TARGET = 0.55  # against MMEarth's layout with its own dtypes (int16 DEM)
@@ -57,64 +56,32 @@ def build(path: str, n: int, size: int, compression: str) -> CorpusReader:
     return CorpusReader(path)
 
 
-def sin_cos(x: np.ndarray) -> np.ndarray:
-    return np.stack([np.sin(x), np.cos(x)], axis=1).astype(np.float32)
-
-
-def mmearth_arrays(r: CorpusReader) -> dict[str, np.ndarray]:
-    """The store's tiles as MMEarth's converter lays them out (dtypes, split masks, one-hot labels)."""
-    g = r.group
-    n = r.n_tiles
-    masks = np.asarray(g["sentinel2_masks"][:])
-    wide = masks.astype(np.uint16)
-    wide[masks == 255] = 65535  # MMEarth's fill for the uint16 cloud layers
-    meta = r.tiles()
-    biome = np.zeros((n, 14), np.uint8)
-    biome[np.arange(n), np.asarray(g["biome"][:]).astype(int) - 1] = 1
-    eco_ids = np.asarray(g["ecoregion"][:]).astype(int)
-    eco = np.zeros((n, max(N_ECOREGIONS, int(eco_ids.max()) + 1)), np.uint16)
-    eco[np.arange(n), eco_ids] = 1
-    month = meta["s2_date"].dt.month.to_numpy()
-    record = np.dtype([("tile_id", "S100"), ("S2_type", "S10")])
-    return {
-        "sentinel2": np.asarray(g["sentinel2"][:]),
-        "sentinel2_scl": masks[:, 0:1],
-        "sentinel2_cloudprod": wide[:, 1:2],
-        "sentinel2_cloudmask": wide[:, 2:3],
-        "sentinel1": np.asarray(g["sentinel1"][:]).astype(np.float32),
-        "aster": np.asarray(g["dem"][:]),  # MMEarth: int16 (lossy for these values)
-        "era5": np.asarray(g["era5"][:]),
-        "dynamic_world": np.asarray(g["dynamic_world"][:]),
-        "canopy_height_eth": np.asarray(g["canopy_height"][:]).view(np.int8),
-        "esa_worldcover": np.asarray(g["esa_worldcover"][:]),
-        "lat": sin_cos(np.deg2rad(meta["lat"].to_numpy())),
-        "lon": sin_cos(np.deg2rad(meta["lon"].to_numpy())),
-        "month": sin_cos(2 * np.pi * month / 12),
-        "biome": biome,
-        "eco_region": eco,
-        "metadata": np.array(
-            [
-                (t.encode(), p.lower().encode())
-                for t, p in zip(meta["tile_id"], meta["s2_product"], strict=True)
-            ],
-            record,
-        ),
-    }
-
-
 def back_from_mmearth(f: h5py.File, name: str) -> np.ndarray:
-    """A modality as the store holds it, rebuilt from the MMEarth datasets (the losslessness check)."""
+    """A modality as the store holds it, rebuilt from the export's datasets (the losslessness check)."""
+    if name == "sentinel2":
+        order = [S2_ORDER.index(b) for b in get("sentinel2").bands]
+        return f["sentinel2"][:][:, order]
     if name == "sentinel2_masks":
-        prob, qa = (np.where(f[k][:] == 65535, 255, f[k][:]).astype(np.uint8) for k in H5_DATASETS[name][1:])
-        return np.concatenate([f["sentinel2_scl"][:], prob, qa], axis=1)
+        by_band = {"SCL": "sentinel2_scl", "MSK_CLDPRB": "sentinel2_cloudprod", "QA60": "sentinel2_cloudmask"}
+        layers = [f[by_band[b]][:] for b in get(name).bands]
+        return np.concatenate([np.where(v == 65535, 255, v).astype(np.uint8) for v in layers], axis=1)
     if name == "sentinel1":
-        return f["sentinel1"][:].astype(np.float16)
+        v = f["sentinel1"][:]
+        return np.where(np.isneginf(v), np.nan, v).astype(np.float16)
+    if name == "dem":
+        v = f["aster"][:]
+        return np.where(np.isneginf(v), np.nan, v)
+    if name == "era5":
+        v = f["era5"][:]
+        return np.where(np.isposinf(v), np.nan, v)
     if name == "canopy_height":
         return f["canopy_height_eth"][:].view(np.uint8)
-    if name == "biome":
-        return (np.argmax(f["biome"][:], axis=1) + 1).astype(np.uint8)
-    if name == "ecoregion":
-        return np.argmax(f["eco_region"][:], axis=1).astype(np.uint16)
+    if name == "esa_worldcover":
+        v = f["esa_worldcover"][:]
+        return np.where(v == 255, 0, v)
+    if name in ("biome", "ecoregion"):
+        onehot = f[H5_DATASETS[name][0]][:]
+        return np.where(onehot.any(1), onehot.argmax(1) + 1, 0).astype(get(name).np_dtype)
     return f[H5_DATASETS[name][0]][:]
 
 
@@ -224,13 +191,9 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench-size-")
     compact = build(f"{tmp}/compact.zarr", n, args.tile_size, "compact")
     portable = build(f"{tmp}/portable.zarr", n, args.tile_size, "portable")
-    h5 = f"{tmp}/mmearth.h5"
-    write_h5(h5, mmearth_arrays(compact))
-    actual = f"{tmp}/mmearth_int16_dem.h5"  # MMEarth's own dtypes: the DEM rounded to int16 (lossy)
-    arrays = mmearth_arrays(compact)
-    dem = arrays["aster"]
-    arrays["aster"] = np.where(np.isnan(dem), -32768, np.round(dem)).astype(np.int16)
-    write_h5(actual, arrays)
+    # the layout as `mmearth export-h5` writes it: float32 DEM (lossless), and MMEarth's own int16 DEM
+    h5 = f"{export_mmearth_h5(compact.url, f'{tmp}/f32')}/data_100k_v001.h5"
+    actual = f"{export_mmearth_h5(compact.url, f'{tmp}/i16', dem_dtype='int16')}/data_100k_v001.h5"
     same = f"{tmp}/same_dtypes.h5"
     write_h5(same, {m.name: np.asarray(compact.group[m.name][:]) for m in compact.modalities})
 
