@@ -52,6 +52,14 @@ class ExportError(ValueError):
     """An export that cannot be made (the message names the problem and the fix; nothing is written)."""
 
 
+def _one_hot(codes: np.ndarray, n: int, dtype: Any) -> np.ndarray:
+    """Classes 1..n as MMEarth's one-hot rows (all zero for 0, no label)."""
+    out = np.zeros((len(codes), n), dtype)
+    ok = (codes >= 1) & (codes <= n)
+    out[np.flatnonzero(ok), codes[ok].astype(int) - 1] = 1
+    return out
+
+
 def _moments(x: np.ndarray) -> dict[str, list[float]]:
     """Per-band mean/std/min/max over finite values; ``x`` is (n, bands, ...)."""
     v = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1).astype(np.float64)
@@ -166,14 +174,8 @@ def export_mmearth_h5(url: str, out: str, name: str = "data_100k_v001", dem_dtyp
         out_ds["dynamic_world"][a:b] = d["dynamic_world"]
         out_ds["esa_worldcover"][a:b] = np.where(d["esa_worldcover"] == 0, 255, d["esa_worldcover"])
         out_ds["era5"][a:b] = np.where(np.isnan(d["era5"]), np.inf, d["era5"])
-        onehot = np.zeros((len(keep), N_BIOMES), np.uint8)
-        ok = (d["biome"] >= 1) & (d["biome"] <= N_BIOMES)
-        onehot[np.flatnonzero(ok), d["biome"][ok].astype(int) - 1] = 1
-        out_ds["biome"][a:b] = onehot
-        onehot = np.zeros((len(keep), N_ECOREGIONS), np.uint16)
-        ok = (d["ecoregion"] >= 1) & (d["ecoregion"] <= N_ECOREGIONS)
-        onehot[np.flatnonzero(ok), d["ecoregion"][ok].astype(int) - 1] = 1
-        out_ds["eco_region"][a:b] = onehot
+        out_ds["biome"][a:b] = _one_hot(d["biome"], N_BIOMES, np.uint8)
+        out_ds["eco_region"][a:b] = _one_hot(d["ecoregion"], N_ECOREGIONS, np.uint16)
         rows_k = s0 + keep
         lat = np.radians(meta["lat"].to_numpy()[rows_k])
         lon = np.radians(meta["lon"].to_numpy()[rows_k])
