@@ -31,7 +31,6 @@ from mmearth_data.sampling import allocate, split_of
 from mmearth_data.store import (
     TILE_VARS,
     CorpusReader,
-    StoreError,
     create_store,
     strings,
     tile_checksum,
@@ -179,6 +178,3 @@ def derive_store(src: str, dst: str, how: Derivation) -> dict[str, Any]:
         "modalities": keep,
         "derivation": derivation,
     }
-
-
-__all__ = ["Derivation", "DeriveError", "StoreError", "derive_store", "parse_split", "stratified_subset"]
