@@ -470,7 +470,41 @@ def build_catalog(
     json_items: bool = False,
     collection_id: str | None = None,
 ) -> dict[str, Any]:
-    """Write the catalog of ``store`` into ``out``; returns a summary (paths, counts, seconds)."""
+    """Write the catalog of ``store`` into ``out`` (a folder, or any fsspec URL such as
+    ``s3://bucket/catalog``: written in a local temporary folder, then uploaded, ``collection.json``
+    last); returns a summary (paths, counts, seconds)."""
+    import tempfile
+
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(out))
+    if "file" in fs.protocol:
+        return _build_catalog_here(store, Path(root), batch_tiles, quicklooks, json_items, collection_id)
+    root = root.rstrip("/")
+    if fs.exists(root) and fs.ls(root) and not fs.exists(f"{root}/collection.json"):
+        raise CatalogError(f"--out {out} holds other files (no collection.json); choose an empty or new URL")
+    if collection_id is None:
+        collection_id = Path(store.rstrip("/")).name.removesuffix(".zarr") or "corpus"
+    # the items point at the store by its URL, or by its absolute path on this machine
+    href = store if "://" in store else str(Path(store).resolve())
+    with tempfile.TemporaryDirectory(prefix="mmearth-catalog-") as tmp:
+        res = _build_catalog_here(store, Path(tmp), batch_tiles, quicklooks, json_items, collection_id, href)
+        files = sorted(p for p in Path(tmp).rglob("*") if p.is_file() and p.name != "collection.json")
+        for p in [*files, Path(tmp) / "collection.json"]:  # readers see the old catalog or the new one
+            fs.put_file(str(p), f"{root}/{p.relative_to(tmp).as_posix()}")
+    url = str(out).rstrip("/")
+    return res | {"collection": f"{url}/collection.json", "items": f"{url}/items.parquet"}
+
+
+def _build_catalog_here(
+    store: str,
+    out: Path,
+    batch_tiles: int,
+    quicklooks: str,
+    json_items: bool,
+    collection_id: str | None,
+    href: str | None = None,
+) -> dict[str, Any]:
     import time
 
     t0 = time.perf_counter()
@@ -489,7 +523,7 @@ def build_catalog(
     marker.write_text(f"catalog of {store} being written; removed when collection.json is written\n")
     want_ql = quicklooks == "all" or (quicklooks == "auto" and reader.n_tiles <= QUICKLOOK_AUTO_MAX)
     cid = collection_id or Path(store.rstrip("/")).name.removesuffix(".zarr") or "corpus"
-    href = store_href_for(store, out)
+    href = href or store_href_for(store, out)
     json_dir = out / "items" if json_items else None
     if json_dir is not None:
         json_dir.mkdir(exist_ok=True)

@@ -101,6 +101,20 @@ def items_path(catalog: str | Path) -> Path:
     return p
 
 
+def items_dataset(catalog: str | Path) -> ds.Dataset:
+    """The catalog's ``items.parquet`` as an arrow dataset; ``catalog`` a folder or any fsspec URL
+    (``s3://bucket/catalog``: read in ranges, filters pushed down as on a local file)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(catalog))
+    if "file" in fs.protocol:
+        return ds.dataset(items_path(root), format="parquet")
+    path = f"{root.rstrip('/')}/items.parquet"
+    if not fs.exists(path):
+        raise SearchError(f"{catalog} holds no items.parquet; build it with `mmearth catalog build`")
+    return ds.dataset(path, filesystem=fs, format="parquet")
+
+
 def _timestamp(day: np.datetime64, typ: pa.DataType) -> pa.Scalar:
     return pa.array([day.astype("datetime64[us]")]).cast(typ)[0]
 
@@ -148,7 +162,7 @@ def expression(q: Query, schema: pa.Schema) -> ds.Expression | None:
 
 def search(catalog: str | Path, q: Query, columns: Sequence[str] | None = None) -> pa.Table:
     """Matching items (``columns``; default a summary set plus bbox), in catalog order, up to ``q.limit``."""
-    dataset = ds.dataset(items_path(catalog), format="parquet")
+    dataset = items_dataset(catalog)
     expr = expression(q, dataset.schema)
     cols = list(columns) if columns is not None else SUMMARY_COLUMNS + ["bbox"]
     if q.limit is not None:
@@ -168,7 +182,7 @@ def full_items(catalog: str | Path, ids: Sequence[str]) -> list[dict[str, Any]]:
 
     if not ids:
         return []
-    table = ds.dataset(items_path(catalog), format="parquet").to_table(filter=ds.field("id").isin(list(ids)))
+    table = items_dataset(catalog).to_table(filter=ds.field("id").isin(list(ids)))
     return list(stac_table_to_items(table))
 
 

@@ -10,6 +10,7 @@ twice. Re-running the same command resumes: only shards with an incomplete tile 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from flows.guard import guard_worker, spare, stop_on_signal
 from mmearth_data.build import BuildConfig, ShardReport, export_shard, finish, prepare
+from mmearth_data.stats import write_statistics
 
 SHARD_RETRIES = 2
 
@@ -37,11 +39,24 @@ def export_shard_task(cfg: BuildConfig, shard: int, candidates: list[list[dict[s
     return export_shard(cfg, shard, candidates)
 
 
+@task(cache_policy=NO_CACHE, task_run_name="statistics")
+def statistics_task(store: str, on_dask: bool) -> None:
+    """The statistics pass; on a Dask task runner its dask graph runs on the same cluster."""
+    if on_dask:
+        from prefect_dask import get_dask_client
+
+        with get_dask_client():  # the cluster's client as dask's default, inside this task
+            write_statistics(store)
+    else:
+        write_statistics(store)
+
+
 @flow(name="build-corpus", log_prints=False)
 def build_corpus(cfg: BuildConfig, show_progress: bool = True) -> dict[str, Any]:
     """Build (or resume) the corpus described by ``cfg``; returns the build summary."""
     t0 = time.perf_counter()
     prep = prepare(cfg)
+    cfg = prep.config  # an extension keeps the store's shard and chunk sizes
     reports: list[ShardReport] = []
     futures = [export_shard_task.submit(cfg, k, prep.candidates[k]) for k in prep.shards]
     n_tiles = sum(len(prep.candidates[k]) for k in prep.shards)
@@ -62,7 +77,11 @@ def build_corpus(cfg: BuildConfig, show_progress: bool = True) -> dict[str, Any]
             done += rep.slots
             rate = done / max(time.perf_counter() - t0, 1e-9)
             progress.update(bar, advance=rep.slots, rate=f"{rate:.1f}")
-    summary = finish(cfg, reports, time.perf_counter() - t0)
+    from prefect.context import get_run_context
+
+    on_dask = type(get_run_context().task_runner).__name__ == "DaskTaskRunner"
+    statistics_task.submit(cfg.store, on_dask).result()
+    summary = finish(cfg, reports, time.perf_counter() - t0, statistics=False)
     summary["resumed"] = prep.resumed
     summary["plan"] = prep.plan_path
     return summary
@@ -105,8 +124,12 @@ def prefect_api() -> Iterator[None]:
         with stop_on_signal():
             yield
         return
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
     server = _temporary_server()
-    server.start()
+    # a first start on a fresh Prefect home creates its database, which takes longer than Prefect's
+    # default wait on a busy small machine
+    server.start(timeout=max(120, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
     old = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = server.api_url
     drain = 10.0
@@ -130,11 +153,37 @@ def prefect_api() -> Iterator[None]:
         server.stop()
 
 
-def run_build(cfg: BuildConfig, workers: int | None = None, show_progress: bool = True) -> dict[str, Any]:
+def dask_runner(address: str | None = None, workers: int | None = None) -> Any:
+    """prefect-dask's ``DaskTaskRunner`` on the scheduler at ``address`` (``tcp://host:8786``), or on a
+    ``LocalCluster`` of ``workers`` single-threaded worker processes started for the run."""
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={"n_workers": workers or (os.cpu_count() or 1), "threads_per_worker": 1,
+                        "processes": True, "dashboard_address": None, "silence_logs": logging.WARNING},
+    )  # fmt: skip
+
+
+def run_build(
+    cfg: BuildConfig,
+    workers: int | None = None,
+    show_progress: bool = True,
+    dask_address: str | None = None,
+    dask_workers: int | None = None,
+) -> dict[str, Any]:
     """Run the flow with a task runner suited to the source: processes for the CPU-bound offline
     source, threads otherwise (network-bound: several shards in flight, each fetching its tiles
-    concurrently under the source's own cap on requests). SIGINT/SIGTERM stop it within seconds with
+    concurrently under the source's own cap on requests); with ``dask_address`` or ``dask_workers``,
+    prefect-dask's ``DaskTaskRunner`` on that scheduler or on a local cluster of that many workers
+    (shard tasks and the statistics run there). SIGINT/SIGTERM stop it within seconds with
     :class:`flows.guard.BuildInterrupted` (completed shards are kept; re-running resumes)."""
+    if dask_address or dask_workers:
+        with prefect_api():
+            runner = dask_runner(dask_address, dask_workers)
+            return build_corpus.with_options(task_runner=runner)(cfg, show_progress=show_progress)
     if workers is None:
         workers = (os.cpu_count() or 1) if cfg.source == "offline" else 4
     if cfg.source == "offline" and workers > 1:

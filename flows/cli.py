@@ -116,7 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="compact (default: Pcodec for the DEM, Blosc/Zstd for the rest) or "
         "portable (Blosc/Zstd only, for Zarr v3 readers without numcodecs extension codecs); both lossless",
     )
+    b.add_argument(
+        "--extend", action="store_true",
+        help="grow a complete store to --tiles tiles (new tiles in --years), keeping every written shard",
+    )  # fmt: skip
     b.add_argument("--workers", type=int, default=None, help="parallel shard tasks (default: CPU count)")
+    d = b.add_mutually_exclusive_group()
+    d.add_argument(
+        "--dask-address", help="run shard tasks and statistics on this Dask scheduler, tcp://HOST:8786"
+    )
+    d.add_argument(
+        "--dask-workers", type=_int_in(1, 4096, "--dask-workers"),
+        help="run shard tasks and statistics on a local Dask cluster of this many worker processes",
+    )  # fmt: skip
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--json", action="store_true", help="print the summary as JSON")
     e = b.add_argument_group("earthengine source (see README: Earth Engine)")
@@ -260,6 +272,11 @@ def add_ee_arguments(e: argparse._ActionsContainer) -> None:
         "--resolve-buffer-m", type=float, default=2000.0, help="reach of the nearest RESOLVE polygon (coasts)"
     )
     e.add_argument("--no-high-volume", action="store_true", help="use the standard endpoint")
+    e.add_argument(
+        "--concurrency-limit",
+        help="also take a slot of this Prefect global concurrency limit per request, shared by builds on "
+        "every machine (mmearth deploy creates earthengine-requests)",
+    )
 
 
 def ee_options(args: argparse.Namespace) -> dict:
@@ -281,10 +298,16 @@ def ee_options(args: argparse.Namespace) -> dict:
         "max_gap_days": args.max_gap_days,
         "resolve_buffer_m": args.resolve_buffer_m,
         "high_volume": not args.no_high_volume,
+        "concurrency_limit": args.concurrency_limit,
     }
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    if args.dask_address and not args.dask_address.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
+        raise BuildInputError(
+            f"--dask-address {args.dask_address}: give the scheduler's address with its protocol, "
+            "e.g. tcp://10.0.0.5:8786 (nothing was changed)"
+        )
     cfg = BuildConfig(
         store=args.store,
         n_tiles=args.tiles,
@@ -299,6 +322,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         compression=args.compression,
         source_options=(ee_options(args) if args.source == "earthengine" else {})
         | ({"faults": args.faults} if args.faults else {}),
+        extend=args.extend,
     )
     from mmearth_data.build import acquire_build_lock, check_request
 
@@ -306,7 +330,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     acquire_build_lock(cfg.store)  # and stop here if another build writes this store
     from flows.build_corpus import run_build
 
-    summary = run_build(cfg, workers=args.workers, show_progress=not args.no_progress)
+    summary = run_build(
+        cfg, workers=args.workers, show_progress=not args.no_progress, dask_address=args.dask_address,
+        dask_workers=args.dask_workers,
+    )  # fmt: skip
     if args.json:
         console.print_json(json.dumps(summary, default=str))
     else:

@@ -73,6 +73,8 @@ class BuildConfig:
     shard_tiles: int = 0  # 0: chosen from n_tiles (64 .. 1024 tiles, at most ~1000 shards)
     compression: str = "compact"  # or "portable": core Zarr v3 codecs only (see store.py)
     source_options: dict[str, Any] = field(default_factory=dict, hash=False)
+    # grow a complete store to n_tiles (new tiles drawn in ``years``) without rewriting its full shards
+    extend: bool = False
 
     def resolved_shard_tiles(self) -> int:
         if self.shard_tiles:
@@ -200,6 +202,11 @@ def check_store_path(cfg: BuildConfig) -> bool:
             "(nothing was changed)"
         )
     if not is_group:
+        if cfg.extend:
+            raise BuildInputError(
+                f"--extend: there is no corpus store at {cfg.store} to extend; drop --extend to build one "
+                "(nothing was changed)"
+            )
         return False
     import zarr
 
@@ -215,7 +222,9 @@ def check_store_path(cfg: BuildConfig) -> bool:
             "choose another --store (nothing was changed)"
         )
     ident = cfg.identity()
-    if attrs.get("build", {}).get("config_hash") != config_hash(ident):
+    if cfg.extend:
+        extension_identity(cfg, attrs.get("build", {}).get("config", {}))  # raises when it cannot extend
+    elif attrs.get("build", {}).get("config_hash") != config_hash(ident):
         old = attrs.get("build", {}).get("config", {})
         diff = {k: (old.get(k), v) for k, v in ident.items() if old.get(k) != v}
         raise OtherBuildError(
@@ -227,6 +236,42 @@ def check_store_path(cfg: BuildConfig) -> bool:
     except StoreError as err:
         raise BuildInputError(str(err)) from None
     return True
+
+
+EXTENSIBLE = ("n_tiles", "years")  # what an extension may change; every other option stays as built
+
+
+def extension_identity(cfg: BuildConfig, stored: dict[str, Any]) -> dict[str, Any]:
+    """The store identity after ``cfg`` (an ``--extend`` request) extends a store built with the
+    ``stored`` configuration: ``n_tiles`` the new total, ``years`` the union. Raises
+    :class:`BuildInputError` naming the fix when the request cannot extend that store."""
+    ident = cfg.identity()
+    auto = {k for k in ("shard_tiles", "chunk_tiles") if getattr(cfg, k) == 0}  # kept as stored
+    diff = {
+        k: (stored.get(k), v)
+        for k, v in ident.items()
+        if k not in EXTENSIBLE and k not in auto and stored.get(k) != v
+    }
+    if diff:
+        raise OtherBuildError(
+            f"--extend: {cfg.store} was built with other options (stored vs asked: {diff}); an extension "
+            "keeps every option of the build but --tiles and --years, so repeat those options "
+            "(nothing was changed)"
+        )
+    have = int(stored["n_tiles"])
+    if cfg.n_tiles < have:
+        raise BuildInputError(
+            f"--extend --tiles {cfg.n_tiles}: {cfg.store} holds {have} tiles already; --tiles is the "
+            f"store's size after extending, e.g. --tiles {2 * have} (nothing was changed)"
+        )
+    years = sorted(set(stored["years"]) | set(cfg.years))
+    if cfg.n_tiles == have and len(years) > len(stored["years"]):
+        raise BuildInputError(
+            f"--extend --years adds {sorted(set(years) - set(stored['years']))}, but --tiles {cfg.n_tiles} "
+            f"adds no tiles to hold them; give --tiles the size after extending, e.g. --tiles "
+            f"{have + have // len(stored['years'])} (nothing was changed)"
+        )
+    return stored | {"n_tiles": cfg.n_tiles, "years": years}
 
 
 def _local_path(store: str) -> str | None:
@@ -306,6 +351,8 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
     write the plan artifacts."""
     resumed = check_request(cfg)
     acquire_build_lock(cfg.store)
+    if cfg.extend or (resumed and _history(cfg.store)[1]):
+        return _prepare_extension(cfg, world)
     ident = cfg.identity()
     chash = config_hash(ident)
     source = make_source(cfg.source, seed=cfg.seed, **cfg.source_options)
@@ -346,6 +393,9 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
                     "spacing_m": int(plan.attrs["grid_spacing_m"]),
                     "layout": "Major TOM-like rows/cols",
                 },
+                "history": [
+                    _history_entry("create", cfg, ident, source, (0, cfg.n_tiles), cfg.seed, "plan.parquet")
+                ],
             },
         )
         save_metadata_copy(cfg.store, staged)
@@ -358,15 +408,7 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
         save_metadata_copy(cfg.store)
     writer = StoreWriter(cfg.store)
     todo = writer.incomplete_shards()
-    cand: dict[int, list[list[dict[str, Any]]]] = {}
-    cols = ["tile_id", "lat", "lon", "epsg", "transform", "biome", "ecoregion", "year", "split", "rank"]
-    by_slot = {slot: g for slot, g in plan.groupby("slot", sort=True)}
-    for k in todo:
-        s0, s1 = writer.shard_range(k)
-        cand[k] = [
-            [{c: _plain(r[c]) for c in cols} for _, r in by_slot[s].sort_values("rank").iterrows()]
-            for s in range(s0, s1)
-        ]
+    cand = _candidates(writer, todo, plan, keep_complete=False)
     out = build_dir(cfg.store)
     plan_path = f"{out}/plan.parquet"
     fs, path = fsspec.core.url_to_fs(plan_path)
@@ -379,6 +421,154 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
     if not all(fs.exists(f"{fs._parent(path)}/{n}") for n in PLOTS):  # also after a kill between the two
         _write_plots(plan, out)
     return Prepared(cfg, todo, -(-cfg.n_tiles // shard_tiles), cand, resumed, plan_path)
+
+
+PLAN_COLUMNS = ["tile_id", "lat", "lon", "epsg", "transform", "biome", "ecoregion", "year", "split", "rank"]
+
+
+def _candidates(
+    writer: StoreWriter, shards: list[int], plan: gpd.GeoDataFrame, keep_complete: bool
+) -> dict[int, list[list[dict[str, Any]]]]:
+    """shard -> slot -> the plan's candidate rows by rank, for ``shards``; with ``keep_complete`` a
+    slot whose tile is complete already gets none (the shard writer keeps that tile as it is)."""
+    by_slot = {slot: g for slot, g in plan.groupby("slot", sort=True)}
+
+    def rows(slot: int) -> list[dict[str, Any]]:
+        ranked = by_slot[slot].sort_values("rank")
+        return [{c: _plain(r[c]) for c in PLAN_COLUMNS} for _, r in ranked.iterrows()]
+
+    cand: dict[int, list[list[dict[str, Any]]]] = {}
+    for k in shards:
+        s0, s1 = writer.shard_range(k)
+        done = np.asarray(writer.group["complete"][s0:s1]) if keep_complete else np.zeros(s1 - s0, bool)
+        cand[k] = [[] if done[s - s0] or s not in by_slot else rows(s) for s in range(s0, s1)]
+    return cand
+
+
+def _now() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _history_entry(
+    action: str,
+    cfg: BuildConfig,
+    ident: dict[str, Any],
+    source: Any,
+    tiles: tuple[int, int],
+    sample_seed: int,
+    plan: str,
+) -> dict[str, Any]:
+    """One build in the store's ``history`` attribute: what it added (store indices ``tiles``, its
+    years and sample seed, its plan file in the build folder), the configuration after it, the source
+    and the software version, when it started and finished (None while it runs)."""
+    return {
+        "action": action,
+        "tiles": list(tiles),
+        "added": tiles[1] - tiles[0],
+        "years": sorted(cfg.years),
+        "sample_seed": sample_seed,
+        "plan": plan,
+        "config": ident,
+        "source": source.describe(),
+        "version": version("mmearth-corpus"),
+        "started": _now(),
+        "finished": None,
+    }
+
+
+def _history(store: str) -> tuple[list[dict[str, Any]], bool]:
+    """(the store's build history, whether any entry extends it)."""
+    import zarr
+
+    hist = list(zarr.open_group(store, mode="r").attrs.get("history") or [])
+    return hist, any(h.get("action") == "extend" for h in hist)
+
+
+def _read_plan(out: str, name: str) -> gpd.GeoDataFrame:
+    fs, path = fsspec.core.url_to_fs(f"{out}/{name}")
+    return gpd.read_parquet(io.BytesIO(fs.cat_file(path)))
+
+
+def extension_seed(seed: int, k: int) -> int:
+    """Sample seed of a store's ``k``-th extension (a function of the build seed)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:extend:{k}".encode()).digest()[:8], "little") % 2**63
+
+
+def _prepare_extension(cfg: BuildConfig, world: World | None) -> Prepared:
+    """Grow the store to ``cfg.n_tiles`` (or resume an extension): plan the new tiles in ``cfg.years``
+    away from every grid cell an earlier plan of the store holds, record the extension in the store's
+    history, resize every per-tile array (metadata only: no shard file is touched), and hand the
+    shards that hold an incomplete tile to the export, each complete tile kept as it is."""
+    from dataclasses import replace
+
+    import pandas as pd
+    import zarr
+
+    group = zarr.open_group(cfg.store, mode="r+", zarr_format=3)
+    attrs = dict(group.attrs)
+    stored = attrs["build"]["config"]
+    cfg = replace(cfg, shard_tiles=stored["shard_tiles"], chunk_tiles=stored["chunk_tiles"])
+    ident = extension_identity(cfg, stored)
+    history = list(attrs.get("history") or [])
+    if not history:  # a store made before the history was kept
+        history = [{"action": "create", "tiles": [0, stored["n_tiles"]], "added": stored["n_tiles"],
+                    "years": stored["years"], "sample_seed": stored["seed"], "plan": "plan.parquet",
+                    "config": stored, "source": attrs["build"].get("source"), "version": None,
+                    "started": None, "finished": None}]  # fmt: skip
+    have = int(stored["n_tiles"])
+    out = build_dir(cfg.store)
+    source = make_source(cfg.source, seed=cfg.seed, **cfg.source_options)
+    last = history[-1]
+    pending = last["action"] == "extend" and last["finished"] is None and last["tiles"][1] == cfg.n_tiles
+    if cfg.n_tiles > have or (pending and group["complete"].shape[0] != cfg.n_tiles):
+        if not pending:  # a new extension
+            k = sum(h["action"] == "extend" for h in history) + 1
+            last = _history_entry(
+                "extend", cfg, ident, source, (have, cfg.n_tiles), extension_seed(cfg.seed, k),
+                f"plan-extend-{k}.parquet",
+            )  # fmt: skip
+            history.append(last)
+        fs, path = fsspec.core.url_to_fs(f"{out}/{last['plan']}")
+        if not fs.exists(path):
+            taken = pd.concat([_read_plan(out, h["plan"]) for h in history[:-1]])
+            exclude = frozenset(zip(taken["row"].tolist(), taken["col"].tolist(), strict=True))
+            labeler = plan_labeler(cfg, source)
+            n_add = last["tiles"][1] - last["tiles"][0]
+            sc = SampleConfig(n_add, tuple(last["years"]), last["sample_seed"], cfg.tile_size, cfg.reserve)
+            try:
+                plan = sample_plan(sc, world, labeler, exclude=exclude, first_slot=last["tiles"][0])
+            except (SamplingError, SourceError) as err:
+                raise BuildInputError(f"--extend: {err} (nothing was changed)") from None
+            if labeler is not None:
+                labeler.save()
+            buf = io.BytesIO()
+            plan.to_parquet(buf)
+            _write_whole(fs, path, buf.getvalue())
+        group.attrs["history"] = history  # the intent first: a killed extension resumes from here
+        crash_point("extend-planned")
+        for _, arr in group.arrays():
+            dims = arr.metadata.dimension_names or ()
+            if dims and dims[0] == "tile" and arr.shape[0] != cfg.n_tiles:
+                arr.resize((cfg.n_tiles,) + arr.shape[1:])
+                crash_point("extend-resized")
+        n_shards = -(-cfg.n_tiles // cfg.resolved_shard_tiles())
+        group.attrs.update(
+            {
+                "n_tiles": cfg.n_tiles,
+                "n_shards": n_shards,
+                "build": attrs["build"] | {"config": ident, "config_hash": config_hash(ident)},
+            }
+        )
+        save_metadata_copy(cfg.store)
+    plans = pd.concat([_read_plan(out, h["plan"]) for h in history])
+    writer = StoreWriter(cfg.store)
+    todo = writer.incomplete_shards()
+    cand = _candidates(writer, todo, plans, keep_complete=True)
+    return Prepared(cfg, todo, writer.n_shards, cand, True, f"{out}/{last['plan']}")
 
 
 class CachedLabeler:
@@ -520,15 +710,25 @@ def export_shard(cfg: BuildConfig, shard: int, candidates: list[list[dict[str, A
     return ShardReport(shard, written, n, failures, backfilled, time.perf_counter() - t0)
 
 
-def finish(cfg: BuildConfig, reports: list[ShardReport], seconds: float) -> dict[str, Any]:
-    """Statistics into the store, failures into the artifacts; returns the build summary."""
+def finish(
+    cfg: BuildConfig, reports: list[ShardReport], seconds: float, statistics: bool = True
+) -> dict[str, Any]:
+    """Statistics into the store (unless the caller wrote them already), failures into the artifacts,
+    the build's history entry closed; returns the build summary."""
     import zarr
 
     from mmearth_data.stats import write_statistics
 
-    write_statistics(cfg.store)
+    if statistics:
+        write_statistics(cfg.store)
     group = zarr.open_group(cfg.store, mode="r+")
-    complete = int(np.asarray(group["complete"][:]).sum())
+    complete_flags = np.asarray(group["complete"][:])
+    complete = int(complete_flags.sum())
+    history = list(group.attrs.get("history") or [])
+    if history and history[-1]["finished"] is None:
+        t0, t1 = history[-1]["tiles"]
+        history[-1] |= {"finished": _now(), "complete": int(complete_flags[t0:t1].sum())}
+        group.attrs["history"] = history
     failures = [f for r in reports for f in r.failures]
     reasons: dict[str, int] = {}
     for f in failures:
@@ -543,7 +743,7 @@ def finish(cfg: BuildConfig, reports: list[ShardReport], seconds: float) -> dict
     return {
         "store": cfg.store,
         "artifacts": build_dir(cfg.store),
-        "n_tiles": cfg.n_tiles,
+        "n_tiles": int(group.attrs["n_tiles"]),
         "complete": complete,
         "shards_exported": len(reports),
         "tiles_exported": tiles_done,
@@ -562,8 +762,8 @@ def build_in_process(cfg: BuildConfig, world: World | None = None) -> dict[str, 
     Prefect tasks). For tests, benchmarks and notebooks; returns the build summary."""
     t0 = time.perf_counter()
     prep = prepare(cfg, world)
-    reports = [export_shard(cfg, k, prep.candidates[k]) for k in prep.shards]
-    return finish(cfg, reports, time.perf_counter() - t0)
+    reports = [export_shard(prep.config, k, prep.candidates[k]) for k in prep.shards]
+    return finish(prep.config, reports, time.perf_counter() - t0)
 
 
 def config_from_store(url: str) -> BuildConfig:

@@ -8,7 +8,9 @@ With ``MMEARTH_CRASH_AT=NAME:N`` in a build's environment, the N-th time the pro
 - ``shard-array``: one array of a shard is written (the N-th such write lands inside a shard, some of its
   arrays written and its tiles not yet marked complete);
 - ``shard-done``: a shard's tiles are marked complete;
-- ``statistics``: the statistics are computed but not yet stored.
+- ``statistics``: the statistics are computed but not yet stored;
+- ``extend-planned``: an extension is planned and recorded in the store's history, no array resized yet;
+- ``extend-resized``: one more per-tile array is resized for an extension.
 
 Without the variable (always, outside tests) a point costs one dictionary lookup.
 """
@@ -19,7 +21,7 @@ import os
 import signal
 
 ENV = "MMEARTH_CRASH_AT"
-POINTS = ("created", "plan", "shard-array", "shard-done", "statistics")
+POINTS = ("created", "plan", "shard-array", "shard-done", "statistics", "extend-planned", "extend-resized")
 _passed: dict[str, int] = {}
 
 

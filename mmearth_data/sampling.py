@@ -107,7 +107,15 @@ class _BiomeStream:
     """Deterministic stream of accepted, unique grid cells inside one biome: cells are drawn from the
     world's biome map and accepted where the biome label (the world's, or ``labeler``'s) is this one."""
 
-    def __init__(self, world: World, grid: GlobalGrid, biome: int, seed: int, labeler: Labeler | None = None):
+    def __init__(
+        self,
+        world: World,
+        grid: GlobalGrid,
+        biome: int,
+        seed: int,
+        labeler: Labeler | None = None,
+        exclude: frozenset[tuple[int, int]] = frozenset(),
+    ):
         self.world, self.grid, self.biome, self.labeler = world, grid, biome, labeler
         self.labels: dict[tuple[int, int], tuple[int, float]] = {}  # cell -> (ecoregion, distance_m)
         self.rejected = {"outside": 0, "other_biome": 0}
@@ -116,7 +124,7 @@ class _BiomeStream:
         w = np.cos(np.radians(lat))
         self.cells, self.p = cells, w / w.sum() if len(cells) else w
         self.rng = np.random.default_rng([seed, biome, 7])
-        self.seen: set[tuple[int, int]] = set()
+        self.seen: set[tuple[int, int]] = set(exclude)  # grid cells taken already (an earlier plan)
         self.rows: list[int] = []
         self.cols: list[int] = []
         self.exhausted = len(cells) == 0
@@ -175,9 +183,16 @@ def biome_capacity(world: World, grid: GlobalGrid) -> dict[int, int]:
 
 
 def sample_plan(
-    cfg: SampleConfig, world: World | None = None, labeler: Labeler | None = None
+    cfg: SampleConfig,
+    world: World | None = None,
+    labeler: Labeler | None = None,
+    exclude: frozenset[tuple[int, int]] = frozenset(),
+    first_slot: int = 0,
 ) -> gpd.GeoDataFrame:
     """Plan ``cfg.n_tiles`` primary tiles plus ``cfg.reserve`` alternates each.
+
+    ``exclude`` holds grid cells ``(row, col)`` that must not be drawn (those an earlier plan of the
+    same store holds, when a build extends it); slots then start at ``first_slot``.
 
     Strata are the world's biome map's, or ``labeler``'s when one is given (an Earth Engine build
     labels candidates with RESOLVE): candidates are drawn from the world's biome map and kept where the
@@ -194,7 +209,7 @@ def sample_plan(
     ny = len(years)
     per = 1 + cfg.reserve
     cap_biome = biome_capacity(world, grid)
-    streams = {b: _BiomeStream(world, grid, b, cfg.seed, labeler) for b in BIOMES}
+    streams = {b: _BiomeStream(world, grid, b, cfg.seed, labeler, frozenset(exclude)) for b in BIOMES}
     # strata in a seeded order so that remainders do not always favour the same biomes
     order = np.random.default_rng([cfg.seed, 11]).permutation(len(BIOMES) * ny)
     strata = [(BIOMES[k // ny], years[k % ny]) for k in order]
@@ -235,7 +250,7 @@ def sample_plan(
     perm = np.random.default_rng([cfg.seed, 13]).permutation(len(prim))
     df["slot"] = -1
     df["rank"] = 0
-    df.loc[prim[perm], "slot"] = np.arange(len(prim))
+    df.loc[prim[perm], "slot"] = first_slot + np.arange(len(prim))
     # alternates: the j-th primary of a stratum gets the stratum's alternates j*reserve .. +reserve
     for _, g in df.groupby(["biome", "year"], sort=False):
         p = g[g.primary].index.to_numpy()

@@ -341,6 +341,10 @@ class StoreWriter:
         self.n_tiles, self.tile_size, self.shard_tiles = a["n_tiles"], a["tile_size"], a["shard_tiles"]
         self.modalities = store_modalities(self.group)
 
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_tiles // self.shard_tiles)
+
     def shard_range(self, shard: int) -> tuple[int, int]:
         s0 = shard * self.shard_tiles
         return s0, min(s0 + self.shard_tiles, self.n_tiles)
@@ -349,7 +353,9 @@ class StoreWriter:
         self, shard: int, rows: Sequence[dict[str, Any] | None], results: Sequence[TileResult | None]
     ) -> int:
         """Write one shard: ``rows`` (plan rows of the delivered tiles) and ``results`` per slot, None
-        where the slot could not be filled. Returns the number of complete tiles written."""
+        where the slot could not be filled; a slot without a result whose tile is complete already (a
+        shard that an extension fills up) keeps that tile as it is. Returns the number of complete
+        tiles written."""
         s0, s1 = self.shard_range(shard)
         n = s1 - s0
         if len(rows) != n or len(results) != n:
@@ -387,6 +393,13 @@ class StoreWriter:
             for i in np.flatnonzero(complete):
                 checksum[i, j] = tile_checksum(data[m.name][i])
         data["checksum"] = checksum
+        missing = np.array([res is None or row is None for row, res in zip(rows, results, strict=True)])
+        keep = missing & np.asarray(self.group["complete"][s0:s1]) if missing.any() else missing
+        if keep.any():
+            for name, values in data.items():
+                old = np.asarray(self.group[name][s0:s1])
+                values[keep] = strings(old[keep]) if old.dtype.kind == "T" else old[keep]
+            complete |= keep
         for name, values in data.items():
             self.group[name][s0:s1] = values
             crash_point("shard-array")

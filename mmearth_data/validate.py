@@ -277,6 +277,11 @@ def validate_store(url: str, deep: bool = False) -> dict[str, Any]:
         m.name: float(done[f"{m.name}_present"].mean()) if len(done) else 0.0 for m in r.modalities
     }
     summary["s2_products"] = done["s2_product"].astype(str).value_counts().to_dict()
+    shown = ("action", "tiles", "added", "complete", "years", "version", "started", "finished")
+    summary["history"] = [
+        {k: h.get(k) for k in shown} | {"source": (h.get("source") or {}).get("source")}
+        for h in r.attrs.get("history") or []
+    ]
     return {"store": url, "valid": not problems, "problems": problems, "summary": summary}
 
 
@@ -309,6 +314,19 @@ def print_report(report: dict[str, Any], console) -> None:
         codecs = s.get("codecs", {})
         for name, share in s["present_share"].items():
             t.add_row(name, f"{share:.1%}", " + ".join(codecs.get(name, [])))
+        console.print(t)
+    if s.get("history"):
+        t = Table(title="history: the builds that wrote this store")
+        for col in ("build", "tiles", "added", "complete", "years", "source", "version", "started"):
+            t.add_column(col)
+        t.add_column("finished")
+        for h in s["history"]:
+            a, b = h["tiles"]
+            t.add_row(
+                h["action"], f"{a}..{b - 1}", str(h["added"]), str(h.get("complete", "-")),
+                ",".join(map(str, h["years"])), str(h["source"]), str(h["version"]), str(h["started"]),
+                str(h["finished"] or "running or stopped"),
+            )  # fmt: skip
         console.print(t)
     if report["valid"]:
         console.print(f"[bold green]valid[/]: {report['store']}")

@@ -24,9 +24,11 @@ continuous modalities per band. Categorical values map onto 0..K-1 in the regist
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -282,9 +284,18 @@ class StreamingCorpus(IterableDataset):
         # file that is gone (it reads back as fill): each unit checks that the shard file of every
         # modality it reads exists wherever one of its tiles holds that modality
         self._verify = verify
-        self._fs, self._root = fsspec.core.url_to_fs(url)
+        self._root = fsspec.core.url_to_fs(url)[1]
+        self._fs_of: tuple[int, Any] | None = None  # (pid, filesystem): see _fs
         self._reader: CorpusReader | None = None
         self._arrays: dict = {}
+
+    @property
+    def _fs(self) -> Any:
+        """The store's fsspec filesystem, made in the process that uses it (s3fs and other async
+        filesystems cannot cross into forked DataLoader workers)."""
+        if self._fs_of is None or self._fs_of[0] != os.getpid():
+            self._fs_of = (os.getpid(), fsspec.core.url_to_fs(self.url)[0])
+        return self._fs_of[1]
 
     # --- geometry of the stream ------------------------------------------------------------------------
     @property

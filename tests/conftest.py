@@ -26,6 +26,24 @@ def small_store(tmp_path_factory) -> str:
     return path
 
 
+def store_files(path: str) -> dict[str, bytes]:
+    """relative path -> bytes of every file of a store; the root ``zarr.json`` with the times of its
+    history (when each build started and finished) blanked, the one thing two builds differ in."""
+    import json
+
+    out = {}
+    for d, _, fs in os.walk(path):
+        for f in fs:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, path)] = fh.read()
+    root = json.loads(out["zarr.json"])
+    for h in root["attributes"].get("history", []):
+        h["started"] = h["finished"] = "(time)"
+    out["zarr.json"] = json.dumps(root, sort_keys=True).encode()
+    return out
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness

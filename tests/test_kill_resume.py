@@ -20,6 +20,8 @@ from mmearth_data.crash import ENV
 from mmearth_data.registry import stored_modalities
 from mmearth_data.store import TILE_VARS
 
+from conftest import store_files
+
 SMALL = dict(n_tiles=96, tile_size=32, shard_tiles=8, chunk_tiles=4, seed=11, years=(2018, 2020))
 N_SHARDS = 12
 N_ARRAYS = 2 * len(stored_modalities()) + len(TILE_VARS) + 1  # arrays per shard write
@@ -34,21 +36,11 @@ POINTS = [
 ]
 
 
-def _files(path):
-    out = {}
-    for d, _, fs in os.walk(path):
-        for f in fs:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, path)] = fh.read()
-    return out
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("fresh") / "fresh.zarr")
     build_in_process(BuildConfig(store=path, **SMALL))
-    return _files(path)
+    return store_files(path)
 
 
 def _build_script(store):
@@ -73,7 +65,7 @@ def test_sigkill_at_crash_point_then_resume_is_identical(tmp_path, uninterrupted
         assert "statistics" not in zarr.open_group(store, mode="r").attrs
     rerun = subprocess.run([sys.executable, "-c", _build_script(store)], capture_output=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    got = _files(store)
+    got = store_files(store)
     assert sorted(got) == sorted(uninterrupted), set(got) ^ set(uninterrupted)
     differ = [k for k in got if got[k] != uninterrupted[k]]
     assert not differ, f"files differ from the uninterrupted build: {differ}"
@@ -134,6 +126,6 @@ def test_sigkill_of_a_prefect_build_at_a_seeded_moment_then_resume(tmp_path):
 
     fresh = str(tmp_path / "fresh.zarr")
     build_in_process(BuildConfig(store=fresh, **opts))
-    a, b = _files(killed), _files(fresh)
+    a, b = store_files(killed), store_files(fresh)
     assert sorted(a) == sorted(b)
     assert not [k for k in a if a[k] != b[k]]

@@ -182,6 +182,9 @@ class EEConfig:
     resolve_buffer_m: float = 2_000.0
     seed: int = 0
     transport: str | None = None  # name of a registered transport (tests, simulations)
+    # a Prefect global concurrency limit every request also takes a slot of, shared by the builds of
+    # all machines (``mmearth deploy`` creates one named earthengine-requests)
+    concurrency_limit: str | None = None
 
     def levels(self) -> tuple[str, ...]:
         """Sentinel-2 products to try, in order of preference."""
@@ -430,6 +433,40 @@ def limiter_for(cap: int) -> Limiter:
         return _LIMITERS.setdefault(cap, Limiter(cap))
 
 
+def shared_slot(name: str | None) -> Any:
+    """One slot of the Prefect global concurrency limit ``name`` for the length of a request (nothing
+    without a name). The limit must exist: a missing one fails the request with Prefect's error."""
+    if not name:
+        return contextlib.nullcontext()
+    from prefect.concurrency.sync import concurrency
+
+    return concurrency(name, occupy=1, strict=True)
+
+
+def check_concurrency_limit(name: str) -> None:
+    """Raise SourceError unless the Prefect API this process talks to holds an active global
+    concurrency limit ``name``."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise SourceError(
+            f"--concurrency-limit {name}: a global concurrency limit lives on a Prefect server, and no "
+            "PREFECT_API_URL is set; point PREFECT_API_URL at the server whose limit the builds share"
+        )
+    try:
+        with get_client(sync_client=True) as client:
+            limit = client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        raise SourceError(
+            f"--concurrency-limit {name}: no such global concurrency limit on {PREFECT_API_URL.value()}; "
+            f"create it with `mmearth deploy` or `prefect gcl create {name} --limit 40`"
+        ) from None
+    if not limit.active:
+        raise SourceError(f"--concurrency-limit {name} is inactive; `prefect gcl enable {name}`")
+
+
 def with_retries(
     call: Callable[[], Any],
     cfg: EEConfig,
@@ -443,7 +480,7 @@ def with_retries(
     attempt = 0
     while True:
         try:
-            with limiter.slot(priority):
+            with limiter.slot(priority), shared_slot(cfg.concurrency_limit):
                 return call()
         except Exception as err:
             if not retryable(err) or attempt >= cfg.max_retries:
@@ -1128,6 +1165,8 @@ class EarthEngineSource:
         if c.max_gap_days < 0 or c.era5_buffer_m < 0 or c.resolve_buffer_m < 0:
             raise SourceError("--max-gap-days and the buffers must not be negative")
         check_request_size(modalities, tile_size)
+        if c.concurrency_limit:
+            check_concurrency_limit(c.concurrency_limit)
         if c.transport is None:
             resolve_project(c)
             credentials(c)
