@@ -167,23 +167,17 @@ def dask_runner(address: str | None = None, workers: int | None = None) -> Any:
     )  # fmt: skip
 
 
-def run_build(
+def task_runner_for(
     cfg: BuildConfig,
     workers: int | None = None,
-    show_progress: bool = True,
     dask_address: str | None = None,
     dask_workers: int | None = None,
-) -> dict[str, Any]:
-    """Run the flow with a task runner suited to the source: processes for the CPU-bound offline
-    source, threads otherwise (network-bound: several shards in flight, each fetching its tiles
-    concurrently under the source's own cap on requests); with ``dask_address`` or ``dask_workers``,
-    prefect-dask's ``DaskTaskRunner`` on that scheduler or on a local cluster of that many workers
-    (shard tasks and the statistics run there). SIGINT/SIGTERM stop it within seconds with
-    :class:`flows.guard.BuildInterrupted` (completed shards are kept; re-running resumes)."""
+) -> Any:
+    """The task runner of a build: prefect-dask's on a Dask scheduler or local cluster when asked;
+    else processes for the CPU-bound offline source, threads otherwise (network-bound: several shards
+    in flight, each fetching its tiles concurrently under the source's own cap on requests)."""
     if dask_address or dask_workers:
-        with prefect_api():
-            runner = dask_runner(dask_address, dask_workers)
-            return build_corpus.with_options(task_runner=runner)(cfg, show_progress=show_progress)
+        return dask_runner(dask_address, dask_workers)
     if workers is None:
         workers = (os.cpu_count() or 1) if cfg.source == "offline" else 4
     if cfg.source == "offline" and workers > 1:
@@ -192,10 +186,23 @@ def run_build(
         filt = "ignore::UserWarning:multiprocessing.resource_tracker"
         if filt not in os.environ.get("PYTHONWARNINGS", ""):
             os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), filt]))
-        runner = ProcessPoolTaskRunner(max_workers=workers, initializer=guard_worker, initargs=(os.getpid(),))
-    else:
-        runner = ThreadPoolTaskRunner(max_workers=max(workers, 1))
+        return ProcessPoolTaskRunner(max_workers=workers, initializer=guard_worker, initargs=(os.getpid(),))
+    return ThreadPoolTaskRunner(max_workers=max(workers, 1))
+
+
+def run_build(
+    cfg: BuildConfig,
+    workers: int | None = None,
+    show_progress: bool = True,
+    dask_address: str | None = None,
+    dask_workers: int | None = None,
+) -> dict[str, Any]:
+    """Run the flow on :func:`task_runner_for`'s task runner (with ``dask_address`` or
+    ``dask_workers`` the shard tasks and the statistics run on that Dask cluster). SIGINT/SIGTERM stop
+    it within seconds with :class:`flows.guard.BuildInterrupted` (completed shards are kept; re-running
+    resumes)."""
     with prefect_api():
+        runner = task_runner_for(cfg, workers, dask_address, dask_workers)
         return build_corpus.with_options(task_runner=runner)(cfg, show_progress=show_progress)
 
 

@@ -80,11 +80,8 @@ def _modalities(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mmearth", description="Build and check MMEarth-style corpora.")
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    b = sub.add_parser("build", help="build or resume a corpus store")
+def add_build_arguments(b: argparse.ArgumentParser) -> None:
+    """The options of ``mmearth build`` (also those of a deployment's config file)."""
     b.add_argument("--source", default="offline", help="offline (default) or earthengine")
     b.add_argument(
         "--tiles", type=_int_in(1, MAX_TILES, "the number of tiles"), required=True,
@@ -133,6 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the summary as JSON")
     e = b.add_argument_group("earthengine source (see README: Earth Engine)")
     add_ee_arguments(e)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mmearth", description="Build and check MMEarth-style corpora.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    add_build_arguments(sub.add_parser("build", help="build or resume a corpus store"))
+
+    dp = sub.add_parser(
+        "deploy",
+        help="deploy the scheduled build of a config file to the Prefect server (README: Scaling out)",
+    )
+    dp.add_argument("--config", required=True, help="TOML file: [build], [catalog], [schedule], ...")
+    dp.add_argument("--pool", help="process work pool (default: the config's, else mmearth)")
+    dp.add_argument("--name", help="deployment name (default: the config's, else the file's name)")
 
     k = sub.add_parser(
         "ee-check",
@@ -302,13 +314,15 @@ def ee_options(args: argparse.Namespace) -> dict:
     }
 
 
-def cmd_build(args: argparse.Namespace) -> int:
+def build_config(args: argparse.Namespace) -> BuildConfig:
+    """The :class:`BuildConfig` of parsed ``mmearth build`` arguments (also those of a deployment's
+    config file); checks the options that are not part of the configuration."""
     if args.dask_address and not args.dask_address.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
         raise BuildInputError(
             f"--dask-address {args.dask_address}: give the scheduler's address with its protocol, "
             "e.g. tcp://10.0.0.5:8786 (nothing was changed)"
         )
-    cfg = BuildConfig(
+    return BuildConfig(
         store=args.store,
         n_tiles=args.tiles,
         source=args.source,
@@ -324,6 +338,23 @@ def cmd_build(args: argparse.Namespace) -> int:
         | ({"faults": args.faults} if args.faults else {}),
         extend=args.extend,
     )
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows.deploy import deploy
+
+    res = deploy(args.config, args.pool, args.name)
+    console.print(
+        f"deployment [bold]{res['deployment']}[/] on work pool {res['pool']} (schedule: "
+        f"{res['cron'] or 'none, runs on demand'}); Earth Engine requests share {res['concurrency_limit']}.\n"
+        f"  start a worker:  prefect worker start --pool {res['pool']}\n"
+        f"  run it now:      prefect deployment run '{res['deployment']}'"
+    )
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
     from mmearth_data.build import acquire_build_lock, check_request
 
     check_request(cfg)  # fail fast, before Prefect starts; reads only
@@ -556,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "build": cmd_build, "validate": cmd_validate, "repair": cmd_repair, "export-h5": cmd_export_h5,
         "derive": cmd_derive, "ee-check": cmd_ee_check, "tasks": cmd_tasks, "catalog": cmd_catalog,
+        "deploy": cmd_deploy,
     }  # fmt: skip
     if args.command not in commands:
         parser.error(f"unknown command {args.command}")
