@@ -10,6 +10,7 @@ twice. Re-running the same command resumes: only shards with an incomplete tile 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import subprocess
@@ -28,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from flows.guard import guard_worker, spare, stop_on_signal
 from mmearth_data.build import BuildConfig, ShardReport, export_shard, finish, prepare
 from mmearth_data.stats import write_statistics
+from mmearth_data.store import StoreWriter
 
 SHARD_RETRIES = 2
 
@@ -58,8 +60,13 @@ def build_corpus(cfg: BuildConfig, show_progress: bool = True) -> dict[str, Any]
     prep = prepare(cfg)
     cfg = prep.config  # an extension keeps the store's shard and chunk sizes
     reports: list[ShardReport] = []
-    futures = [export_shard_task.submit(cfg, k, prep.candidates[k]) for k in prep.shards]
-    n_tiles = sum(len(prep.candidates[k]) for k in prep.shards)
+    writer = StoreWriter(cfg.store)
+    n_tiles = sum(b - a for a, b in map(writer.shard_range, prep.shards))
+    # shards in flight at once: the workers stay busy while the candidates of the shards not yet
+    # submitted stay unbuilt (a 1.2M-tile plan has 3.6M of them)
+    window = max(16, 4 * (os.cpu_count() or 1))
+    queue = iter(prep.shards)
+    live = [export_shard_task.submit(cfg, k, prep.candidates[k]) for k in itertools.islice(queue, window)]
     with Progress(
         TextColumn("[bold]export"),
         BarColumn(),
@@ -71,7 +78,12 @@ def build_corpus(cfg: BuildConfig, show_progress: bool = True) -> dict[str, Any]
     ) as progress:
         bar = progress.add_task("export", total=n_tiles, rate="-")
         done = 0
-        for fut in as_completed(futures):
+        while live:
+            fut = next(as_completed(live))
+            live.remove(fut)
+            k = next(queue, None)
+            if k is not None:
+                live.append(export_shard_task.submit(cfg, k, prep.candidates[k]))
             rep = fut.result()
             reports.append(rep)
             done += rep.slots

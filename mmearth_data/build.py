@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from typing import Any
@@ -169,7 +169,7 @@ class Prepared:
     config: BuildConfig
     shards: list[int]  # shards still to export
     n_shards: int
-    candidates: dict[int, list[list[dict[str, Any]]]]  # shard -> slot -> candidate rows by rank
+    candidates: ShardCandidates  # shard -> slot -> candidate rows by rank (made when asked)
     resumed: bool
     plan_path: str
 
@@ -408,7 +408,7 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
         save_metadata_copy(cfg.store)
     writer = StoreWriter(cfg.store)
     todo = writer.incomplete_shards()
-    cand = _candidates(writer, todo, plan, keep_complete=False)
+    cand = ShardCandidates(writer, todo, plan, keep_complete=False)
     out = build_dir(cfg.store)
     plan_path = f"{out}/plan.parquet"
     fs, path = fsspec.core.url_to_fs(plan_path)
@@ -426,23 +426,39 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
 PLAN_COLUMNS = ["tile_id", "lat", "lon", "epsg", "transform", "biome", "ecoregion", "year", "split", "rank"]
 
 
-def _candidates(
-    writer: StoreWriter, shards: list[int], plan: gpd.GeoDataFrame, keep_complete: bool
-) -> dict[int, list[list[dict[str, Any]]]]:
-    """shard -> slot -> the plan's candidate rows by rank, for ``shards``; with ``keep_complete`` a
-    slot whose tile is complete already gets none (the shard writer keeps that tile as it is)."""
-    by_slot = {slot: g for slot, g in plan.groupby("slot", sort=True)}
+class ShardCandidates(Mapping):
+    """shard -> slot -> the plan's candidate rows by rank, for the shards still to export, made when a
+    shard is asked for (a plan of MMEarth's 1.2M tiles holds 3.6M candidates: building every row at
+    once would hold them all in memory); with ``keep_complete`` a slot whose tile is complete already
+    gets none (the shard writer keeps that tile as it is)."""
 
-    def rows(slot: int) -> list[dict[str, Any]]:
-        ranked = by_slot[slot].sort_values("rank")
-        return [{c: _plain(r[c]) for c in PLAN_COLUMNS} for _, r in ranked.iterrows()]
+    def __init__(self, writer: StoreWriter, shards: list[int], plan: gpd.GeoDataFrame, keep_complete: bool):
+        self.writer, self.shards, self.keep_complete = writer, list(shards), keep_complete
+        order = np.lexsort((plan["rank"].to_numpy(), plan["slot"].to_numpy()))
+        self.table = plan.iloc[order][PLAN_COLUMNS + ["slot"]].reset_index(drop=True)
+        self.slots = self.table["slot"].to_numpy()
 
-    cand: dict[int, list[list[dict[str, Any]]]] = {}
-    for k in shards:
-        s0, s1 = writer.shard_range(k)
-        done = np.asarray(writer.group["complete"][s0:s1]) if keep_complete else np.zeros(s1 - s0, bool)
-        cand[k] = [[] if done[s - s0] or s not in by_slot else rows(s) for s in range(s0, s1)]
-    return cand
+    def __getitem__(self, shard: int) -> list[list[dict[str, Any]]]:
+        if shard not in self.shards:
+            raise KeyError(shard)
+        s0, s1 = self.writer.shard_range(shard)
+        a, b = np.searchsorted(self.slots, [s0, s1])
+        rows = self.table.iloc[a:b].to_dict("records")
+        done = np.zeros(s1 - s0, bool)
+        if self.keep_complete:
+            done = np.asarray(self.writer.group["complete"][s0:s1])
+        out: list[list[dict[str, Any]]] = [[] for _ in range(s1 - s0)]
+        for r in rows:
+            i = int(r.pop("slot")) - s0
+            if not done[i]:
+                out[i].append({c: _plain(v) for c, v in r.items()})
+        return out
+
+    def __iter__(self):
+        return iter(self.shards)
+
+    def __len__(self) -> int:
+        return len(self.shards)
 
 
 def _now() -> str:
@@ -567,7 +583,7 @@ def _prepare_extension(cfg: BuildConfig, world: World | None) -> Prepared:
     plans = pd.concat([_read_plan(out, h["plan"]) for h in history])
     writer = StoreWriter(cfg.store)
     todo = writer.incomplete_shards()
-    cand = _candidates(writer, todo, plans, keep_complete=True)
+    cand = ShardCandidates(writer, todo, plans, keep_complete=True)
     return Prepared(cfg, todo, writer.n_shards, cand, True, f"{out}/{last['plan']}")
 
 
@@ -729,6 +745,7 @@ def finish(
         t0, t1 = history[-1]["tiles"]
         history[-1] |= {"finished": _now(), "complete": int(complete_flags[t0:t1].sum())}
         group.attrs["history"] = history
+        save_metadata_copy(cfg.store)  # the copy repair restores from holds the closed history
     failures = [f for r in reports for f in r.failures]
     reasons: dict[str, int] = {}
     for f in failures:

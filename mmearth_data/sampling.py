@@ -248,17 +248,18 @@ def sample_plan(
     # store slots: primaries in a seeded random order, so every shard mixes strata
     prim = df.index[df.primary].to_numpy()
     perm = np.random.default_rng([cfg.seed, 13]).permutation(len(prim))
-    df["slot"] = -1
-    df["rank"] = 0
-    df.loc[prim[perm], "slot"] = first_slot + np.arange(len(prim))
+    slot = np.full(len(df), -1, np.int64)
+    rank = np.zeros(len(df), np.int64)
+    slot[prim[perm]] = first_slot + np.arange(len(prim))
     # alternates: the j-th primary of a stratum gets the stratum's alternates j*reserve .. +reserve
-    for _, g in df.groupby(["biome", "year"], sort=False):
-        p = g[g.primary].index.to_numpy()
-        alts = g[~g.primary].index.to_numpy()
-        for j, pi in enumerate(p):
-            mine = alts[j * cfg.reserve : (j + 1) * cfg.reserve]
-            df.loc[mine, "slot"] = df.at[pi, "slot"]
-            df.loc[mine, "rank"] = np.arange(1, len(mine) + 1)
+    if cfg.reserve:
+        primary = df["primary"].to_numpy()
+        for idx in df.groupby(["biome", "year"], sort=False).indices.values():
+            p, alts = idx[primary[idx]], idx[~primary[idx]]
+            n = min(len(alts), len(p) * cfg.reserve)
+            slot[alts[:n]] = slot[p[np.arange(n) // cfg.reserve]]
+            rank[alts[:n]] = np.arange(n) % cfg.reserve + 1
+    df["slot"], df["rank"] = slot, rank
     df = df.sort_values(["slot", "rank"]).reset_index(drop=True)
 
     lat, lon = grid.center(df["row"].to_numpy(), df["col"].to_numpy())

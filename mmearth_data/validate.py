@@ -320,12 +320,16 @@ def print_report(report: dict[str, Any], console) -> None:
         for col in ("build", "tiles", "added", "complete", "years", "source", "version", "started"):
             t.add_column(col)
         t.add_column("finished")
+
+        def when(iso: str | None) -> str:
+            return iso[:16].replace("T", " ") if iso else "-"
+
         for h in s["history"]:
             a, b = h["tiles"]
             t.add_row(
                 h["action"], f"{a}..{b - 1}", str(h["added"]), str(h.get("complete", "-")),
-                ",".join(map(str, h["years"])), str(h["source"]), str(h["version"]), str(h["started"]),
-                str(h["finished"] or "running or stopped"),
+                ",".join(map(str, h["years"])), str(h["source"]), str(h["version"]), when(h["started"]),
+                when(h["finished"]) if h["finished"] else "running or stopped",
             )  # fmt: skip
         console.print(t)
     if report["valid"]:
