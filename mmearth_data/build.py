@@ -195,6 +195,8 @@ def check_store_path(cfg: BuildConfig) -> bool:
         ) from None
     if local is not None:
         _check_writable(local)
+    else:
+        _check_reachable(cfg.store)
     exists, is_group = _exists(cfg.store)
     if exists and not is_group:
         raise BuildInputError(
@@ -278,6 +280,28 @@ def _local_path(store: str) -> str | None:
     """The local filesystem path of ``store``, or None when it lives on another filesystem."""
     fs, path = fsspec.core.url_to_fs(store)
     return path if "file" in fs.protocol else None
+
+
+def _check_reachable(url: str) -> None:
+    """Raise :class:`BuildInputError` when the object store behind ``url`` cannot be listed: no
+    credentials, an endpoint that does not answer, access denied, or no such bucket."""
+    fs, path = fsspec.core.url_to_fs(url)
+    bucket = path.strip("/").split("/", 1)[0]
+    try:
+        found = fs.exists(bucket)
+    except Exception as err:  # botocore / gcsfs / adlfs errors: credentials, endpoint, permissions
+        raise BuildInputError(
+            f"--store {url}: the object store cannot be reached ({type(err).__name__}: {str(err)[:200]}); "
+            "check the credentials (for S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE), "
+            "the endpoint (AWS_ENDPOINT_URL_S3 for S3-compatible stores) and the network "
+            "(nothing was changed)"
+        ) from None
+    if not found:
+        raise BuildInputError(
+            f"--store {url}: bucket {bucket!r} cannot be found: it does not exist, these credentials do "
+            "not see it, or the endpoint does not answer (AWS_ENDPOINT_URL_S3 for S3-compatible stores); "
+            "create it first or choose another --store (nothing was changed)"
+        )
 
 
 def _check_writable(path: str) -> None:

@@ -19,6 +19,7 @@ import pytest
 from mmearth_data.validate import validate_store
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
+pytestmark = pytest.mark.slow  # a Prefect server of their own and a worker's flow run: minutes on 2 cores
 
 
 def _free_port() -> int:

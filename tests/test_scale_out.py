@@ -15,7 +15,7 @@ import pytest
 from catalog.build import build_catalog
 from catalog.search import Query, search
 from flows.build_corpus import run_build
-from mmearth_data.build import BuildConfig, build_in_process
+from mmearth_data.build import BuildConfig, BuildInputError, build_in_process
 from mmearth_data.store import CorpusReader
 from mmearth_data.validate import validate_store
 
@@ -58,6 +58,7 @@ def s3(monkeypatch):
         fsspec.filesystem("s3").clear_instance_cache()
 
 
+@pytest.mark.slow
 def test_corpus_in_object_storage_builds_validates_catalogs_and_trains(s3, tmp_path):
     import s3fs
 
@@ -96,6 +97,15 @@ def test_corpus_in_object_storage_builds_validates_catalogs_and_trains(s3, tmp_p
             assert SECRET.encode() not in p.read_bytes(), p
 
 
+def test_a_missing_bucket_is_named_before_anything_is_written(s3):
+    import s3fs
+
+    with pytest.raises(BuildInputError, match="bucket 'no-such-bucket' cannot be found"):
+        build_in_process(BuildConfig(store="s3://no-such-bucket/c.zarr", n_tiles=8, tile_size=32))
+    assert s3fs.S3FileSystem().ls("corpus") == []
+
+
+@pytest.mark.slow
 def test_dask_local_cluster_build_equals_the_serial_build(tmp_path, prefect_harness):
     opts = dict(n_tiles=48, tile_size=32, shard_tiles=8, chunk_tiles=4, seed=3, years=(2019, 2020))
     serial, dask = str(tmp_path / "serial.zarr"), str(tmp_path / "dask.zarr")
