@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) bench/catalog.py
 	$(PY) bench/ee_sim.py
 	$(PY) bench/realism.py
+	$(PY) bench/scale.py
 
 ## regenerate the committed offline world layers (maintainers; needs the network to PyPI)
 world: $(STAMP)
