@@ -170,6 +170,7 @@ def dask_runner(address: str | None = None, workers: int | None = None) -> Any:
     ``LocalCluster`` of ``workers`` single-threaded worker processes started for the run."""
     from prefect_dask import DaskTaskRunner
 
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # its scheduler's chatter in this process
     if address:
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(
