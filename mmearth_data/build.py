@@ -286,6 +286,9 @@ def _check_reachable(url: str) -> None:
     """Raise :class:`BuildInputError` when the object store behind ``url`` cannot be listed: no
     credentials, an endpoint that does not answer, access denied, or no such bucket."""
     fs, path = fsspec.core.url_to_fs(url)
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if not protocols & {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}:
+        return  # no buckets (memory://, ssh://, ...): the first write tells
     bucket = path.strip("/").split("/", 1)[0]
     try:
         found = fs.exists(bucket)
