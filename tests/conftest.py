@@ -26,6 +26,15 @@ def small_store(tmp_path_factory) -> str:
     return path
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 (for servers the tests start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def store_files(path: str) -> dict[str, bytes]:
     """relative path -> bytes of every file of a store; the root ``zarr.json`` with the times of its
     history (when each build started and finished) blanked, the one thing two builds differ in."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -20,6 +19,8 @@ from catalog.serve import create_app
 from catalog.validate import validate_catalog, validate_collection, validate_item
 from flows.cli import main as cli
 from mmearth_data.store import CorpusReader
+
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "artifacts"
@@ -202,17 +203,11 @@ def test_quicklook_drawn_from_the_store_when_no_file(tmp_path, small_store):
     assert detail["provenance"]["source"] == "offline"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live_server(catalog_dir):
     import uvicorn
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(catalog_dir), host="127.0.0.1", port=port, log_level="warning")
     )

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,21 +17,17 @@ import pytest
 
 from mmearth_data.validate import validate_store
 
+from conftest import free_port
+
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 pytestmark = pytest.mark.slow  # a Prefect server of their own and a worker's flow run: minutes on 2 cores
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A Prefect server of its own (its own home and database) on 127.0.0.1; yields its environment."""
     home = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
+    port = free_port()
     env = os.environ | {
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -4,7 +4,6 @@ loopback) from build to training. Every server and cluster is started and stoppe
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,15 +18,9 @@ from mmearth_data.build import BuildConfig, BuildInputError, build_in_process
 from mmearth_data.store import CorpusReader
 from mmearth_data.validate import validate_store
 
-from conftest import store_files
+from conftest import free_port, store_files
 
 SECRET = "s3cr3t-planted-key-value-0123456789"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -35,7 +28,7 @@ def s3(monkeypatch):
     """moto's S3 server on 127.0.0.1, a bucket, and the usual AWS variables pointing at it."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {
