@@ -218,7 +218,7 @@ def metadata_batches(reader: CorpusReader, batch_tiles: int) -> Iterator[pd.Data
     indices at a time."""
     for s0 in range(0, reader.n_tiles, batch_tiles):
         s1 = min(s0 + batch_tiles, reader.n_tiles)
-        if not np.asarray(reader.group["complete"][s0:s1]).any():
+        if not reader.read(["complete"], s0, s1)["complete"].any():
             continue
         df = reader.tiles(s0, s1)
         df = df[df["complete"]].rename_axis("index").reset_index()

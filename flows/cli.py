@@ -115,7 +115,8 @@ def add_build_arguments(b: argparse.ArgumentParser) -> None:
     )
     b.add_argument(
         "--extend", action="store_true",
-        help="grow a complete store to --tiles tiles (new tiles in --years), keeping every written shard",
+        help="grow a complete store, keeping every written shard: to --tiles tiles (new tiles in --years), "
+        "or by the modalities --modalities adds to the stored ones (each tile's from its own scene)",
     )  # fmt: skip
     b.add_argument("--workers", type=int, default=None, help="parallel shard tasks (default: CPU count)")
     d = b.add_mutually_exclusive_group()

@@ -240,13 +240,29 @@ def check_store_path(cfg: BuildConfig) -> bool:
     return True
 
 
-EXTENSIBLE = ("n_tiles", "years")  # what an extension may change; every other option stays as built
+EXTENSIBLE = ("n_tiles", "years", "modalities")  # what an extension may change; the rest stays as built
+
+
+def added_modalities(cfg: BuildConfig, stored: dict[str, Any]) -> list[str]:
+    """The modalities an ``--extend`` request adds to the stored ones (in the order asked); raises
+    :class:`BuildInputError` when it would drop some."""
+    have = list(stored["modalities"])
+    dropped = [m for m in have if m not in cfg.modalities]
+    if dropped:
+        wanted = ",".join(have + [m for m in cfg.modalities if m not in have])
+        raise BuildInputError(
+            f"--extend --modalities leaves out {', '.join(dropped)}, which {cfg.store} holds; an extension "
+            f"only adds modalities (give --modalities {wanted}), and `mmearth derive --modalities` makes a "
+            "copy without some (nothing was changed)"
+        )
+    return [m for m in cfg.modalities if m not in have]
 
 
 def extension_identity(cfg: BuildConfig, stored: dict[str, Any]) -> dict[str, Any]:
     """The store identity after ``cfg`` (an ``--extend`` request) extends a store built with the
-    ``stored`` configuration: ``n_tiles`` the new total, ``years`` the union. Raises
-    :class:`BuildInputError` naming the fix when the request cannot extend that store."""
+    ``stored`` configuration: ``n_tiles`` the new total, ``years`` the union, ``modalities`` the
+    stored ones followed by those added. Raises :class:`BuildInputError` naming the fix when the
+    request cannot extend that store."""
     ident = cfg.identity()
     auto = {k for k in ("shard_tiles", "chunk_tiles") if getattr(cfg, k) == 0}  # kept as stored
     diff = {
@@ -273,7 +289,18 @@ def extension_identity(cfg: BuildConfig, stored: dict[str, Any]) -> dict[str, An
             f"adds no tiles to hold them; give --tiles the size after extending, e.g. --tiles "
             f"{have + have // len(stored['years'])} (nothing was changed)"
         )
-    return stored | {"n_tiles": cfg.n_tiles, "years": years}
+    added = added_modalities(cfg, stored)
+    if added and cfg.n_tiles != have:
+        raise BuildInputError(
+            f"--extend adds modalities ({', '.join(added)}) and tiles ({have} -> {cfg.n_tiles}) at once; "
+            f"add the modalities with --tiles {have} first, then the tiles (nothing was changed)"
+        )
+    if added and len(years) > len(stored["years"]):
+        raise BuildInputError(
+            "--extend adds modalities to the stored tiles, whose years do not change; give the stored "
+            f"--years {','.join(map(str, stored['years']))} (nothing was changed)"
+        )
+    return stored | {"n_tiles": cfg.n_tiles, "years": years, "modalities": list(stored["modalities"]) + added}
 
 
 def _local_path(store: str) -> str | None:
@@ -526,7 +553,7 @@ def _history(store: str) -> tuple[list[dict[str, Any]], bool]:
     import zarr
 
     hist = list(zarr.open_group(store, mode="r").attrs.get("history") or [])
-    return hist, any(h.get("action") == "extend" for h in hist)
+    return hist, any(h.get("action") in ("extend", "add-modalities") for h in hist)
 
 
 def _read_plan(out: str, name: str) -> gpd.GeoDataFrame:
@@ -566,6 +593,9 @@ def _prepare_extension(cfg: BuildConfig, world: World | None) -> Prepared:
     out = build_dir(cfg.store)
     source = make_source(cfg.source, seed=cfg.seed, **cfg.source_options)
     last = history[-1]
+    added = [m for m in ident["modalities"] if m not in stored["modalities"]]
+    if added or (last["action"] == "add-modalities" and last["finished"] is None):
+        return _prepare_modality_fill(cfg, group, ident, history, source, added)
     pending = last["action"] == "extend" and last["finished"] is None and last["tiles"][1] == cfg.n_tiles
     if cfg.n_tiles > have or (pending and group["complete"].shape[0] != cfg.n_tiles):
         if not pending:  # a new extension
@@ -612,6 +642,82 @@ def _prepare_extension(cfg: BuildConfig, world: World | None) -> Prepared:
     todo = writer.incomplete_shards()
     cand = ShardCandidates(writer, todo, plans, keep_complete=True)
     return Prepared(cfg, todo, writer.n_shards, cand, True, f"{out}/{last['plan']}")
+
+
+def _prepare_modality_fill(
+    cfg: BuildConfig, group: Any, ident: dict[str, Any], history: list[dict[str, Any]], source: Any,
+    added: list[str],
+) -> Prepared:  # fmt: skip
+    """Add modalities to a complete store's tiles (or resume adding them): record the extension in
+    the history, make the modalities' empty arrays (new files only), and hand every shard whose tiles
+    lack them to the export, each tile's request pinned to the Sentinel-2 scene it was built from."""
+    from dataclasses import replace
+
+    import pandas as pd
+
+    from mmearth_data.store import add_modalities, complete_flags
+
+    have = int(group.attrs["n_tiles"])
+    if added:  # a new request (a resumed one finds its modalities in the store's list already)
+        missing = have - int(complete_flags(group).sum())
+        if missing:
+            raise BuildInputError(
+                f"--extend --modalities: {cfg.store} has {missing} incomplete tiles; finish the build "
+                "first (the same command without the new modalities resumes it), then add modalities "
+                "(nothing was changed)"
+            )
+        entry = _history_entry("add-modalities", cfg, ident, source, (0, have), cfg.seed, "plan.parquet")
+        history.append(entry | {"added": 0, "modalities": added})
+        group.attrs["history"] = history  # the intent first: a killed extension resumes from here
+        crash_point("extend-planned")
+    names = list(history[-1]["modalities"])
+    add_modalities(group, registry.stored_modalities(names))
+    group.attrs["build"] = dict(group.attrs["build"]) | {"config": ident, "config_hash": config_hash(ident)}
+    save_metadata_copy(cfg.store)
+    crash_point("modalities-added")
+    cfg = replace(cfg, modalities=tuple(ident["modalities"]))
+    out = build_dir(cfg.store)
+    plans = pd.concat([_read_plan(out, h["plan"]) for h in history if h["action"] != "add-modalities"])
+    writer = StoreWriter(cfg.store)
+    todo = writer.incomplete_shards()
+    cand = FillCandidates(writer, todo, plans, names)
+    return Prepared(cfg, todo, writer.n_shards, cand, True, f"{out}/plan.parquet")
+
+
+class FillCandidates(Mapping):
+    """shard -> slot -> [the stored tile's request row, pinned to its scene, with ``fill``: the added
+    modalities to fetch] for every complete tile that lacks them (no row: nothing to do there)."""
+
+    def __init__(self, writer: StoreWriter, shards: list[int], plans: Any, names: list[str]):
+        self.writer, self.shards, self.names = writer, list(shards), list(names)
+        self.labels = plans.drop_duplicates("tile_id").set_index("tile_id")[["biome", "ecoregion"]]
+
+    def __getitem__(self, shard: int) -> list[list[dict[str, Any]]]:
+        from mmearth_data.store import CorpusReader, complete_flags
+
+        if shard not in self.shards:
+            raise KeyError(shard)
+        s0, s1 = self.writer.shard_range(shard)
+        g = self.writer.group
+        todo = np.asarray(g["complete"][s0:s1]).astype(bool) & ~complete_flags(g, s0, s1)
+        meta = CorpusReader(self.writer.url).tiles(s0, s1)
+        out: list[list[dict[str, Any]]] = [[] for _ in range(s1 - s0)]
+        for i in np.flatnonzero(todo):
+            r = meta.iloc[i]
+            lab = self.labels.loc[r["tile_id"]]
+            row = {c: _plain(r[c]) for c in ("tile_id", "lat", "lon", "epsg", "year", "split", "s2_product")}
+            out[i].append(row | {
+                "transform": _plain(np.asarray(r["transform"])), "biome": int(lab["biome"]),
+                "ecoregion": int(lab["ecoregion"]), "s2_id": r.get("s2_id") or None,
+                "s2_date": str(r["s2_date"])[:10], "fill": self.names,
+            })  # fmt: skip
+        return out
+
+    def __iter__(self):
+        return iter(self.shards)
+
+    def __len__(self) -> int:
+        return len(self.shards)
 
 
 class CachedLabeler:
@@ -712,8 +818,12 @@ TILE_RETRIES = 3  # transient failures of one tile asked again before its slot m
 
 
 def export_shard(cfg: BuildConfig, shard: int, candidates: list[list[dict[str, Any]]]) -> ShardReport:
-    """Fetch every slot of one shard (trying alternates on failure) and write the shard."""
+    """Fetch every slot of one shard (trying alternates on failure) and write the shard; for
+    :class:`FillCandidates`, fetch and write only the modalities added to the stored tiles."""
     t0 = time.perf_counter()
+    fill = next((c[0]["fill"] for c in candidates if c and "fill" in c[0]), None)
+    if fill is not None:
+        return _fill_shard(cfg, shard, candidates, fill, t0)
     source = make_source(cfg.source, seed=cfg.seed, **cfg.source_options)
     mods = registry.stored_modalities(cfg.modalities)
     n = len(candidates)
@@ -753,6 +863,54 @@ def export_shard(cfg: BuildConfig, shard: int, candidates: list[list[dict[str, A
     return ShardReport(shard, written, n, failures, backfilled, time.perf_counter() - t0)
 
 
+def _scene_problem(req: TileRequest, res: Any) -> str | None:
+    """Why a result for a tile pinned to its stored scene cannot join that tile (None when it can)."""
+    day = str(np.datetime64(res.s2_date, "D"))
+    if day != req.s2_date:
+        return f"built from the scene of {day}, not the stored one of {req.s2_date}"
+    got = res.extra.get("s2_id")
+    if req.s2_id and got and got != req.s2_id:
+        return f"built from scene {got}, not the stored {req.s2_id}"
+    return None
+
+
+def _fill_shard(
+    cfg: BuildConfig, shard: int, candidates: list[list[dict[str, Any]]], fill: list[str], t0: float
+) -> ShardReport:
+    """Fetch the added modalities ``fill`` for one shard's stored tiles (each from its own scene;
+    transient failures asked again) and write them; a tile that fails keeps them unwritten (a re-run
+    asks again)."""
+    source = make_source(cfg.source, seed=cfg.seed, **cfg.source_options)
+    mods = registry.stored_modalities(fill)
+    n = len(candidates)
+    results: list[Any] = [None] * n
+    tries = [0] * n
+    failures: list[dict[str, str]] = []
+    todo = [i for i in range(n) if candidates[i]]
+    while todo:
+        reqs = [TileRequest.from_row(candidates[i][0], cfg.tile_size) for i in todo]
+        got = source.fetch(reqs, mods)
+        if len(got) != len(reqs):
+            raise RuntimeError(f"source {cfg.source} returned {len(got)} results for {len(reqs)} tiles")
+        nxt = []
+        for i, req, res in zip(todo, reqs, got, strict=True):
+            if not isinstance(res, TileFailure):
+                problem = payload_problem(res, mods, cfg.tile_size) or _scene_problem(req, res)
+                if problem is None:
+                    results[i] = res
+                    continue
+                res = TileFailure(res.tile_id, "store", f"result rejected: {problem}")
+            retry = res.transient and tries[i] < TILE_RETRIES
+            failures.append({"tile_id": res.tile_id, "stage": res.stage, "reason": res.reason,
+                             "action": "retried" if retry else "left unfilled"})  # fmt: skip
+            if retry:
+                tries[i] += 1
+                nxt.append(i)
+        todo = nxt
+    written = StoreWriter(cfg.store).write_modalities(shard, fill, results)
+    return ShardReport(shard, written, n, failures, 0, time.perf_counter() - t0)
+
+
 def finish(
     cfg: BuildConfig, reports: list[ShardReport], seconds: float, statistics: bool = True
 ) -> dict[str, Any]:
@@ -764,8 +922,10 @@ def finish(
 
     if statistics:
         write_statistics(cfg.store)
+    from mmearth_data.store import complete_flags as flags_of
+
     group = zarr.open_group(cfg.store, mode="r+")
-    complete_flags = np.asarray(group["complete"][:])
+    complete_flags = flags_of(group)
     complete = int(complete_flags.sum())
     history = list(group.attrs.get("history") or [])
     if history and history[-1]["finished"] is None:

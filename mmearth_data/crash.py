@@ -10,7 +10,8 @@ With ``MMEARTH_CRASH_AT=NAME:N`` in a build's environment, the N-th time the pro
 - ``shard-done``: a shard's tiles are marked complete;
 - ``statistics``: the statistics are computed but not yet stored;
 - ``extend-planned``: an extension is planned and recorded in the store's history, no array resized yet;
-- ``extend-resized``: one more per-tile array is resized for an extension.
+- ``extend-resized``: one more per-tile array is resized for an extension;
+- ``modalities-added``: an extension's new modalities have their (empty) arrays, not yet filled.
 
 Without the variable (always, outside tests) a point costs one dictionary lookup.
 """
@@ -21,7 +22,16 @@ import os
 import signal
 
 ENV = "MMEARTH_CRASH_AT"
-POINTS = ("created", "plan", "shard-array", "shard-done", "statistics", "extend-planned", "extend-resized")
+POINTS = (
+    "created",
+    "plan",
+    "shard-array",
+    "shard-done",
+    "statistics",
+    "extend-planned",
+    "extend-resized",
+    "modalities-added",
+)
 _passed: dict[str, int] = {}
 
 

@@ -21,7 +21,7 @@ import zarr
 
 from mmearth_data.crash import crash_point
 from mmearth_data.registry import Modality
-from mmearth_data.store import CorpusReader, strings
+from mmearth_data.store import CorpusReader, complete_flags, strings
 
 log = logging.getLogger(__name__)
 S2_LEVELS = ("L1C", "L2A")
@@ -68,7 +68,7 @@ def compute_statistics(url: str) -> dict[str, Any]:
     :func:`write_statistics`)."""
     reader = CorpusReader(url)
     g = reader.group
-    complete = np.asarray(g["complete"][:])
+    complete = complete_flags(g)
     product = strings(g["s2_product"][:])
     lazy: dict[tuple[str, str | None], Any] = {}
     for m in reader.modalities:

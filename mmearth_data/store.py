@@ -190,6 +190,90 @@ def tile_checksum(values: np.ndarray) -> np.uint32:
     return np.uint32(zlib.crc32(np.ascontiguousarray(values).tobytes()))
 
 
+def _tile_flag(group: zarr.Group, name: str, long_name: str, layout: tuple[int, int, int]) -> None:
+    n_tiles, chunk_tiles, shard_tiles = layout
+    group.create_array(
+        name, shape=(n_tiles,), chunks=(chunk_tiles,), shards=(shard_tiles,), dtype="bool",
+        fill_value=False, compressors=CHECKED, dimension_names=["tile"], attributes={"long_name": long_name},
+    )  # fmt: skip
+
+
+def _modality_arrays(
+    group: zarr.Group, m: Modality, tile_size: int, layout: tuple[int, int, int], codecs: dict[str, Any]
+) -> None:
+    """A modality's array (all fill), its band coordinate and its ``<name>_present`` flags; ``layout``
+    is (tiles, tiles per chunk, tiles per shard)."""
+    n_tiles, chunk_tiles, shard_tiles = layout
+    shape = m.shape(n_tiles, tile_size)
+    group.create_array(
+        m.name,
+        shape=shape,
+        chunks=(chunk_tiles,) + shape[1:],
+        shards=(shard_tiles,) + shape[1:],
+        dtype=m.dtype,
+        fill_value=m.fill,
+        **codecs,
+        dimension_names=list(m.dims()),
+        attributes={
+            "long_name": m.description,
+            "units": list(m.units) if not isinstance(m.units, str) else m.units,
+            "nodata": "NaN" if isinstance(m.fill, float) and np.isnan(m.fill) else m.fill,
+            "modality": m.name,
+        },
+    )
+    if not m.scalar:
+        band = group.create_array(m.band_dim, shape=(m.n_bands,), dtype=str, dimension_names=[m.band_dim])
+        band[:] = np.array(m.bands, dtype=object)
+    _tile_flag(group, f"{m.name}_present", f"{m.name} delivered by the source (false: all fill)", layout)
+
+
+def add_modalities(group: zarr.Group, modalities: Sequence[Modality]) -> None:
+    """Add modalities to an existing store's tiles (``mmearth build --extend --modalities``): for each,
+    its array, band coordinate and ``_present`` flags as :func:`create_store` makes them, plus
+    ``<name>_complete`` (the tile's values of this modality written) and ``checksum_<name>`` (their
+    CRC32), so that filling them in writes new shard files only; the store's ``modalities`` and
+    ``added_modalities`` attributes list them. Arrays made by an earlier, killed call are kept."""
+    a = group.attrs
+    layout = (a["n_tiles"], a["chunk_tiles"], a["shard_tiles"])
+    mode = a.get("compression", {}).get("mode", "compact")
+    have = set(group.array_keys())
+    for m in modalities:
+        if m.name not in have:
+            _modality_arrays(group, m, a["tile_size"], layout, array_codecs(m, mode))
+        if f"{m.name}_complete" not in have:
+            _tile_flag(group, f"{m.name}_complete", f"{m.name} written for the tile (added later)", layout)
+        if f"checksum_{m.name}" not in have:
+            n, c, sh = layout
+            group.create_array(
+                f"checksum_{m.name}", shape=(n,), chunks=(c,), shards=(sh,), dtype="uint32", fill_value=0,
+                compressors=CHECKED, dimension_names=["tile"],
+                attributes={"long_name": f"CRC32 of the tile's {m.name} values as written"},
+            )  # fmt: skip
+    names = [m.name for m in modalities]
+    comp = dict(a.get("compression") or {})
+    comp["codecs"] = dict(comp.get("codecs") or {}) | {
+        m.name: m.codec if mode == "compact" else "blosc" for m in modalities
+    }
+    group.attrs.update(
+        {
+            "modalities": list(a["modalities"]) + [n for n in names if n not in a["modalities"]],
+            "added_modalities": list(a.get("added_modalities") or [])
+            + [n for n in names if n not in (a.get("added_modalities") or [])],
+            "compression": comp,
+        }
+    )
+
+
+def complete_flags(group: zarr.Group, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Which tiles of ``start:stop`` are complete: the ``complete`` flags, and for a modality added
+    to the store's tiles later, its ``<name>_complete`` flags."""
+    stop = int(group.attrs["n_tiles"]) if stop is None else stop
+    done = np.asarray(group["complete"][start:stop]).astype(bool)
+    for name in group.attrs.get("added_modalities") or ():
+        done &= np.asarray(group[f"{name}_complete"][start:stop]).astype(bool)
+    return done
+
+
 def create_store(
     url: str,
     *,
@@ -205,42 +289,9 @@ def create_store(
     codecs = {m.name: array_codecs(m, compression) for m in modalities}  # checked before anything is made
     group = zarr.open_group(url, mode="w-", zarr_format=3)
     n_shards = -(-n_tiles // shard_tiles)
-
-    def tile_flag(name: str, long_name: str) -> None:
-        group.create_array(
-            name,
-            shape=(n_tiles,),
-            chunks=(chunk_tiles,),
-            shards=(shard_tiles,),
-            dtype="bool",
-            fill_value=False,
-            compressors=CHECKED,
-            dimension_names=["tile"],
-            attributes={"long_name": long_name},
-        )
-
+    layout = (n_tiles, chunk_tiles, shard_tiles)
     for m in modalities:
-        shape = m.shape(n_tiles, tile_size)
-        group.create_array(
-            m.name,
-            shape=shape,
-            chunks=(chunk_tiles,) + shape[1:],
-            shards=(shard_tiles,) + shape[1:],
-            dtype=m.dtype,
-            fill_value=m.fill,
-            **codecs[m.name],
-            dimension_names=list(m.dims()),
-            attributes={
-                "long_name": m.description,
-                "units": list(m.units) if not isinstance(m.units, str) else m.units,
-                "nodata": "NaN" if isinstance(m.fill, float) and np.isnan(m.fill) else m.fill,
-                "modality": m.name,
-            },
-        )
-        if not m.scalar:
-            band = group.create_array(m.band_dim, shape=(m.n_bands,), dtype=str, dimension_names=[m.band_dim])
-            band[:] = np.array(m.bands, dtype=object)
-        tile_flag(f"{m.name}_present", f"{m.name} delivered by the source (false: all fill)")
+        _modality_arrays(group, m, tile_size, layout, codecs[m.name])
     for v in TILE_VARS:
         shape = (n_tiles,) + tuple(n for _, n in v.extra_dims)
         arr = group.create_array(
@@ -266,7 +317,7 @@ def create_store(
     )  # fmt: skip
     mod = group.create_array("modality", shape=(n_mod,), dtype=str, dimension_names=["modality"])
     mod[:] = np.array([m.name for m in modalities], dtype=object)
-    tile_flag("complete", "every modality of the tile is written (as data or as fill)")
+    _tile_flag(group, "complete", "every modality of the tile is written (as data or as fill)", layout)
     group.attrs.update(
         {
             "schema_version": SCHEMA_VERSION,
@@ -340,6 +391,7 @@ class StoreWriter:
         a = self.group.attrs
         self.n_tiles, self.tile_size, self.shard_tiles = a["n_tiles"], a["tile_size"], a["shard_tiles"]
         self.modalities = store_modalities(self.group)
+        self.added = tuple(a.get("added_modalities") or ())  # each with its own flags and checksums
 
     @property
     def n_shards(self) -> int:
@@ -348,6 +400,36 @@ class StoreWriter:
     def shard_range(self, shard: int) -> tuple[int, int]:
         s0 = shard * self.shard_tiles
         return s0, min(s0 + self.shard_tiles, self.n_tiles)
+
+    def write_modalities(self, shard: int, names: Sequence[str], results: Sequence[TileResult | None]) -> int:
+        """Write modalities added to the store (``names``) into one shard's complete tiles: ``results``
+        per slot, None where the slot gets nothing now (its values of ``names`` are kept as they are).
+        Writes only the added modalities' arrays (new shard files), their flags last. Returns the
+        number of tiles whose added modalities are all written."""
+        s0, s1 = self.shard_range(shard)
+        n = s1 - s0
+        if len(results) != n:
+            raise ValueError(f"shard {shard} holds {n} tiles, got {len(results)} results")
+        got = np.array([r is not None for r in results])
+        done = {}
+        for m in (get(x) for x in names):
+            old_done = np.asarray(self.group[f"{m.name}_complete"][s0:s1]).astype(bool)
+            data = {k: np.asarray(self.group[k][s0:s1]) for k in (m.name, f"{m.name}_present")}
+            data[m.name] = data[m.name].copy()
+            sums = np.asarray(self.group[f"checksum_{m.name}"][s0:s1]).copy()
+            for i in np.flatnonzero(got):
+                data[m.name][i] = results[i].arrays[m.name]
+                data[f"{m.name}_present"][i] = results[i].present[m.name]
+                sums[i] = tile_checksum(data[m.name][i])
+            data[f"checksum_{m.name}"] = sums
+            for k, values in data.items():
+                self.group[k][s0:s1] = values
+                crash_point("shard-array")
+            done[m.name] = old_done | got
+        for name, flags in done.items():
+            self.group[f"{name}_complete"][s0:s1] = flags
+        crash_point("shard-done")
+        return int(complete_flags(self.group, s0, s1).sum())
 
     def write_shard(
         self, shard: int, rows: Sequence[dict[str, Any] | None], results: Sequence[TileResult | None]
@@ -371,7 +453,10 @@ class StoreWriter:
                 np.full(shape, "", dtype=object) if v.dtype is str else np.full(shape, v.fill, v.dtype)
             )
         complete = np.zeros(n, bool)
-        checksum = np.zeros((n, len(self.modalities)), np.uint32)
+        base = [m for m in self.modalities if m.name not in self.added]  # the ``checksum`` columns
+        checksum = np.zeros((n, len(base)), np.uint32)
+        for name in self.added:
+            data[f"checksum_{name}"] = np.zeros(n, np.uint32)
         for i, (row, res) in enumerate(zip(rows, results, strict=True)):
             if res is None or row is None:
                 continue
@@ -389,9 +474,12 @@ class StoreWriter:
             data["cloud_fraction"][i] = res.extra.get("cloud_fraction", np.nan)
             _write_provenance(data, i, res.extra)
             complete[i] = True
-        for j, m in enumerate(self.modalities):  # of the values as cast to the store's dtype
+        for j, m in enumerate(base):  # of the values as cast to the store's dtype
             for i in np.flatnonzero(complete):
                 checksum[i, j] = tile_checksum(data[m.name][i])
+        for name in self.added:
+            for i in np.flatnonzero(complete):
+                data[f"checksum_{name}"][i] = tile_checksum(data[name][i])
         data["checksum"] = checksum
         missing = np.array([res is None or row is None for row, res in zip(rows, results, strict=True)])
         keep = missing & np.asarray(self.group["complete"][s0:s1]) if missing.any() else missing
@@ -403,18 +491,19 @@ class StoreWriter:
         for name, values in data.items():
             self.group[name][s0:s1] = values
             crash_point("shard-array")
+        for name in self.added:  # a tile written whole holds its added modalities too
+            self.group[f"{name}_complete"][s0:s1] = complete
         self.group["complete"][s0:s1] = complete  # last: marks the shard's tiles done
         crash_point("shard-done")
         return int(complete.sum())
 
     def incomplete_shards(self) -> list[int]:
         """Shards holding at least one tile not marked complete (unreadable flags count as not)."""
-        arr = self.group["complete"]
         out = []
         for k in range(-(-self.n_tiles // self.shard_tiles)):
             s0, s1 = self.shard_range(k)
             try:
-                done = bool(np.all(arr[s0:s1]))
+                done = bool(np.all(complete_flags(self.group, s0, s1)))
             except Exception as err:  # a shard file cut short by a killed write
                 log.warning("completeness flags of shard %d unreadable (%s); redoing it", k, err)
                 done = False
@@ -526,6 +615,8 @@ class CorpusReader:
 
     def _get(self, name: str, start: int, stop: int) -> np.ndarray:
         try:
+            if name == "complete":  # with the flags of modalities added later
+                return complete_flags(self.group, start, stop)
             return np.asarray(self.group[name][start:stop])
         except Exception as err:  # checksum mismatch, truncated or undecodable chunk
             last = self.n_tiles if stop is None else stop

@@ -100,14 +100,27 @@ def deep_check(r: CorpusReader) -> list[dict[str, Any]]:
                 mark(a, b, name, f"unreadable ({err})")
     for m in r.modalities:
         col = names.index(m.name) if m.name in names else None
+        own, own_ok = sums[:, 0].copy(), sums_ok.copy()
+        if f"checksum_{m.name}" in g:  # a modality added to the tiles later: its own flags and sums
+            own_ok[:] = False
+            for (a, b, v, err), (_, _, f, ferr) in zip(
+                _chunks(g[f"checksum_{m.name}"], n, c), _chunks(g[f"{m.name}_complete"], n, c), strict=True
+            ):
+                if err or ferr:
+                    which = f"checksum_{m.name}" if err else f"{m.name}_complete"
+                    mark(a, b, which, f"unreadable ({err or ferr})")
+                else:
+                    own[a:b], own_ok[a:b] = v, f
+        elif col is not None:
+            own = sums[:, col]
+        else:
+            own_ok[:] = False
         for a, b, v, err in _chunks(g[m.name], n, c):
             if err:
                 mark(a, b, m.name, f"unreadable ({err})")
                 continue
-            if col is None:
-                continue
             for i in range(a, b):
-                if sums_ok[i] and tile_checksum(v[i - a]) != sums[i, col]:
+                if own_ok[i] and tile_checksum(v[i - a]) != own[i]:
                     mark(i, i + 1, m.name, "values differ from the checksum written with them")
     return sorted(damaged, key=lambda d: (d["index"], d["array"]))
 
@@ -207,6 +220,10 @@ def validate_store(url: str, deep: bool = False) -> dict[str, Any]:
                 problems.append(f"{m.name}: band names differ from the registry")
         if f"{m.name}_present" not in names:
             problems.append(f"{m.name}_present flag missing")
+        if m.name in (r.attrs.get("added_modalities") or ()):
+            for extra in (f"{m.name}_complete", f"checksum_{m.name}"):
+                if extra not in names:
+                    problems.append(f"{m.name} was added to the tiles, but {extra} is missing")
         lossy = [c for c in codec_names(a) if c not in LOSSLESS_CODECS]
         if lossy:
             problems.append(
@@ -277,7 +294,7 @@ def validate_store(url: str, deep: bool = False) -> dict[str, Any]:
         m.name: float(done[f"{m.name}_present"].mean()) if len(done) else 0.0 for m in r.modalities
     }
     summary["s2_products"] = done["s2_product"].astype(str).value_counts().to_dict()
-    shown = ("action", "tiles", "added", "complete", "years", "version", "started", "finished")
+    shown = ("action", "tiles", "added", "modalities", "complete", "years", "version", "started", "finished")
     summary["history"] = [
         {k: h.get(k) for k in shown} | {"source": (h.get("source") or {}).get("source")}
         for h in r.attrs.get("history") or []
@@ -327,7 +344,9 @@ def print_report(report: dict[str, Any], console) -> None:
         for h in s["history"]:
             a, b = h["tiles"]
             t.add_row(
-                h["action"], f"{a}..{b - 1}", str(h["added"]), str(h.get("complete", "-")),
+                h["action"], f"{a}..{b - 1}",
+                "+" + ",".join(h["modalities"]) if h.get("modalities") else str(h["added"]),
+                str(h.get("complete", "-")),
                 ",".join(map(str, h["years"])), str(h["source"]), str(h["version"]), when(h["started"]),
                 when(h["finished"]) if h["finished"] else "running or stopped",
             )  # fmt: skip

@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmearth_data.registry import Modality, get
-from mmearth_data.store import DATE_FILL, CorpusReader, strings, unreadable
+from mmearth_data.store import DATE_FILL, CorpusReader, complete_flags, strings, unreadable
 
 
 class DataError(ValueError):
@@ -238,7 +238,7 @@ class StreamingCorpus(IterableDataset):
             "s2_date": np.asarray(g["s2_date"][:]),
             "level": (strings(g["s2_product"][:]) == "L2A").astype(np.int64),
         }
-        eligible = np.asarray(g["complete"][:]).astype(bool)
+        eligible = complete_flags(g)
         if split is not None:
             eligible &= strings(g["split"][:]) == split
         if tile_ids is not None:

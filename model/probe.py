@@ -110,10 +110,10 @@ def probe(store: str, run: str, target: str = "biome", img_size: int | None = No
 
 
 def _has_split(store: str, split: str) -> bool:
-    from mmearth_data.store import CorpusReader, strings
+    from mmearth_data.store import CorpusReader, complete_flags, strings
 
     g = CorpusReader(store).group
-    return bool(((strings(g["split"][:]) == split) & np.asarray(g["complete"][:])).any())
+    return bool(((strings(g["split"][:]) == split) & complete_flags(g)).any())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,15 @@ class TileRequest:
     year: int
     biome: int
     ecoregion: int
+    # the Sentinel-2 scene a stored tile was built from, when modalities are added to it later: the
+    # source builds the new modalities from that scene (and its date) instead of choosing one
+    s2_id: str | None = None
+    s2_product: str | None = None
+    s2_date: str | None = None  # ISO day
+
+    @property
+    def pinned(self) -> bool:
+        return self.s2_date is not None
 
     @classmethod
     def at(
@@ -61,6 +70,9 @@ class TileRequest:
             year=int(row["year"]),
             biome=int(row["biome"]),
             ecoregion=int(row["ecoregion"]),
+            s2_id=row.get("s2_id") or None,
+            s2_product=row.get("s2_product") or None,
+            s2_date=row.get("s2_date") or None,
         )
 
 

@@ -551,7 +551,8 @@ def s2_candidates(t: TileRequest, level: str, cfg: EEConfig):
     """The tile's acceptable scenes of one product, each with its tile cloud score (``mmearth_cloud``,
     per cent of the tile's pixels), the mask that scored it (``mmearth_cloud_source``) and a per-tile
     random number (``mmearth_random``); only scenes that cover every pixel of the tile and score at most
-    ``max_scene_cloud``."""
+    ``max_scene_cloud``. A tile pinned to a stored scene (``t.s2_id``) gets that scene alone, scored,
+    without the choice's filters (the archive's cloud scores may have changed since it was chosen)."""
     import ee
 
     r = get("sentinel2").ee
@@ -572,6 +573,9 @@ def s2_candidates(t: TileRequest, level: str, cfg: EEConfig):
             }
         )
 
+    if t.s2_id:
+        pinned = ee.ImageCollection(collection_of(level)).filter(ee.Filter.eq("system:index", t.s2_id))
+        return _map(pinned, score, "_mm_scene")
     col = (
         ee.ImageCollection(collection_of(level))
         .filterBounds(region)
@@ -705,7 +709,7 @@ def tile_values_expression(t: TileRequest, cfg: EEConfig):
     values. ``n_scenes`` is 0 when the tile has no acceptable scene (nothing else is then returned)."""
     import ee
 
-    levels = cfg.levels()
+    levels = (t.s2_product,) if t.s2_id and t.s2_product else cfg.levels()
     cands = {lv: s2_candidates(t, lv, cfg) for lv in levels}
     if len(levels) == 2:  # L2A where the tile has a scene, L1C otherwise (evaluated only then)
         has_l2a = cands["L2A"].size().gt(0)
@@ -1255,6 +1259,13 @@ class EarthEngineSource:
             scene = decode_values(
                 self._call(lambda: self.transport.compute_value(expr, t.tile_id), rng, priority)
             )
+            if scene is None and t.s2_id:
+                return TileFailure(
+                    t.tile_id,
+                    "sentinel2",
+                    f"the tile's stored scene {t.s2_id} is no longer in "
+                    f"{collection_of(t.s2_product or 'L2A')}",
+                )
             if scene is None:
                 return TileFailure(
                     t.tile_id,

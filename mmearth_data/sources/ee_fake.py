@@ -115,6 +115,34 @@ def strict_json(text: str) -> Any:
     return json.loads(text, parse_constant=refuse)
 
 
+def pinned_scene_id(graph: dict) -> str | None:
+    """The scene id a values request pins its tile to (``Filter.equals`` on ``system:index``), if any."""
+    values = graph.get("values", {})
+
+    def const(arg: Any) -> Any:
+        while isinstance(arg, dict) and "valueReference" in arg:
+            arg = values.get(arg["valueReference"])
+        return arg.get("constantValue") if isinstance(arg, dict) else None
+
+    found: list[str] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            f = x.get("functionInvocationValue")
+            if f and f.get("functionName") == "Filter.equals":
+                a = f.get("arguments", {})
+                if const(a.get("leftField")) == "system:index":
+                    found.append(const(a.get("rightValue")))
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(graph)
+    return found[0] if found else None
+
+
 def label_coordinates(graph: dict) -> list[list[float]]:
     """The [lon, lat] list that a RESOLVE labelling request carries (its one constant list of pairs)."""
     found: list[list[float]] = []
@@ -237,6 +265,9 @@ class SimulatedTransport:
         if f == "no_scene":
             return {"n_scenes": 0}
         answer = self.values_answer(tile_id)
+        pinned = pinned_scene_id(graph)
+        if pinned is not None and pinned != answer["s2_id"]:  # the archive holds no such scene
+            return {"n_scenes": 0}
         with self._lock:
             self._answers[tile_id] = answer
         return answer

@@ -11,7 +11,7 @@ diff of these files. Every file must parse as strict JSON (no NaN or Infinity), 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +111,12 @@ RESPONSES = {
 }  # fmt: skip
 
 
+# a stored tile getting modalities added (``build --extend --modalities``): pinned to its scene
+PINNED = {"alps_2020_pinned_added": ("alps_2020_least_cloudy", ("canopy_height", "dynamic_world"))}
+for _name, (_base, _) in PINNED.items():
+    LOCATIONS[_name], RESPONSES[_name] = LOCATIONS[_base], RESPONSES[_base]
+
+
 def tile_for(lat: float, lon: float, year: int, biome: int, eco: int, size: int = 128) -> TileRequest:
     return TileRequest.at(lat, lon, year, size, biome, eco)
 
@@ -119,9 +125,14 @@ def golden(name: str) -> dict:
     lat, lon, year, biome, eco, over = LOCATIONS[name]
     t = tile_for(lat, lon, year, biome, eco, 64 if name.endswith("tile64") else 128)
     cfg = EEConfig(**over)
-    values = tile_values_expression(t, cfg)
     response = RESPONSES[name]
-    req = pixels_request(t, stored_modalities(), decode_values(response))
+    mods = stored_modalities()
+    if name in PINNED:
+        day = str(np.datetime64(response["s2_time"], "ms").astype("datetime64[D]"))
+        t = replace(t, s2_id=response["s2_id"], s2_product=response["s2_product"], s2_date=day)
+        mods = stored_modalities(PINNED[name][1])
+    values = tile_values_expression(t, cfg)
+    req = pixels_request(t, mods, decode_values(response))
     pixels = {k: v for k, v in req.items() if k != "expression"}
     pixels["expression"] = json.loads(req["expression"].serialize(for_cloud_api=True))
     return {
