@@ -252,6 +252,9 @@ def test_continuous_bands_are_rounded_before_integer_casts_and_categorical_ones_
 def test_pixels_request_loads_exactly_the_chosen_scenes():
     for name, response in make_golden.RESPONSES.items():
         text = json.dumps(json.loads((GOLDEN / f"{name}.json").read_text())["pixels"])
+        if name in make_golden.PINNED:  # canopy height and Dynamic World only: no scene is loaded
+            assert "COPERNICUS/S2" not in text and "COPERNICUS/S1" not in text
+            continue
         assert response["s2_id"] in text
         for orbit in ("s1_asc", "s1_desc"):
             for i in response[orbit].get("ids", []):
@@ -273,6 +276,25 @@ def test_values_request_scores_the_tile_and_falls_back_to_l1c():
     kenya = json.dumps(json.loads((GOLDEN / "kenya_2023_baseline4.json").read_text())["values"])
     assert 'COPERNICUS/S2_HARMONIZED"' not in kenya  # --s2-level L2A: no L1C fallback
     assert '"maxError"' in values
+
+
+def test_values_request_of_a_pinned_tile_asks_for_its_stored_scene_only():
+    """A tile getting modalities added later: its values request loads the stored scene by id from the
+    stored product's collection, scores it, and makes no choice (no cloud filters, no random order, no
+    fallback to the other product)."""
+    from mmearth_data.sources.ee_fake import pinned_scene_id
+
+    golden = json.loads((GOLDEN / "alps_2020_pinned_added.json").read_text())
+    values = json.dumps(golden["values"])
+    assert pinned_scene_id(golden["values"]) == golden["tile"]["s2_id"] == make_golden.RESPONSES[
+        "alps_2020_least_cloudy"]["s2_id"]  # fmt: skip
+    assert "COPERNICUS/S2_SR_HARMONIZED" in values and '"COPERNICUS/S2_HARMONIZED"' not in values
+    for token in ("Collection.randomColumn", "Filter.lessThan", "Filter.greaterThan", "mmearth_rank"):
+        assert token not in values, token
+    for token in ("mmearth_cloud", "ECMWF/ERA5_LAND/MONTHLY_AGGR", "mmearth_covered"):  # from that scene
+        assert token in values, token
+    unpinned = json.loads((GOLDEN / "alps_2020_least_cloudy.json").read_text())["values"]
+    assert pinned_scene_id(unpinned) is None
 
 
 # --- decoding the service's answers ---------------------------------------------------------------------
