@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from rich.console import Console
@@ -82,7 +83,11 @@ def _modalities(text: str) -> tuple[str, ...]:
 
 def add_build_arguments(b: argparse.ArgumentParser) -> None:
     """The options of ``mmearth build`` (also those of a deployment's config file)."""
-    b.add_argument("--source", default="offline", help="offline (default) or earthengine")
+    b.add_argument("--source", default="offline", help="offline (default), earthengine or local")
+    b.add_argument(
+        "--rasters", default=None,
+        help="--source local: a folder of GeoTIFF/JP2/COG files or a static STAC catalog JSON",
+    )  # fmt: skip
     b.add_argument(
         "--tiles", type=_int_in(1, MAX_TILES, "the number of tiles"), required=True,
         help="number of tiles (store size)",
@@ -323,6 +328,12 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
             f"--dask-address {args.dask_address}: give the scheduler's address with its protocol, "
             "e.g. tcp://10.0.0.5:8786 (nothing was changed)"
         )
+    if (args.source == "local") != bool(args.rasters):
+        raise BuildInputError(
+            "--source local needs --rasters DIR_OR_STAC (a folder of GeoTIFF/JP2 files or a STAC catalog)"
+            if args.source == "local"
+            else f"--rasters is read by --source local only (this build's source is {args.source})"
+        )
     return BuildConfig(
         store=args.store,
         n_tiles=args.tiles,
@@ -336,6 +347,7 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
         shard_tiles=args.shard_tiles,
         compression=args.compression,
         source_options=(ee_options(args) if args.source == "earthengine" else {})
+        | ({"rasters": os.path.abspath(args.rasters)} if args.rasters else {})
         | ({"faults": args.faults} if args.faults else {}),
         extend=args.extend,
     )

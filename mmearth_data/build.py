@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from importlib.metadata import version
 from typing import Any
 
@@ -412,11 +413,11 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
     source = make_source(cfg.source, seed=cfg.seed, **cfg.source_options)
     labeler = plan_labeler(cfg, source)
     try:
-        plan = sample_plan(
-            SampleConfig(cfg.n_tiles, tuple(cfg.years), cfg.seed, cfg.tile_size, cfg.reserve),
-            world,
-            labeler,
-        )
+        sc = SampleConfig(cfg.n_tiles, tuple(cfg.years), cfg.seed, cfg.tile_size, cfg.reserve)
+        if hasattr(source, "sample_plan"):  # a source that holds only some places plans inside them
+            plan = source.sample_plan(sc, world)
+        else:
+            plan = sample_plan(sc, world, labeler)
     except SamplingError as err:
         raise BuildInputError(str(err)) from None
     except SourceError as err:  # labelling the candidates failed; nothing was written
@@ -613,7 +614,8 @@ def _prepare_extension(cfg: BuildConfig, world: World | None) -> Prepared:
             n_add = last["tiles"][1] - last["tiles"][0]
             sc = SampleConfig(n_add, tuple(last["years"]), last["sample_seed"], cfg.tile_size, cfg.reserve)
             try:
-                plan = sample_plan(sc, world, labeler, exclude=exclude, first_slot=last["tiles"][0])
+                planner = getattr(source, "sample_plan", None) or partial(sample_plan, labeler=labeler)
+                plan = planner(sc, world, exclude=exclude, first_slot=last["tiles"][0])
             except (SamplingError, SourceError) as err:
                 raise BuildInputError(f"--extend: {err} (nothing was changed)") from None
             if labeler is not None:

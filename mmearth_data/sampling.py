@@ -244,7 +244,33 @@ def sample_plan(
         for k, (r, c, y) in enumerate(zip(rows, cols, yr_seq, strict=True)):
             records.append((b, y, int(r), int(c), k < total))
     df = pd.DataFrame(records, columns=["biome", "year", "row", "col", "primary"])
+    labels = None
+    if labeler is not None:
+        got = [streams[b].labels[(r, c)] for b, r, c in zip(df["biome"], df["row"], df["col"], strict=True)]
+        labels = (np.array([g[0] for g in got], np.int64), np.array([g[1] for g in got], np.float64))
+    gdf = assemble_plan(df, cfg, grid, world, first_slot, labels)
+    if labeler is not None:
+        gdf.attrs["labels"] = {
+            "outside": sum(st.rejected["outside"] for st in streams.values()),
+            "other_biome": sum(st.rejected["other_biome"] for st in streams.values()),
+            "accepted": sum(len(st.labels) for st in streams.values()),
+        }
+    return gdf
 
+
+def assemble_plan(
+    df: pd.DataFrame,
+    cfg: SampleConfig,
+    grid: GlobalGrid,
+    world: World,
+    first_slot: int = 0,
+    labels: tuple[np.ndarray, np.ndarray] | None = None,
+) -> gpd.GeoDataFrame:
+    """The plan from drawn cells (``df``: biome, year, row, col, primary; alternates of a stratum in
+    the order they are tried): primaries get store slots in a seeded random order (every shard mixes
+    strata), each primary its stratum's next ``cfg.reserve`` alternates; then ids, UTM grids,
+    ecoregions (the world's, or ``labels``' (ecoregion, distance)), splits and WGS84 footprints."""
+    df = df.reset_index(drop=True)
     # store slots: primaries in a seeded random order, so every shard mixes strata
     prim = df.index[df.primary].to_numpy()
     perm = np.random.default_rng([cfg.seed, 13]).permutation(len(prim))
@@ -260,7 +286,8 @@ def sample_plan(
             slot[alts[:n]] = slot[p[np.arange(n) // cfg.reserve]]
             rank[alts[:n]] = np.arange(n) % cfg.reserve + 1
     df["slot"], df["rank"] = slot, rank
-    df = df.sort_values(["slot", "rank"]).reset_index(drop=True)
+    order = df.sort_values(["slot", "rank"]).index.to_numpy()
+    df = df.loc[order].reset_index(drop=True)
 
     lat, lon = grid.center(df["row"].to_numpy(), df["col"].to_numpy())
     epsg = utm_epsg(lat, lon)
@@ -268,12 +295,11 @@ def sample_plan(
     df["tile_id"] = grid.tile_ids(df["row"].to_numpy(), df["col"].to_numpy())
     df["lat"], df["lon"], df["epsg"] = lat, lon, epsg
     df["transform"] = list(transforms)
-    if labeler is None:
+    if labels is None:
         df["ecoregion"] = world.ecoregion(lat, lon)
-    else:
-        got = [streams[b].labels[(r, c)] for b, r, c in zip(df["biome"], df["row"], df["col"], strict=True)]
-        df["ecoregion"] = np.array([g[0] for g in got], np.int64)
-        df["label_distance_m"] = np.array([g[1] for g in got], np.float64)
+    else:  # in the drawn order, before the sort by slot
+        df["ecoregion"] = labels[0][order]
+        df["label_distance_m"] = labels[1][order]
     df["split"] = split_of(lat, lon)
     df = df.drop(columns=["primary"])
     cols = [
@@ -291,23 +317,120 @@ def sample_plan(
         "year",
         "split",
     ]
-    if labeler is not None:
+    if labels is not None:
         cols.append("label_distance_m")
     gdf = gpd.GeoDataFrame(df[cols], geometry=footprints(transforms, epsg, cfg.tile_size), crs="EPSG:4326")
     gdf.attrs.update(
         n_tiles=cfg.n_tiles,
-        years=list(years),
+        years=sorted(set(cfg.years)),
         seed=cfg.seed,
         tile_size=cfg.tile_size,
         reserve=cfg.reserve,
         grid_spacing_m=grid.spacing_m,
     )
-    if labeler is not None:
-        gdf.attrs["labels"] = {
-            "outside": sum(st.rejected["outside"] for st in streams.values()),
-            "other_biome": sum(st.rejected["other_biome"] for st in streams.values()),
-            "accepted": sum(len(st.labels) for st in streams.values()),
-        }
+    return gdf
+
+
+def cells_in(footprint, grid: GlobalGrid) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the grid cells whose whole tile lies inside ``footprint`` (a WGS84 polygon)."""
+    import shapely
+
+    lon0, lat0, lon1, lat1 = footprint.bounds
+    rows = np.arange(int(np.floor(lat0 / grid.dlat)), int(np.ceil(lat1 / grid.dlat)) + 1)
+    out_r, out_c = [], []
+    for r in rows:
+        n = int(grid.n_cols(np.array([r]))[0])
+        step = 360.0 / n
+        cols = np.arange(int(np.floor(lon0 / step)), int(np.ceil(lon1 / step)) + 1)
+        out_r.append(np.full(len(cols), r)), out_c.append(cols)
+    rows, cols = np.concatenate(out_r), np.concatenate(out_c)
+    lat, lon = grid.center(rows, cols)
+    epsg = utm_epsg(lat, lon)
+    polys = footprints(tile_transforms(lat, lon, epsg, grid.size), epsg, grid.size)
+    inside = shapely.contains(footprint, polys)
+    return rows[inside], cols[inside]
+
+
+def sample_in_footprints(
+    cfg: SampleConfig,
+    scenes: list[tuple[object, int]],
+    world: World | None = None,
+    exclude: frozenset[tuple[int, int]] = frozenset(),
+    first_slot: int = 0,
+) -> gpd.GeoDataFrame:
+    """Plan tiles inside the footprints of a source's own scenes (``scenes``: WGS84 polygon, year), for
+    sources that hold only some places (local rasters): every grid cell whose whole tile lies in a
+    scene of one of ``cfg.years`` is a candidate (once per year it is covered), strata are the world's
+    biomes x years, and the tiles are split over the strata the scenes reach as evenly as their
+    candidates allow (the balance is what the footprints hold, recorded in ``attrs['balance']``, not
+    promised); alternates as in :func:`sample_plan`. Raises :class:`SamplingError` when the footprints
+    hold fewer cells than tiles asked."""
+    world = world or get_world()
+    grid = GlobalGrid(cfg.tile_size)
+    years = sorted(set(cfg.years))
+    parts = []
+    for poly, year in scenes:
+        if year in years:
+            r, c = cells_in(poly, grid)
+            parts.append(pd.DataFrame({"row": r, "col": c, "year": year}))
+    cand = pd.concat(parts) if parts else pd.DataFrame({"row": [], "col": [], "year": []}, dtype=np.int64)
+    cand = cand.drop_duplicates().reset_index(drop=True)
+    if exclude:
+        keep = [(r, c) not in exclude for r, c in zip(cand["row"], cand["col"], strict=True)]
+        cand = cand[np.array(keep, bool)].reset_index(drop=True)
+    n_cells = len(cand[["row", "col"]].drop_duplicates())
+    if n_cells < cfg.n_tiles:
+        raise SamplingError(
+            f"the rasters' scenes of {', '.join(map(str, years))} hold {n_cells} tiles of {cfg.tile_size} px"
+            f" (whole tiles inside a scene), fewer than the {cfg.n_tiles} asked; ask for fewer --tiles, a "
+            "smaller --tile-size, other --years, or add rasters"
+        )
+    lat, lon = grid.center(cand["row"].to_numpy(), cand["col"].to_numpy())
+    cand["biome"] = np.asarray(world.biome(lat, lon), np.int64)
+    cand = cand.iloc[np.random.default_rng([cfg.seed, 17]).permutation(len(cand))].reset_index(drop=True)
+    per = 1 + cfg.reserve
+    strata = sorted({(int(b), int(y)) for b, y in zip(cand["biome"], cand["year"], strict=True)})
+    counts = cand.groupby(["biome", "year"]).size()
+    capacity = {s: int(counts[s]) // per for s in strata}
+    if sum(capacity.values()) < cfg.n_tiles:  # too few for full reserves: fewer alternates
+        capacity = {s: int(counts[s]) for s in strata}
+    while True:  # a cell covered in two years counts in two strata: take, then rebalance if short
+        alloc = allocate(cfg.n_tiles, strata, capacity)
+        used: set[tuple[int, int]] = set()
+        picks: dict[tuple[int, int], list[int]] = {s: [] for s in strata}
+        groups = cand.groupby(["biome", "year"]).indices
+        for s in strata:
+            for i in groups[s]:
+                if len(picks[s]) == alloc[s]:
+                    break
+                cell = (int(cand.at[i, "row"]), int(cand.at[i, "col"]))
+                if cell not in used:
+                    used.add(cell)
+                    picks[s].append(i)
+        short = {s: len(picks[s]) for s in strata if len(picks[s]) < alloc[s]}
+        if not short:
+            break
+        capacity |= short
+    records = []
+    for s in strata:
+        alts = []
+        for i in groups[s]:
+            if len(alts) == alloc[s] * cfg.reserve:
+                break
+            cell = (int(cand.at[i, "row"]), int(cand.at[i, "col"]))
+            if cell not in used:
+                used.add(cell)
+                alts.append(i)
+        records += [(s[0], s[1], int(cand.at[i, "row"]), int(cand.at[i, "col"]), True) for i in picks[s]]
+        records += [(s[0], s[1], int(cand.at[i, "row"]), int(cand.at[i, "col"]), False) for i in alts]
+    df = pd.DataFrame(records, columns=["biome", "year", "row", "col", "primary"])
+    gdf = assemble_plan(df, cfg, grid, world, first_slot)
+    prim = df[df["primary"]]
+    gdf.attrs["balance"] = {
+        "candidates": n_cells,
+        "strata": {f"{b}/{y}": int(n) for (b, y), n in prim.groupby(["biome", "year"]).size().items()},
+        "note": "tiles inside the rasters' footprints: strata as even as the footprints allow",
+    }
     return gdf
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from mmearth_data.sources.base import Source, SourceError, TileFailure, TileRequest, TileResult
 
-SOURCES = ("offline", "earthengine")
+SOURCES = ("offline", "earthengine", "local")
 
 
 def make_source(name: str, **options: Any) -> Source:
@@ -25,6 +25,10 @@ def make_source(name: str, **options: Any) -> Source:
         from mmearth_data.sources.earthengine import make_earthengine_source
 
         return make_earthengine_source(options)
+    if name == "local":
+        from mmearth_data.sources.local import make_local_source
+
+        return make_local_source(options)
     raise SourceError(f"unknown source {name!r}; available sources: {', '.join(SOURCES)}")
 
 
@@ -38,6 +42,10 @@ def source_class(name: str) -> type:
         from mmearth_data.sources.earthengine import EarthEngineSource
 
         return EarthEngineSource
+    if name == "local":
+        from mmearth_data.sources.local import LocalSource
+
+        return LocalSource
     raise SourceError(f"unknown source {name!r}; available sources: {', '.join(SOURCES)}")
 
 
