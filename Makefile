@@ -11,10 +11,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+## the browse page's map library (Leaflet, pinned, from the npm registry, integrity-checked; ignored by git)
+MAP := catalog/static/vendor/leaflet/VERSION.json
+$(MAP): catalog/vendor.py | $(STAMP)
+	$(PY) -m catalog.vendor || echo "note: the map library could not be installed (npm); the browse page needs it"
+
+install: $(STAMP) $(MAP)
 
 ## main job on the offline default: build the demo corpus, validate it, print where everything is
-run: $(STAMP)
+run: $(STAMP) $(MAP)
 	$(PY) -m flows.demo
 
 ## Debian's chromium + chromedriver for the browse-page test (installed once, when missing)
@@ -27,10 +32,10 @@ browser:
 	else echo "note: cannot install chromium here; the browse-page test will be skipped"; fi
 
 ## the fast test suite (slow tests: make test-all); the page screenshot lands in artifacts/
-test: $(STAMP) browser
+test: $(STAMP) $(MAP) browser
 	$(PY) -m pytest -q
 
-test-all: $(STAMP) browser
+test-all: $(STAMP) $(MAP) browser
 	$(PY) -m pytest -q -m ''
 
 lint: $(STAMP)

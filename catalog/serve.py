@@ -8,6 +8,14 @@ Routes (everything else is 404):
 - ``/api/tiles?...``           tiles matching the filters of ``mmearth catalog search`` (capped by ``limit``)
 - ``/api/tiles/<tile id>``     one tile: item properties and its tile-level values read from the store
 - ``/quicklooks/<tile id>.png`` the tile's quicklook (the catalog's file, else drawn from the store)
+- ``/api/browse/summary``      exact counts of the filters in the viewport (``bbox``), biome x year table
+- ``/api/browse/density.png``  counts per screen cell of the viewport (``w`` x ``h`` cells), as an image
+- ``/api/browse/footprints``   the viewport's tile footprints as GeoJSON (up to 5000)
+- ``/api/browse/tiles.txt``    the selection's tile ids, one per line (``model.pretrain --tiles``)
+- ``/vendor/leaflet/<file>``   the map library installed by ``make install`` (``catalog/vendor.py``)
+
+The browse queries take the filters of ``mmearth catalog search`` (``biome``, ``year`` as 2018, 2017-2020
+or 2017,2019, ``has``, ``max_cloud``, ``datetime``, ``split``); :class:`catalog.browse.BrowseIndex` answers.
 
 Nothing is served by path: a tile id must look like a grid id and be one of the catalog's items, so no
 request can reach a file outside the catalog or the store. Binds 127.0.0.1 unless told otherwise.
@@ -23,16 +31,24 @@ from typing import Any
 
 import numpy as np
 import pyarrow.dataset as ds
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from catalog.browse import MAX_FOOTPRINTS, BrowseIndex, Filters
 from catalog.build import resolve_store
 from catalog.quicklook import PANELS, png_bytes, strip
 from catalog.search import Query as SearchQuery
 from catalog.search import SearchError, items_path, parse_bbox, parse_biomes, parse_datetime, search, to_rows
+from catalog.vendor import VENDOR
 from mmearth_data.registry import BIOME_CLASSES
 from mmearth_data.store import CorpusReader
 
+VENDOR_FILES = {
+    "leaflet.js": "text/javascript", "leaflet.css": "text/css", "LICENSE": "text/plain",
+    "VERSION.json": "application/json", "images/layers.png": "image/png", "images/layers-2x.png": "image/png",
+    "images/marker-icon.png": "image/png", "images/marker-icon-2x.png": "image/png",
+    "images/marker-shadow.png": "image/png",
+}  # fmt: skip
 TILE_ID = re.compile(r"^G\d{1,6}_\d{1,6}[UD]_\d{1,6}[RL]$")
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_TILES = 20_000
@@ -93,6 +109,56 @@ def create_app(catalog: str | Path, allowed_hosts: list[str] | None = None) -> F
 
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     reader_box: dict[str, CorpusReader] = {}
+    browse = BrowseIndex(catalog)
+
+    def filters(request: Request) -> Filters:
+        allowed = {"bbox", "biome", "year", "has", "max_cloud", "datetime", "split", "w", "h", "limit"}
+        unknown = sorted(set(request.query_params) - allowed)
+        if unknown:
+            raise HTTPException(
+                400, f"unknown parameters {', '.join(unknown)}; known: {', '.join(sorted(allowed))}"
+            )
+        try:
+            return Filters.parse(dict(request.query_params), browse.modalities)
+        except (SearchError, ValueError) as err:
+            raise HTTPException(400, str(err)) from None
+
+    @app.get("/api/browse/summary")
+    def browse_summary(request: Request) -> dict[str, Any]:
+        return browse.summary(filters(request))
+
+    @app.get("/api/browse/density.png")
+    def browse_density(
+        request: Request, w: int = Query(256, ge=1, le=1024), h: int = Query(128, ge=1, le=1024)
+    ):
+        try:
+            png = browse.density_png(filters(request), w, h)
+        except SearchError as err:
+            raise HTTPException(400, str(err)) from None
+        return Response(png, media_type="image/png")
+
+    @app.get("/api/browse/footprints")
+    def browse_footprints(request: Request, limit: int = Query(MAX_FOOTPRINTS, ge=1, le=MAX_FOOTPRINTS)):
+        return browse.footprints(filters(request), limit)
+
+    @app.get("/api/browse/tiles.txt")
+    def browse_tiles(request: Request) -> Response:
+        ids = browse.tile_ids(filters(request))
+        return Response(
+            "".join(f"{t}\n" for t in ids), media_type="text/plain",
+            headers={"Content-Disposition": 'attachment; filename="tiles.txt"'},
+        )  # fmt: skip
+
+    @app.get("/vendor/leaflet/{name:path}")
+    def vendor(name: str) -> Response:
+        if name not in VENDOR_FILES:
+            raise HTTPException(404, "no such file")
+        f = VENDOR / "leaflet" / name
+        if not f.is_file():
+            raise HTTPException(404, "the map library is not installed: run `make install` (npm)")
+        return Response(
+            f.read_bytes(), media_type=VENDOR_FILES[name], headers={"Cache-Control": "max-age=86400"}
+        )
 
     def reader() -> CorpusReader:
         if "r" not in reader_box:
@@ -102,7 +168,10 @@ def create_app(catalog: str | Path, allowed_hosts: list[str] | None = None) -> F
     def tile_index(tile_id: str) -> int:
         if not TILE_ID.match(tile_id) or tile_id not in index:
             raise HTTPException(404, "no such tile")
-        return int(index[tile_id])
+        i = int(index[tile_id])
+        if i >= reader().n_tiles:
+            raise HTTPException(404, f"tile {tile_id} is not in the catalog's store")
+        return i
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
@@ -114,7 +183,7 @@ def create_app(catalog: str | Path, allowed_hosts: list[str] | None = None) -> F
 
     @lru_cache(maxsize=1)
     def _land() -> bytes:
-        return land_png()
+        return land_png(3600)  # 0.1 degree: the base layer when zoomed in
 
     @app.get("/api/land.png")
     def land() -> Response:
