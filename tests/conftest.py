@@ -3,6 +3,7 @@ the plain build functions (the same code the flow runs)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -33,6 +34,50 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(app):
+    """The ASGI ``app`` served by uvicorn on a free port of 127.0.0.1 for the block; yields its URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def chromium():
+    """Headless Chromium (Debian's chromium and chromedriver) for the browse-page tests; skips the test
+    when they or the page's map library are not installed."""
+    import shutil
+
+    from catalog.vendor import installed
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (binary and driver):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (make test installs them)")
+    if not installed():
+        pytest.skip("the map library is not installed (make install fetches it with npm)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = binary
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1500,1000"):
+        opts.add_argument(a)
+    return webdriver.Chrome(service=Service(driver), options=opts)
 
 
 def store_files(path: str) -> dict[str, bytes]:

@@ -5,9 +5,6 @@ table, the server's refusals, and the page driven in headless Chromium from the 
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +19,7 @@ from catalog.serve import create_app
 from catalog.vendor import LIBRARIES, VendorError, install, installed, integrity_of
 from mmearth_data.store import CorpusReader
 
-from conftest import free_port
+from conftest import chromium, serving
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "artifacts"
@@ -170,38 +167,10 @@ def test_the_map_library_is_checked_against_its_pinned_hash(tmp_path):
     assert lib["version"] in v and lib["integrity"] in v
 
 
-def _chromium():
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not (binary and driver):
-        pytest.skip("Debian's chromium and chromium-driver are not installed (make test installs them)")
-    if not installed():
-        pytest.skip("the map library is not installed (make install fetches it with npm)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = binary
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1500,1000"):
-        opts.add_argument(a)
-    return webdriver.Chrome(service=Service(driver), options=opts)
-
-
 @pytest.fixture(scope="module")
 def live(big_catalog):
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(big_catalog), host="127.0.0.1", port=port, log_level="warning")
-    )
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    t.join(timeout=10)
+    with serving(create_app(big_catalog)) as url:
+        yield url
 
 
 def test_page_from_the_world_to_one_tile(live, big_catalog, small_store, table):
@@ -214,7 +183,7 @@ def test_page_from_the_world_to_one_tile(live, big_catalog, small_store, table):
 
     tiles = CorpusReader(small_store).tiles()
     target = tiles.iloc[5]
-    drv = _chromium()
+    drv = chromium()
     try:
         wait = WebDriverWait(drv, 30)
         drv.get(live + "/")

