@@ -237,6 +237,7 @@ class BrowseIndex:
                 "properties": {
                     "biome": int(self.biome[i]),
                     "year": int(self.year[i]),
+                    "split": SPLITS[self.split[i]] if self.split[i] < len(SPLITS) else None,
                     "cloud": None if np.isnan(self.cloud[i]) else round(float(self.cloud[i]), 1),
                 },
             }  # fmt: skip
