@@ -20,7 +20,6 @@ tile's position on the store's ``tile`` dimension), ``biome``, ``biome_name``, `
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -37,8 +36,6 @@ from stac_geoparquet.arrow import parse_stac_items_to_arrow, to_parquet
 from catalog.quicklook import PANEL_TITLES, PANELS, legends, png_bytes, strip
 from mmearth_data.registry import BIOME_CLASSES, Modality
 from mmearth_data.store import CorpusReader, strings
-
-log = logging.getLogger(__name__)
 
 STAC_VERSION = "1.1.0"
 EXT = {

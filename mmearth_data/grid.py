@@ -162,15 +162,6 @@ def footprints(transforms: np.ndarray, epsg: np.ndarray, size: int, densify: int
     return polys
 
 
-def pixel_centers_lonlat(transform: np.ndarray, epsg: int, size: int, step: int = 1):
-    """Longitude / latitude of pixel centres (every ``step`` pixels) of one tile."""
-    a, _, c, _, e, f = transform
-    idx = np.arange(0, size, step) + 0.5
-    xx, yy = np.meshgrid(a * idx + c, e * idx + f)
-    lon, lat = _from_utm(int(epsg)).transform(xx, yy)
-    return np.asarray(lon), np.asarray(lat)
-
-
 def tile_center_lonlat(transforms: np.ndarray, epsg: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Longitude / latitude of each tile's centre, from its transform."""
     transforms = np.asarray(transforms, np.float64).reshape(-1, 6)

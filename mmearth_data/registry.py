@@ -194,22 +194,6 @@ BIOME_CLASSES = {
     14: "Mangroves",
 }
 N_ECOREGIONS = 846
-# Sentinel-2 scene classification (SCL) values, used by sources and the loss masks.
-SCL_CLASSES = {
-    0: "no_data",
-    1: "saturated_or_defective",
-    2: "dark_area",
-    3: "cloud_shadow",
-    4: "vegetation",
-    5: "not_vegetated",
-    6: "water",
-    7: "unclassified",
-    8: "cloud_medium_probability",
-    9: "cloud_high_probability",
-    10: "thin_cirrus",
-    11: "snow",
-}
-
 NAN = float("nan")
 
 MODALITIES: tuple[Modality, ...] = (

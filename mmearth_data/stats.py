@@ -11,7 +11,6 @@ pixel counts. Everything streams chunk by chunk: memory stays flat with corpus s
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import dask
@@ -23,7 +22,6 @@ from mmearth_data.crash import crash_point
 from mmearth_data.registry import Modality
 from mmearth_data.store import CorpusReader, complete_flags, strings
 
-log = logging.getLogger(__name__)
 S2_LEVELS = ("L1C", "L2A")
 
 

@@ -622,9 +622,6 @@ class CorpusReader:
             last = self.n_tiles if stop is None else stop
             raise StoreError(unreadable(self.url, name, start, last, err)) from err
 
-    def read_shard(self, shard: int, names: Sequence[str]) -> dict[str, np.ndarray]:
-        return self.read(names, *self.shard_range(shard))
-
     def s2_dates(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         days = self._get("s2_date", start, stop)
         out = (EPOCH + days.astype("timedelta64[D]")).astype("datetime64[D]")

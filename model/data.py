@@ -546,12 +546,6 @@ class BatchNormaliser:
         return out
 
 
-def resolve_modalities(names: Sequence[str]) -> list[Modality]:
-    """Registry entries for ``names`` with sentinel2 first."""
-    mods = [get("sentinel2")] + [get(n) for n in names if n != "sentinel2"]
-    return mods
-
-
 def make_loader(ds: StreamingCorpus, batch_size: int, workers: int = 0, **kw) -> DataLoader:
     """A DataLoader over ``ds``. Workers are forked as usual, except in a process that has run Prefect:
     Prefect's after-fork handlers make forked children exit, so workers then start from a fork server."""

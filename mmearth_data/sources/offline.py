@@ -183,7 +183,6 @@ TREE_HEIGHT = {
 }
 VEG_CLASSES = np.array([c in ("trees", "grass", "flooded", "shrub", "mangrove", "moss") for c in CLASSES])
 
-L2A_FROM = np.datetime64("2019-01-01")
 YEARS = range(2016, 2026)  # S2 from mid-2015; the climatology covers 2000-2025
 
 

@@ -19,25 +19,6 @@ CELL = 0.05
 CLIM_CELL = 0.25
 ECO_BLOCK_DEG = 18
 N_IGBP = 17
-IGBP_CLASSES = (
-    "water",
-    "evergreen_needleleaf_forest",
-    "evergreen_broadleaf_forest",
-    "deciduous_needleleaf_forest",
-    "deciduous_broadleaf_forest",
-    "mixed_forest",
-    "closed_shrublands",
-    "open_shrublands",
-    "woody_savannas",
-    "savannas",
-    "grasslands",
-    "permanent_wetlands",
-    "croplands",
-    "urban_built_up",
-    "cropland_natural_mosaic",
-    "snow_ice",
-    "barren",
-)
 
 
 class World:
@@ -75,9 +56,6 @@ class World:
 
     def biome(self, lat, lon) -> np.ndarray:
         return self.biome_map[self.cell_index(lat, lon)]
-
-    def koppen_group(self, lat, lon) -> np.ndarray:
-        return self.koppen[self.cell_index(lat, lon)]
 
     def ecoregion(self, lat, lon) -> np.ndarray:
         """Ecoregion proxy id (1..), 0 where the biome is 0."""
