@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from catalog.search import SearchError, items_path, parse_bbox, parse_biomes, parse_datetime
+from mmearth_data.sampling import SamplingError, parse_years
 
 SPLITS = ("train", "val", "test")
 MAX_CELLS = 512 * 512  # density image size limit
@@ -29,19 +30,6 @@ MAX_FOOTPRINTS = 5000
 RAMP = np.array(  # light yellow -> orange -> dark red (counts per cell, log scale)
     [[255, 255, 204], [254, 217, 118], [253, 141, 60], [227, 26, 28], [128, 0, 38]], np.float64
 )
-
-
-def parse_years(text: str) -> tuple[int, int] | tuple[int, ...]:
-    """'2017-2020' (a range), '2018' or '2017,2019' -> the years asked (a tuple of years)."""
-    try:
-        if "-" in text.strip("-"):
-            a, b = (int(x) for x in text.split("-", 1))
-            if a > b:
-                raise ValueError
-            return tuple(range(a, b + 1))
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise SearchError(f"year {text!r}: use a year, a range 2017-2020 or a list 2017,2019") from None
 
 
 @dataclass(frozen=True)
@@ -78,12 +66,19 @@ class Filters:
         return cls(
             bbox=parse_bbox(params["bbox"]) if params.get("bbox") else None,
             biome=parse_biomes(params["biome"]) if params.get("biome") else None,
-            year=parse_years(params["year"]) if params.get("year") else None,
+            year=_years(params["year"]) if params.get("year") else None,
             has=has,
             max_cloud=max_cloud,
             datetime=parse_datetime(params["datetime"]) if params.get("datetime") else None,
             split=split,
         )
+
+
+def _years(text: str) -> tuple[int, ...]:
+    try:
+        return parse_years(text)
+    except SamplingError as err:
+        raise SearchError(str(err)) from None
 
 
 class BrowseIndex:

@@ -41,6 +41,7 @@ from catalog.search import Query as SearchQuery
 from catalog.search import SearchError, items_path, parse_bbox, parse_biomes, parse_datetime, search, to_rows
 from catalog.vendor import VENDOR
 from mmearth_data.registry import BIOME_CLASSES
+from mmearth_data.sampling import SamplingError, parse_years
 from mmearth_data.store import CorpusReader
 
 VENDOR_FILES = {
@@ -205,14 +206,14 @@ def create_app(catalog: str | Path, allowed_hosts: list[str] | None = None) -> F
                 bbox=parse_bbox(bbox) if bbox else None,
                 datetime=parse_datetime(datetime) if datetime else None,
                 biome=parse_biomes(biome) if biome else None,
-                year=tuple(int(y) for y in year.split(",")) if year else None,
+                year=parse_years(year) if year else None,
                 has=tuple(h for h in (has or "").split(",") if h),
                 max_cloud=max_cloud,
                 split=split or None,
                 limit=limit + 1,
             )
             rows = to_rows(search(catalog, q))
-        except (SearchError, ValueError) as err:
+        except (SearchError, SamplingError, ValueError) as err:
             raise HTTPException(400, str(err)) from None
         out = [
             {

@@ -28,22 +28,14 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 
 def parse_years(text: str) -> tuple[int, ...]:
-    """'2017-2020' or '2017,2019' -> years."""
+    """An argparse type: :func:`mmearth_data.sampling.parse_years` (argparse prints the message)."""
+    from mmearth_data.sampling import SamplingError
+    from mmearth_data.sampling import parse_years as years_of
+
     try:
-        years: list[int] = []
-        for part in text.split(","):
-            if "-" in part:
-                a, b = (int(x) for x in part.split("-"))
-                if b < a:
-                    raise ValueError
-                years += range(a, b + 1)
-            else:
-                years.append(int(part))
-        return tuple(sorted(set(years)))
-    except ValueError:
-        raise argparse.ArgumentTypeError(  # noqa: B904 (argparse prints only the message)
-            f"years {text!r}: use a range like 2017-2020 or a list like 2017,2019"
-        )
+        return years_of(text)
+    except SamplingError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _int_in(lo: int, hi: int | None, what: str):

@@ -36,6 +36,24 @@ class SamplingError(ValueError):
     """The request cannot be sampled (bad counts, no land for a stratum)."""
 
 
+def parse_years(text: str) -> tuple[int, ...]:
+    """'2017-2020', '2018' or '2017,2019' (or both: '2017-2018,2020') -> the years, sorted; raises
+    :class:`SamplingError` naming the accepted forms."""
+    try:
+        years: list[int] = []
+        for part in text.split(","):
+            if "-" in part.strip().lstrip("-"):
+                a, b = (int(x) for x in part.split("-"))
+                if b < a:
+                    raise ValueError
+                years += range(a, b + 1)
+            else:
+                years.append(int(part))
+        return tuple(sorted(set(years)))
+    except ValueError:
+        raise SamplingError(f"years {text!r}: use a range like 2017-2020 or a list like 2017,2019") from None
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     n_tiles: int

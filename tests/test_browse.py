@@ -12,11 +12,11 @@ import pyarrow.dataset as ds
 import pytest
 from fastapi.testclient import TestClient
 
-from catalog.browse import BrowseIndex, Filters, parse_years
+from catalog.browse import BrowseIndex, Filters
 from catalog.build import build_catalog, metadata_batches, write_items
-from catalog.search import SearchError
 from catalog.serve import create_app
 from catalog.vendor import LIBRARIES, VendorError, install, installed, integrity_of
+from mmearth_data.sampling import SamplingError, parse_years
 from mmearth_data.store import CorpusReader
 
 from conftest import chromium, serving
@@ -113,15 +113,16 @@ def test_footprints_are_the_items_geometry(big_catalog, table):
 def test_years_are_taken_as_ranges_and_lists():
     assert parse_years("2017-2020") == (2017, 2018, 2019, 2020)
     assert parse_years("2017,2019") == (2017, 2019) and parse_years("2018") == (2018,)
-    with pytest.raises(SearchError, match="use a year, a range"):
+    with pytest.raises(SamplingError, match="use a range like 2017-2020"):
         parse_years("2020-2017")
+    assert parse_years("2017-2018,2020") == (2017, 2018, 2020)
 
 
 @pytest.mark.parametrize(
     "query, message",
     [
         ("bbox=1,2,3", "west,south,east,north"),
-        ("year=twenty", "use a year, a range"),
+        ("year=twenty", "use a range like 2017-2020"),
         ("has=radar", "not a modality of this catalog"),
         ("max_cloud=200", "0-100"),
         ("split=holdout", "one of train, val, test"),
