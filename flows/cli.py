@@ -1,5 +1,5 @@
 """The ``mmearth`` command line: ``build``, ``ee-check``, ``validate``, ``repair``, ``tasks build`` and
-``catalog build|search|serve``.
+``catalog build|search|serve`` (defined in :mod:`catalog.cli`).
 
 Exit codes: 0 success, 1 the build or the store is not valid (reasons printed), 2 bad input (the
 message names the problem and the fix; nothing already written is touched).
@@ -15,6 +15,9 @@ import sys
 
 from rich.console import Console
 
+from catalog import cli as catalog_cli
+from mmearth_data.argtypes import int_in as _int_in
+from mmearth_data.argtypes import years as parse_years
 from mmearth_data.build import DEFAULT_MODALITIES, BuildConfig, BuildInputError
 from mmearth_data.derive import DeriveError
 from mmearth_data.mmearth_h5 import ExportError
@@ -25,45 +28,6 @@ USER_ERRORS = (BuildInputError, StoreError, DeriveError, ExportError)
 
 console = Console(stderr=False)
 err_console = Console(stderr=True, soft_wrap=True)
-
-
-def parse_years(text: str) -> tuple[int, ...]:
-    """An argparse type: :func:`mmearth_data.sampling.parse_years` (argparse prints the message)."""
-    from mmearth_data.sampling import SamplingError
-    from mmearth_data.sampling import parse_years as years_of
-
-    try:
-        return years_of(text)
-    except SamplingError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _int_in(lo: int, hi: int | None, what: str):
-    """An argparse type: an integer in [lo, hi] (argparse prints the message and exits 2)."""
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            v = None
-        if v is None or v < lo or (hi is not None and v > hi):
-            rng = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
-            raise argparse.ArgumentTypeError(f"{text!r}: {what} must be an integer {rng}")
-        return v
-
-    return parse
-
-
-def _percent(text: str) -> float:
-    import math
-
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not (0.0 <= v <= 100.0):  # NaN fails too
-        raise argparse.ArgumentTypeError(f"{text!r}: a cloud cover in per cent, from 0 to 100, is needed")
-    return v
 
 
 MAX_TILES = 10_000_000  # far above any stratum capacity; a typo such as 10**12 stops before Prefect starts
@@ -200,35 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("repair", help="re-export the tiles that `validate --deep` finds damaged")
     rp.add_argument("--store", required=True)
 
-    c = sub.add_parser("catalog", help="STAC catalog of a store: build, search, serve")
-    csub = c.add_subparsers(dest="catalog_command", required=True)
-    cb = csub.add_parser("build", help="write collection.json, items.parquet and quicklooks")
-    cb.add_argument("--store", required=True)
-    cb.add_argument("--out", required=True, help="catalog directory")
-    cb.add_argument("--quicklooks", default="auto", help="auto (up to 20000 tiles), all or none")
-    cb.add_argument("--json-items", action="store_true", help="also write static JSON items (small corpora)")
-    cb.add_argument(
-        "--batch-tiles",
-        type=_int_in(1, None, "--batch-tiles"),
-        default=50_000,
-        help="tiles per streamed batch",
-    )
-    cs = csub.add_parser("search", help="find tiles; print a table or GeoJSON, or write a tile list")
-    cs.add_argument("--catalog", required=True)
-    cs.add_argument("--bbox", help="west,south,east,north (degrees)")
-    cs.add_argument("--datetime", help="YYYY-MM-DD or START/END (.. for open)")
-    cs.add_argument("--biome", help="biome numbers or names, comma separated")
-    cs.add_argument("--year", type=parse_years, help="years, comma separated or a range 2017-2020")
-    cs.add_argument("--has", default="", help="modalities the tiles must have, comma separated")
-    cs.add_argument("--max-cloud", type=_percent, help="maximum cloud cover, per cent")
-    cs.add_argument("--split", choices=["train", "val", "test"])
-    cs.add_argument("--limit", type=_int_in(1, None, "--limit"), default=None)
-    cs.add_argument("--format", choices=["table", "geojson"], default="table")
-    cs.add_argument("--write-tiles", help="write the matching tile ids here (for model.pretrain --tiles)")
-    cv = csub.add_parser("serve", help="local read-only browse page")
-    cv.add_argument("--catalog", required=True)
-    cv.add_argument("--host", default="127.0.0.1")
-    cv.add_argument("--port", type=_int_in(0, 65535, "the port"), default=8765)
+    catalog_cli.add_parser(sub)
     return ap
 
 
@@ -502,96 +438,13 @@ def cmd_repair(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_catalog(args: argparse.Namespace) -> int:
-    from catalog.build import CatalogError
-    from catalog.search import SearchError
-
-    try:
-        if args.catalog_command == "build":
-            from catalog.build import build_catalog
-
-            res = build_catalog(
-                args.store, args.out, args.batch_tiles, quicklooks=args.quicklooks, json_items=args.json_items
-            )
-            console.print(
-                f"catalog of {res['n_items']} items in {res['seconds']:.1f} s: {res['collection']}, "
-                f"{res['items']} ({res['quicklooks']} quicklooks)"
-            )
-            return 0
-        if args.catalog_command == "search":
-            return _catalog_search(args)
-        if args.catalog_command == "serve":
-            from catalog.serve import serve
-
-            def announce(url: str) -> None:
-                console.print(f"browse the catalog at {url}  (Ctrl-C stops)")
-
-            serve(args.catalog, args.host, args.port, announce=announce)
-            return 0
-    except (SearchError, CatalogError, StoreError, FileNotFoundError) as err:
-        err_console.print(f"[bold red]error:[/] {err}")
-        return 2
-    return 2
-
-
-def _catalog_search(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
-    from catalog.search import (
-        Query,
-        check_tile_list_path,
-        geojson,
-        parse_bbox,
-        parse_biomes,
-        parse_datetime,
-        search,
-        to_rows,
-        write_tile_list,
-    )
-
-    q = Query(
-        bbox=parse_bbox(args.bbox) if args.bbox else None,
-        datetime=parse_datetime(args.datetime) if args.datetime else None,
-        biome=parse_biomes(args.biome) if args.biome else None,
-        year=args.year,
-        has=tuple(h.strip() for h in args.has.split(",") if h.strip()),
-        max_cloud=args.max_cloud,
-        split=args.split,
-        limit=args.limit,
-    )
-    if args.write_tiles:
-        check_tile_list_path(args.write_tiles)  # before searching: nothing is overwritten
-    table = search(args.catalog, q)
-    if args.write_tiles:
-        n = write_tile_list(table, args.write_tiles, " ".join(sys.argv[1:]))
-        err_console.print(f"{n} tile ids written to {args.write_tiles}")
-    if args.format == "geojson":
-        print(json.dumps(geojson(args.catalog, table)))
-        return 0
-    rows = to_rows(table)
-    t = Table(title=f"{len(rows)} tiles")
-    for col in ("id", "date", "biome", "year", "split", "S2", "cloud %", "lat", "lon"):
-        t.add_column(col)
-    for r in rows[:200]:
-        cloud = r["eo:cloud_cover"]
-        t.add_row(
-            r["id"], r["datetime"], f"{r['mmearth:biome']} {r['biome_name'][:28]}", str(r["mmearth:year"]),
-            r["mmearth:split"], r["mmearth:s2_product"], "" if cloud is None else f"{cloud:.1f}",
-            f"{r['lat']:.4f}", f"{r['lon']:.4f}",
-        )  # fmt: skip
-    console.print(t)
-    if len(rows) > 200:
-        console.print(f"... {len(rows) - 200} more (use --write-tiles or --format geojson for all)")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {
         "build": cmd_build, "validate": cmd_validate, "repair": cmd_repair, "export-h5": cmd_export_h5,
-        "derive": cmd_derive, "ee-check": cmd_ee_check, "tasks": cmd_tasks, "catalog": cmd_catalog,
+        "derive": cmd_derive, "ee-check": cmd_ee_check, "tasks": cmd_tasks, "catalog": catalog_cli.run,
         "deploy": cmd_deploy,
     }  # fmt: skip
     if args.command not in commands:
