@@ -240,7 +240,7 @@ def create_app(catalog: str | Path, allowed_hosts: list[str] | None = None) -> F
         for m in r.modalities:
             if m.kind != "tile":
                 continue
-            v = np.asarray(r.group[m.name][i])
+            v = r.read([m.name], i, i + 1)[m.name][0]
             if m.scalar:
                 code = int(v)
                 values[m.name] = {"value": code, "name": (m.classes or {}).get(code, "")}
@@ -277,7 +277,8 @@ def create_app(catalog: str | Path, allowed_hosts: list[str] | None = None) -> F
             return Response(f.read_bytes(), media_type="image/png")
         r = reader()
         names = [p for p in PANELS if p in {m.name for m in r.modalities}]
-        arrays = {n: np.asarray(r.group[n][i]) for n in names if bool(np.asarray(r.group[f"{n}_present"][i]))}
+        got = r.read(names + [f"{n}_present" for n in names], i, i + 1)
+        arrays = {n: got[n][0] for n in names if bool(got[f"{n}_present"][0])}
         return Response(png_bytes(strip(arrays)), media_type="image/png")
 
     return app

@@ -112,12 +112,11 @@ def scheduled_build(config: str) -> dict[str, Any]:
     args, extend_by = build_arguments(doc, config)
     cfg = build_config(args)
     if extend_by and _exists(cfg.store)[1]:
-        import numpy as np
-        import zarr
+        from mmearth_data.store import CorpusReader
 
-        group = zarr.open_group(cfg.store, mode="r")
-        have = int(group.attrs["n_tiles"])
-        if bool(np.asarray(group["complete"][:]).all()):  # else this run finishes the last one first
+        reader = CorpusReader(cfg.store)
+        have = reader.n_tiles
+        if bool(reader.read(["complete"], 0, have)["complete"].all()):  # else this run finishes the last one
             cfg = replace(cfg, n_tiles=have + extend_by, extend=True)
         else:
             cfg = replace(cfg, n_tiles=have, extend=True)
