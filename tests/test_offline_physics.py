@@ -216,3 +216,22 @@ def test_same_tile_and_seed_is_byte_identical(tiles):
         assert v.tobytes() == again.arrays[k].tobytes(), k
     other = OfflineSource(seed=6).fetch([q], stored_modalities())[0]
     assert other.arrays["sentinel2"].tobytes() != r.arrays["sentinel2"].tobytes()
+
+
+def test_a_modality_the_offline_world_does_not_model_is_delivered_absent():
+    """A new registry entry: the offline source delivers it as fill with ``present`` false, and the
+    store writer accepts the result (a default build does not crash on it)."""
+    from mmearth_data.registry import Modality, stored_modalities
+    from mmearth_data.sources.base import TileRequest
+    from mmearth_data.sources.offline import OfflineSource
+    from mmearth_data.store import payload_problem
+
+    new = Modality(
+        name="soil_moisture", kind="pixel", bands=("ssm",), dtype="float32", fill=float("nan"), units="m3/m3",
+        resampling="bilinear", description="surface soil moisture", provider="test", license="test",
+    )  # fmt: skip
+    mods = (*stored_modalities(), new)
+    res = OfflineSource(seed=1).fetch([TileRequest.at(48.0, 11.0, 2019, 32, biome=4, ecoregion=100)], mods)[0]
+    assert res.present["soil_moisture"] is False and np.isnan(res.arrays["soil_moisture"]).all()
+    assert res.arrays["soil_moisture"].shape == (1, 32, 32) and res.present["sentinel2"]
+    assert payload_problem(res, mods, 32) is None

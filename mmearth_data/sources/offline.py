@@ -608,13 +608,16 @@ class OfflineSource:
         }
         present = {name: True for name in arrays}
         present["sentinel1"] = s1_present
-        wanted = {mm.name for mm in modalities}
-        base = empty_arrays(modalities, S)
-        arrays = {k: np.asarray(v, dtype=base[k].dtype) for k, v in arrays.items() if k in wanted}
+        # every requested modality, from its empty arrays: one the offline world does not model (a new
+        # registry entry) is delivered absent, as a source delivers what its archive lacks
+        out = empty_arrays(modalities, S)
+        for k in out:
+            if k in arrays:
+                out[k] = np.asarray(arrays[k], dtype=out[k].dtype)
         return TileResult(
             tile_id=t.tile_id,
-            arrays=arrays,
-            present={k: v for k, v in present.items() if k in wanted},
+            arrays=out,
+            present={k: bool(present.get(k, False)) for k in out},
             s2_date=s2_date,
             s2_product=product,
             extra={
