@@ -33,7 +33,7 @@ from mmearth_data.sources.earthengine import (  # noqa: E402
     register_transport,
     tile_values_expression,
 )
-from mmearth_data.sources.ee_fake import SimulatedTransport  # noqa: E402
+from mmearth_data.testing.ee_fake import SimulatedTransport  # noqa: E402
 
 
 def replay_mmearth(sim: SimulatedTransport, tiles: list, calls_per_tile: int = 15) -> float:

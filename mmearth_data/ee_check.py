@@ -226,7 +226,7 @@ def run_ee_check(
     tiles = check_tiles()
     base = {k: v for k, v in options.items() if v is not None}
     if simulate:
-        from mmearth_data.sources.ee_fake import OfflineWorldTransport
+        from mmearth_data.testing.ee_fake import OfflineWorldTransport
 
         register_transport("ee-check-simulated", OfflineWorldTransport(tiles={t.tile_id: t for t in tiles}))
         base["transport"] = "ee-check-simulated"

@@ -144,7 +144,7 @@ def test_earth_engine_tiles_get_their_new_modalities_from_their_own_scenes(tmp_p
     import zarr
 
     from mmearth_data.sources.earthengine import register_transport
-    from mmearth_data.sources.ee_fake import SimulatedTransport, pinned_scene_id, strict_json
+    from mmearth_data.testing.ee_fake import SimulatedTransport, pinned_scene_id, strict_json
 
     pins: list[str | None] = []
 

@@ -115,7 +115,7 @@ from mmearth_data.registry import stored_modalities
 from mmearth_data.sampling import SampleConfig, sample_plan
 from mmearth_data.sources.base import SourceError, TileRequest, TileResult
 from mmearth_data.sources.earthengine import EarthEngineSource, EEConfig, register_transport
-from mmearth_data.sources.ee_fake import SimulatedTransport
+from mmearth_data.testing.ee_fake import SimulatedTransport
 
 mods = stored_modalities()
 plan = sample_plan(SampleConfig(8, (2019,), 0, 64, 0))

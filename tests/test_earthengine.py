@@ -32,8 +32,8 @@ from mmearth_data.sources.earthengine import (
     retryable,
     with_retries,
 )
-from mmearth_data.sources.ee_fake import EE_MESSAGES, SimulatedTransport, ee_exception, http_error
 from mmearth_data.store import CorpusReader
+from mmearth_data.testing.ee_fake import EE_MESSAGES, SimulatedTransport, ee_exception, http_error
 from mmearth_data.validate import validate_store
 
 MODS = stored_modalities()

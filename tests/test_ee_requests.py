@@ -26,9 +26,9 @@ from mmearth_data.sources.earthengine import (
     resolve_labels_expression,
     tile_values_expression,
 )
-from mmearth_data.sources.ee_fake import catalog_bands, scene_bands, strict_json
 from mmearth_data.sources.ee_graph import GraphError, band_plumbing
-from mmearth_data.sources.ee_offline import offline_ee
+from mmearth_data.testing.ee_fake import catalog_bands, scene_bands, strict_json
+from mmearth_data.testing.ee_offline import offline_ee
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "ee_golden"
 sys.path.insert(0, str(GOLDEN))
@@ -282,7 +282,7 @@ def test_values_request_of_a_pinned_tile_asks_for_its_stored_scene_only():
     """A tile getting modalities added later: its values request loads the stored scene by id from the
     stored product's collection, scores it, and makes no choice (no cloud filters, no random order, no
     fallback to the other product)."""
-    from mmearth_data.sources.ee_fake import pinned_scene_id
+    from mmearth_data.testing.ee_fake import pinned_scene_id
 
     golden = json.loads((GOLDEN / "alps_2020_pinned_added.json").read_text())
     values = json.dumps(golden["values"])

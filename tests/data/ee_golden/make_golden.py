@@ -25,7 +25,7 @@ from mmearth_data.sources.earthengine import (
     pixels_request,
     tile_values_expression,
 )
-from mmearth_data.sources.ee_offline import offline_ee
+from mmearth_data.testing.ee_offline import offline_ee
 
 HERE = Path(__file__).resolve().parent
 # name: (lat, lon, year, biome, ecoregion, config overrides)

@@ -183,7 +183,7 @@ class SimulatedTransport:
     _pixel_cache: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from mmearth_data.sources.ee_offline import init_offline
+        from mmearth_data.testing.ee_offline import init_offline
 
         init_offline()  # expressions are built for real, offline
 
