@@ -307,7 +307,7 @@ def _provider_list(mods: list[Modality]) -> list[dict[str, Any]]:
 
 def _bands(m: Modality, statistics: dict[str, Any]) -> list[dict[str, Any]]:
     st = statistics.get(m.name, {})
-    fill = None if isinstance(m.fill, float) and np.isnan(m.fill) else m.fill
+    fill = m.nodata
     out = []
     for b in m.bands:
         band: dict[str, Any] = {"name": f"{m.name}/{b}", "data_type": m.dtype, "unit": m.unit_of(b)}

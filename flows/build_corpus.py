@@ -217,9 +217,3 @@ def run_build(
     with prefect_api():
         runner = task_runner_for(cfg, workers, dask_address, dask_workers)
         return build_corpus.with_options(task_runner=runner)(cfg, show_progress=show_progress)
-
-
-if __name__ == "__main__":
-    from flows.cli import main
-
-    sys.exit(main(["build", *sys.argv[1:]]))

@@ -74,7 +74,7 @@ def _flags(table: dict[str, Any]) -> list[str]:
 def build_arguments(doc: dict[str, Any], path: str | Path = "config") -> tuple[argparse.Namespace, int]:
     """(``mmearth build``'s parsed arguments from the config's ``[build]`` and ``[earthengine]``,
     ``extend-by``); the build command's own parser checks every option."""
-    from flows.cli import add_build_arguments
+    from flows.options import add_build_arguments
 
     table = dict(doc.get("build", {}))
     extend_by = int(table.pop("extend-by", table.pop("extend_by", 0)) or 0)
@@ -104,7 +104,7 @@ def scheduled_build(config: str) -> dict[str, Any]:
     from dataclasses import replace
 
     from flows.build_corpus import build_corpus, task_runner_for
-    from flows.cli import build_config
+    from flows.options import build_config
     from mmearth_data.build import check_request
     from mmearth_data.store import _exists
 
@@ -162,7 +162,7 @@ def deploy(config: str | Path, pool: str | None = None, name: str | None = None)
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
-    from flows.cli import build_config
+    from flows.options import build_config
     from mmearth_data.build import check_config
 
     path = Path(config).resolve()

@@ -27,9 +27,16 @@ import geopandas as gpd
 import numpy as np
 
 from mmearth_data import registry
+from mmearth_data.artifacts import (
+    build_dir,
+    load_metadata_copy,
+    restore_metadata,
+    save_metadata_copy,
+    write_whole,
+)
 from mmearth_data.crash import crash_point
 from mmearth_data.grid import GridError, check_tile_size
-from mmearth_data.sampling import SampleConfig, SamplingError, sample_plan
+from mmearth_data.sampling import DEFAULT_YEARS, SampleConfig, SamplingError, sample_plan
 from mmearth_data.sources import (
     SourceError,
     TileFailure,
@@ -45,6 +52,10 @@ from mmearth_data.store import (
     config_hash,
     create_store,
     payload_problem,
+    read_attrs,
+    resize_tiles,
+    tile_rows,
+    update_attrs,
 )
 from mmearth_data.world import World
 
@@ -67,7 +78,7 @@ class BuildConfig:
     source: str = "offline"
     seed: int = 0
     tile_size: int = 128
-    years: tuple[int, ...] = (2017, 2018, 2019, 2020)
+    years: tuple[int, ...] = DEFAULT_YEARS
     modalities: tuple[str, ...] = DEFAULT_MODALITIES
     reserve: int = 2
     chunk_tiles: int = 0  # 0: 16, or the largest power of two dividing the shard size below that
@@ -159,12 +170,6 @@ def check_config(cfg: BuildConfig) -> None:
         )
 
 
-def build_dir(store: str) -> str:
-    """Folder (path or URL) for the build's artifacts: the store's name without .zarr, plus .build."""
-    base = store.rstrip("/")
-    return (base[: -len(".zarr")] if base.endswith(".zarr") else base) + ".build"
-
-
 @dataclass
 class Prepared:
     config: BuildConfig
@@ -211,14 +216,12 @@ def check_store_path(cfg: BuildConfig) -> bool:
                 "(nothing was changed)"
             )
         return False
-    import zarr
-
-    from mmearth_data.store import CorpusReader, StoreError, _damaged_metadata
+    from mmearth_data.store import CorpusReader, StoreError
 
     try:
-        attrs = dict(zarr.open_group(cfg.store, mode="r").attrs)
-    except Exception as err:  # a damaged zarr.json
-        raise BuildInputError(_damaged_metadata(cfg.store, "", err)) from None
+        attrs = read_attrs(cfg.store)
+    except StoreError as err:  # a damaged zarr.json
+        raise BuildInputError(str(err)) from None
     if "schema_version" not in attrs:
         raise BuildInputError(
             f"{cfg.store} is a zarr group but not a corpus store; "
@@ -471,7 +474,7 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
         fs.makedirs(fs._parent(path), exist_ok=True)
         buf = io.BytesIO()
         plan.to_parquet(buf)
-        _write_whole(fs, path, buf.getvalue())
+        write_whole(fs, path, buf.getvalue())
         crash_point("plan")
     if not all(fs.exists(f"{fs._parent(path)}/{n}") for n in PLOTS):  # also after a kill between the two
         _write_plots(plan, out)
@@ -501,7 +504,7 @@ class ShardCandidates(Mapping):
         rows = self.table.iloc[a:b].to_dict("records")
         done = np.zeros(s1 - s0, bool)
         if self.keep_complete:
-            done = np.asarray(self.writer.group["complete"][s0:s1])
+            done = self.writer.complete(s0, s1, own=True)
         out: list[list[dict[str, Any]]] = [[] for _ in range(s1 - s0)]
         for r in rows:
             i = int(r.pop("slot")) - s0
@@ -551,9 +554,7 @@ def _history_entry(
 
 def _history(store: str) -> tuple[list[dict[str, Any]], bool]:
     """(the store's build history, whether any entry extends it)."""
-    import zarr
-
-    hist = list(zarr.open_group(store, mode="r").attrs.get("history") or [])
+    hist = list(read_attrs(store).get("history") or [])
     return hist, any(h.get("action") in ("extend", "add-modalities") for h in hist)
 
 
@@ -577,10 +578,8 @@ def _prepare_extension(cfg: BuildConfig, world: World | None) -> Prepared:
     from dataclasses import replace
 
     import pandas as pd
-    import zarr
 
-    group = zarr.open_group(cfg.store, mode="r+", zarr_format=3)
-    attrs = dict(group.attrs)
+    attrs = read_attrs(cfg.store)
     stored = attrs["build"]["config"]
     cfg = replace(cfg, shard_tiles=stored["shard_tiles"], chunk_tiles=stored["chunk_tiles"])
     ident = extension_identity(cfg, stored)
@@ -596,9 +595,9 @@ def _prepare_extension(cfg: BuildConfig, world: World | None) -> Prepared:
     last = history[-1]
     added = [m for m in ident["modalities"] if m not in stored["modalities"]]
     if added or (last["action"] == "add-modalities" and last["finished"] is None):
-        return _prepare_modality_fill(cfg, group, ident, history, source, added)
+        return _prepare_modality_fill(cfg, attrs, ident, history, source, added)
     pending = last["action"] == "extend" and last["finished"] is None and last["tiles"][1] == cfg.n_tiles
-    if cfg.n_tiles > have or (pending and group["complete"].shape[0] != cfg.n_tiles):
+    if cfg.n_tiles > have or (pending and tile_rows(cfg.store) != cfg.n_tiles):
         if not pending:  # a new extension
             k = sum(h["action"] == "extend" for h in history) + 1
             last = _history_entry(
@@ -622,21 +621,15 @@ def _prepare_extension(cfg: BuildConfig, world: World | None) -> Prepared:
                 labeler.save()
             buf = io.BytesIO()
             plan.to_parquet(buf)
-            _write_whole(fs, path, buf.getvalue())
-        group.attrs["history"] = history  # the intent first: a killed extension resumes from here
+            write_whole(fs, path, buf.getvalue())
+        update_attrs(cfg.store, history=history)  # the intent first: a killed extension resumes from here
         crash_point("extend-planned")
-        for _, arr in group.arrays():
-            dims = arr.metadata.dimension_names or ()
-            if dims and dims[0] == "tile" and arr.shape[0] != cfg.n_tiles:
-                arr.resize((cfg.n_tiles,) + arr.shape[1:])
-                crash_point("extend-resized")
-        n_shards = -(-cfg.n_tiles // cfg.resolved_shard_tiles())
-        group.attrs.update(
-            {
-                "n_tiles": cfg.n_tiles,
-                "n_shards": n_shards,
-                "build": attrs["build"] | {"config": ident, "config_hash": config_hash(ident)},
-            }
+        resize_tiles(cfg.store, cfg.n_tiles)
+        update_attrs(
+            cfg.store,
+            n_tiles=cfg.n_tiles,
+            n_shards=-(-cfg.n_tiles // cfg.resolved_shard_tiles()),
+            build=attrs["build"] | {"config": ident, "config_hash": config_hash(ident)},
         )
         save_metadata_copy(cfg.store)
     plans = pd.concat([_read_plan(out, h["plan"]) for h in history])
@@ -647,8 +640,8 @@ def _prepare_extension(cfg: BuildConfig, world: World | None) -> Prepared:
 
 
 def _prepare_modality_fill(
-    cfg: BuildConfig, group: Any, ident: dict[str, Any], history: list[dict[str, Any]], source: Any,
-    added: list[str],
+    cfg: BuildConfig, attrs: dict[str, Any], ident: dict[str, Any], history: list[dict[str, Any]],
+    source: Any, added: list[str],
 ) -> Prepared:  # fmt: skip
     """Add modalities to a complete store's tiles (or resume adding them): record the extension in
     the history, make the modalities' empty arrays (new files only), and hand every shard whose tiles
@@ -657,11 +650,11 @@ def _prepare_modality_fill(
 
     import pandas as pd
 
-    from mmearth_data.store import add_modalities, complete_flags
+    from mmearth_data.store import add_modalities
 
-    have = int(group.attrs["n_tiles"])
+    have = int(attrs["n_tiles"])
     if added:  # a new request (a resumed one finds its modalities in the store's list already)
-        missing = have - int(complete_flags(group).sum())
+        missing = have - int(StoreWriter(cfg.store).complete().sum())
         if missing:
             raise BuildInputError(
                 f"--extend --modalities: {cfg.store} has {missing} incomplete tiles; finish the build "
@@ -670,11 +663,11 @@ def _prepare_modality_fill(
             )
         entry = _history_entry("add-modalities", cfg, ident, source, (0, have), cfg.seed, "plan.parquet")
         history.append(entry | {"added": 0, "modalities": added})
-        group.attrs["history"] = history  # the intent first: a killed extension resumes from here
+        update_attrs(cfg.store, history=history)  # the intent first: a killed extension resumes from here
         crash_point("extend-planned")
     names = list(history[-1]["modalities"])
-    add_modalities(group, registry.stored_modalities(names))
-    group.attrs["build"] = dict(group.attrs["build"]) | {"config": ident, "config_hash": config_hash(ident)}
+    add_modalities(cfg.store, registry.stored_modalities(names))
+    update_attrs(cfg.store, build=dict(attrs["build"]) | {"config": ident, "config_hash": config_hash(ident)})
     save_metadata_copy(cfg.store)
     crash_point("modalities-added")
     cfg = replace(cfg, modalities=tuple(ident["modalities"]))
@@ -695,13 +688,12 @@ class FillCandidates(Mapping):
         self.labels = plans.drop_duplicates("tile_id").set_index("tile_id")[["biome", "ecoregion"]]
 
     def __getitem__(self, shard: int) -> list[list[dict[str, Any]]]:
-        from mmearth_data.store import CorpusReader, complete_flags
+        from mmearth_data.store import CorpusReader
 
         if shard not in self.shards:
             raise KeyError(shard)
         s0, s1 = self.writer.shard_range(shard)
-        g = self.writer.group
-        todo = np.asarray(g["complete"][s0:s1]).astype(bool) & ~complete_flags(g, s0, s1)
+        todo = self.writer.complete(s0, s1, own=True) & ~self.writer.complete(s0, s1)
         meta = CorpusReader(self.writer.url).tiles(s0, s1)
         out: list[list[dict[str, Any]]] = [[] for _ in range(s1 - s0)]
         for i in np.flatnonzero(todo):
@@ -770,12 +762,6 @@ def plan_labeler(cfg: BuildConfig, source: Any) -> CachedLabeler | None:
 
 
 PLOTS = ("sample_map.png", "strata.png")
-
-
-def _write_whole(fs: Any, path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` on ``fs`` whole or not at all (beside it, then moved into place)."""
-    fs.pipe_file(f"{path}.tmp", data)
-    fs.mv(f"{path}.tmp", path)
 
 
 def _staging_path(store: str) -> tuple[str, str]:
@@ -918,22 +904,17 @@ def finish(
 ) -> dict[str, Any]:
     """Statistics into the store (unless the caller wrote them already), failures into the artifacts,
     the build's history entry closed; returns the build summary."""
-    import zarr
-
     from mmearth_data.stats import write_statistics
 
     if statistics:
         write_statistics(cfg.store)
-    from mmearth_data.store import complete_flags as flags_of
-
-    group = zarr.open_group(cfg.store, mode="r+")
-    complete_flags = flags_of(group)
+    complete_flags = StoreWriter(cfg.store).complete()
     complete = int(complete_flags.sum())
-    history = list(group.attrs.get("history") or [])
+    history = list(read_attrs(cfg.store).get("history") or [])
     if history and history[-1]["finished"] is None:
         t0, t1 = history[-1]["tiles"]
         history[-1] |= {"finished": _now(), "complete": int(complete_flags[t0:t1].sum())}
-        group.attrs["history"] = history
+        update_attrs(cfg.store, history=history)
         save_metadata_copy(cfg.store)  # the copy repair restores from holds the closed history
     failures = [f for r in reports for f in r.failures]
     reasons: dict[str, int] = {}
@@ -949,7 +930,7 @@ def finish(
     return {
         "store": cfg.store,
         "artifacts": build_dir(cfg.store),
-        "n_tiles": int(group.attrs["n_tiles"]),
+        "n_tiles": len(complete_flags),
         "complete": complete,
         "shards_exported": len(reports),
         "tiles_exported": tiles_done,
@@ -974,9 +955,7 @@ def build_in_process(cfg: BuildConfig, world: World | None = None) -> dict[str, 
 
 def config_from_store(url: str) -> BuildConfig:
     """The build configuration recorded in a store's ``build`` attribute (for resuming or repairing)."""
-    import zarr
-
-    c = dict(zarr.open_group(url, mode="r").attrs).get("build", {}).get("config")
+    c = read_attrs(url).get("build", {}).get("config")
     if not c:
         raise BuildInputError(f"{url} records no build configuration; it was not written by `mmearth build`")
     return BuildConfig(
@@ -984,68 +963,6 @@ def config_from_store(url: str) -> BuildConfig:
         years=tuple(c["years"]), modalities=tuple(c["modalities"]), reserve=c["reserve"],
         chunk_tiles=c["chunk_tiles"], shard_tiles=c["shard_tiles"], compression=c["compression"],
     )  # fmt: skip
-
-
-METADATA_COPY = "metadata.json"
-
-
-def save_metadata_copy(store: str, source: str | None = None) -> None:
-    """Keep every ``zarr.json`` of the store (read from ``source``, by default the store itself) in
-    ``<store>.build/metadata.json``, written whole or not at all, for :func:`restore_metadata`. Taken
-    when the store is created; whatever changes the store's layout must take it again."""
-    from mmearth_data.store import metadata_documents
-
-    docs = {k: v.decode() for k, v in metadata_documents(source or store).items()}
-    fs, path = fsspec.core.url_to_fs(f"{build_dir(store)}/{METADATA_COPY}")
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    _write_whole(fs, path, json.dumps(docs, indent=0).encode())
-
-
-def load_metadata_copy(store: str) -> dict[str, str] | None:
-    """The copy :func:`save_metadata_copy` keeps, or None when there is none (or it is unreadable)."""
-    fs, path = fsspec.core.url_to_fs(f"{build_dir(store)}/{METADATA_COPY}")
-    try:
-        docs = json.loads(fs.cat_file(path))
-    except (FileNotFoundError, ValueError):
-        return None
-    return docs if isinstance(docs, dict) and "zarr.json" in docs else None
-
-
-def damaged_metadata(store: str) -> tuple[dict[str, str] | None, dict[str, str]]:
-    """(the build's metadata copy or None, ``{key: problem}`` for every missing or damaged
-    ``zarr.json``); no problems where there is no store at all (the reader says so)."""
-    from mmearth_data.store import metadata_problems
-
-    copy = load_metadata_copy(store)
-    fs, root = fsspec.core.url_to_fs(store)
-    root = root.rstrip("/")
-    found = [p[len(root) + 1 :] for p in fs.glob(f"{root}/*/zarr.json")]
-    problems = metadata_problems(store, sorted(set(copy or ()) | set(found) | {"zarr.json"}))
-    if copy is None and problems.get("zarr.json") == "missing":
-        return None, {}
-    return copy, problems
-
-
-def restore_metadata(store: str) -> list[str]:
-    """Rewrite every missing or damaged ``zarr.json`` of the store from the build's copy; returns the
-    keys restored. Raises :class:`StoreError` when some are damaged and there is no copy."""
-    from mmearth_data.store import StoreError
-
-    copy, problems = damaged_metadata(store)
-    if not problems:
-        return []
-    if copy is None or any(k not in copy for k in problems):
-        listed = ", ".join(f"{k} ({v})" for k, v in problems.items())
-        raise StoreError(
-            f"{store}: damaged metadata {listed} and no copy of it in {build_dir(store)}/{METADATA_COPY}; "
-            "restore those files from a copy of your own, or rebuild into a new --store (nothing was changed)"
-        )
-    fs, root = fsspec.core.url_to_fs(store)
-    for key in sorted(problems):
-        target = f"{root.rstrip('/')}/{key}"
-        fs.makedirs(fs._parent(target), exist_ok=True)
-        _write_whole(fs, target, copy[key].encode())
-    return sorted(problems)
 
 
 def repair_store(url: str, world: World | None = None) -> dict[str, Any]:
@@ -1075,16 +992,8 @@ def repair_store(url: str, world: World | None = None) -> dict[str, Any]:
         return out | {"rebuilt": False}
     cfg = config_from_store(url)
     writer = StoreWriter(url)
-    fs, root = fsspec.core.url_to_fs(url)
-    tile_arrays = [name for name, a in writer.group.arrays() if a.shape and a.shape[0] == reader.n_tiles]
     for k in shards:
-        # the damaged shard files go first: a write into a shard reads what is there (and fails on it)
-        for name in tile_arrays:
-            key = f"{root.rstrip('/')}/{name}/c/{k}"
-            if fs.exists(key):
-                fs.rm(key, recursive=True)
-        s0, s1 = writer.shard_range(k)
-        writer.group["complete"][s0:s1] = np.zeros(s1 - s0, bool)
+        writer.drop_shard(k)
     if cfg.source != "offline":
         return out | {"rebuilt": False, "next": f"re-run `mmearth build --store {url}` with the same options"}
     build_in_process(cfg, world)

@@ -22,19 +22,15 @@ derivation. Reads and writes go shard by shard of the derived store.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from mmearth_data.registry import Modality
 from mmearth_data.sampling import allocate, split_of
-from mmearth_data.store import (
-    TILE_VARS,
-    CorpusReader,
-    create_store,
-    strings,
-    tile_checksum,
-)
+from mmearth_data.store import TILE_VARS, CorpusReader, StoreWriter, create_store, tile_checksum
 
 
 class DeriveError(ValueError):
@@ -80,6 +76,37 @@ def stratified_subset(biome: np.ndarray, year: np.ndarray, n: int, seed: int) ->
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
 
 
+def _copy_tiles(
+    r: CorpusReader, w: StoreWriter, sel: np.ndarray, mods: Sequence[Modality], size: int,
+    new_split: np.ndarray | None,
+) -> None:  # fmt: skip
+    """Copy the source's tiles ``sel`` into the new store shard by shard: pixel modalities centre-cropped
+    to ``size`` (transforms moved by the margin), the split replaced when ``new_split`` is given,
+    checksums of the copied values."""
+    off = (r.tile_size - size) // 2
+    tile_names = [v.name for v in TILE_VARS if r.has(v.name)] + [f"{m.name}_present" for m in mods]
+    for s0 in range(0, len(sel), w.shard_tiles):
+        s1 = min(s0 + w.shard_tiles, len(sel))
+        idx = sel[s0:s1]
+        data = {name: r.rows(name, idx) for name in tile_names}
+        for m in mods:
+            v = r.rows(m.name, idx)
+            if m.kind == "pixel" and size != r.tile_size:
+                v = np.ascontiguousarray(v[..., off : off + size, off : off + size])
+            data[m.name] = v
+        if size != r.tile_size:
+            tr = data["transform"].copy()
+            tr[:, 2] += tr[:, 0] * off + tr[:, 1] * off  # origin moves by the cropped margin
+            tr[:, 5] += tr[:, 3] * off + tr[:, 4] * off
+            data["transform"] = tr
+        if new_split is not None:
+            data["split"] = new_split[s0:s1]
+        data["checksum"] = np.array(
+            [[tile_checksum(data[m.name][i]) for m in mods] for i in range(s1 - s0)], np.uint32
+        ).reshape(s1 - s0, len(mods))
+        w.write_tiles(s0, data)
+
+
 def derive_store(src: str, dst: str, how: Derivation) -> dict[str, Any]:
     """Write the derived store at ``dst`` (see the module docstring); returns a summary."""
     from mmearth_data.build import _exists
@@ -101,7 +128,6 @@ def derive_store(src: str, dst: str, how: Derivation) -> dict[str, Any]:
         if not 0 < how.crop <= size:
             raise DeriveError(f"--crop {how.crop}: must be between 1 and the source's tile size {size}")
         size = how.crop
-    off = (r.tile_size - size) // 2
     meta = r.tiles()
     complete = meta["complete"].to_numpy()
     sel = np.flatnonzero(complete)
@@ -136,39 +162,10 @@ def derive_store(src: str, dst: str, how: Derivation) -> dict[str, Any]:
         dst, n_tiles=n, tile_size=size, modalities=mods, chunk_tiles=chunk_tiles, shard_tiles=shard_tiles,
         attrs=attrs, compression=r.attrs.get("compression", {}).get("mode", "compact"),
     )  # fmt: skip
-    import zarr
-
-    g_src, g = r.group, zarr.open_group(dst, mode="r+", zarr_format=3)
     new_split = None
     if how.split is not None:
         new_split = split_of(meta["lat"].to_numpy()[sel], meta["lon"].to_numpy()[sel], how.split, how.seed)
-    tile_names = [v.name for v in TILE_VARS if v.name in g_src] + [f"{m.name}_present" for m in mods]
-    for s0 in range(0, n, shard_tiles):
-        s1 = min(s0 + shard_tiles, n)
-        idx = sel[s0:s1]
-        data: dict[str, np.ndarray] = {}
-        for name in tile_names:
-            data[name] = np.asarray(g_src[name].oindex[idx])
-        for m in mods:
-            v = np.asarray(g_src[m.name].oindex[idx])
-            if m.kind == "pixel" and size != r.tile_size:
-                v = np.ascontiguousarray(v[..., off : off + size, off : off + size])
-            data[m.name] = v
-        if size != r.tile_size:
-            tr = data["transform"].copy()
-            tr[:, 2] += tr[:, 0] * off + tr[:, 1] * off  # origin moves by the cropped margin
-            tr[:, 5] += tr[:, 3] * off + tr[:, 4] * off
-            data["transform"] = tr
-        if new_split is not None:
-            data["split"] = new_split[s0:s1]
-        data["checksum"] = np.array(
-            [[tile_checksum(data[m.name][i]) for m in mods] for i in range(s1 - s0)], np.uint32
-        ).reshape(s1 - s0, len(mods))
-        for name, values in data.items():
-            if values.dtype.kind == "T":
-                values = strings(values)
-            g[name][s0:s1] = values
-        g["complete"][s0:s1] = np.ones(s1 - s0, bool)
+    _copy_tiles(r, StoreWriter(dst), sel, mods, size, new_split)
     write_statistics(dst)
     return {
         "store": dst,

@@ -11,7 +11,7 @@ L2A ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -106,15 +106,25 @@ class Modality:
             return (n_tiles, self.n_bands, tile_size, tile_size)
         return (n_tiles,) if self.scalar else (n_tiles, self.n_bands)
 
+    @property
+    def nan_fill(self) -> bool:
+        """Whether no-data is NaN (float modalities), which compares unequal to itself."""
+        return isinstance(self.fill, float) and bool(np.isnan(self.fill))
+
+    @property
+    def nodata(self) -> float | int | None:
+        """The fill as a nodata value for formats that spell NaN as absent (JSON, STAC): None for NaN."""
+        return None if self.nan_fill else self.fill
+
     def is_fill(self, values: np.ndarray) -> np.ndarray:
         """Boolean mask of no-data entries (NaN-aware for float fills)."""
-        if isinstance(self.fill, float) and np.isnan(self.fill):
+        if self.nan_fill:
             return np.isnan(values)
         return values == self.fill
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable description, as written into the store and the catalog."""
-        fill = None if isinstance(self.fill, float) and np.isnan(self.fill) else self.fill
+        fill = self.nodata
         return {
             "name": self.name,
             "kind": self.kind,
@@ -142,6 +152,27 @@ class Modality:
                 "params": self.ee.params,
             },
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Modality:
+        """The entry :meth:`to_dict` wrote (a store's recorded registry); keys it does not know are
+        refused, keys an older store did not record take the field's default."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise RegistryError(f"modality {d.get('name')!r}: unknown registry fields {unknown}")
+        kw = dict(d)
+        kw["bands"] = tuple(d["bands"])
+        kw["fill"] = NAN if d["fill"] in ("NaN", None) else d["fill"]
+        kw["units"] = d["units"] if isinstance(d["units"], str) else tuple(d["units"])
+        kw["classes"] = {int(k): v for k, v in d["classes"].items()} if d.get("classes") else None
+        kw["derived_from"] = tuple(d.get("derived_from") or ())
+        kw["model_bands"] = tuple(d["model_bands"]) if d.get("model_bands") else None
+        e = d.get("ee")
+        kw["ee"] = (
+            None if e is None else EERecipe(e["collection"], tuple(e["bands"]), e["select"], e["params"])
+        )
+        return cls(**kw)
 
 
 S2_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")

@@ -54,10 +54,13 @@ def parse_years(text: str) -> tuple[int, ...]:
         raise SamplingError(f"years {text!r}: use a range like 2017-2020 or a list like 2017,2019") from None
 
 
+DEFAULT_YEARS = (2017, 2018, 2019, 2020)  # MMEarth's four years
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     n_tiles: int
-    years: tuple[int, ...] = (2017, 2018, 2019, 2020)
+    years: tuple[int, ...] = DEFAULT_YEARS
     seed: int = 0
     tile_size: int = 128
     reserve: int = 2

@@ -16,11 +16,10 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
-import zarr
 
 from mmearth_data.crash import crash_point
 from mmearth_data.registry import Modality
-from mmearth_data.store import CorpusReader, complete_flags, strings
+from mmearth_data.store import CorpusReader, update_attrs
 
 S2_LEVELS = ("L1C", "L2A")
 
@@ -65,15 +64,14 @@ def compute_statistics(url: str) -> dict[str, Any]:
     """Statistics of every stored modality of the store at ``url`` (not written; see
     :func:`write_statistics`)."""
     reader = CorpusReader(url)
-    g = reader.group
-    complete = complete_flags(g)
-    product = strings(g["s2_product"][:])
+    complete = reader.column("complete")
+    product = reader.column("s2_product")
     lazy: dict[tuple[str, str | None], Any] = {}
     for m in reader.modalities:
-        arr = da.from_zarr(g[m.name])
+        arr = reader.dask_array(m.name)
         if m.scalar:
             arr = arr[:, None]
-        mask = complete & np.asarray(g[f"{m.name}_present"][:])
+        mask = complete & reader.column(f"{m.name}_present")
         if m.categorical:
             # fill is never a class: tiles outside the mask are counted as fill and dropped
             keep = da.from_array(
@@ -106,6 +104,5 @@ def write_statistics(url: str) -> dict[str, Any]:
     """Compute the statistics and store them in the group attribute ``statistics``."""
     stats = compute_statistics(url)
     crash_point("statistics")
-    group = zarr.open_group(url, mode="r+", zarr_format=3)
-    group.attrs["statistics"] = stats
+    update_attrs(url, statistics=stats)
     return stats

@@ -22,7 +22,7 @@ import json
 import logging
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.codecs.numcodecs import PCodec
 
 from mmearth_data.crash import crash_point
-from mmearth_data.registry import MODALITIES, Modality, get, registry_dict
+from mmearth_data.registry import MODALITIES, Modality, RegistryError, get, registry_dict
 from mmearth_data.sources.base import TileResult
 
 log = logging.getLogger(__name__)
@@ -136,14 +136,27 @@ TILE_VARS = (
 ORBIT_NAMES = ("asc", "desc")  # coordinate of the orbit dimension
 
 
+@dataclass(frozen=True)
+class ArrayLayout:
+    """How one array of a store is written (what validation compares with the registry)."""
+
+    dims: tuple[str, ...]
+    dtype: np.dtype
+    fill: Any
+    shape: tuple[int, ...]
+    codecs: list[str]
+
+
 class StoreError(ValueError):
     """The store at a path is missing, foreign, or does not match the build's configuration."""
 
 
 def store_modalities(group: zarr.Group) -> tuple[Modality, ...]:
-    """Registry entries of the modalities this store holds (by its recorded registry)."""
+    """The modalities this store holds, as its recorded registry describes them (a modality the record
+    lacks, in a store written before the registry was recorded, from the live registry)."""
+    recorded = group.attrs.get("registry") or {}
     names = group.attrs.get("modalities", [])
-    return tuple(get(n) for n in names)
+    return tuple(Modality.from_dict(recorded[n]) if n in recorded else get(n) for n in names)
 
 
 def strings(values: Any) -> np.ndarray:
@@ -184,6 +197,17 @@ def array_codecs(m: Modality, compression: str) -> dict[str, Any]:
     return {"compressors": CHECKED}
 
 
+def codec_names(array) -> list[str]:
+    """Codec names of an array as its zarr.json records them, inside the sharding codec if any."""
+    out = []
+    for c in array.metadata.to_dict()["codecs"]:
+        if c["name"] == "sharding_indexed":
+            out += [inner["name"] for inner in c["configuration"]["codecs"]]
+        else:
+            out.append(c["name"])
+    return out
+
+
 def tile_checksum(values: np.ndarray) -> np.uint32:
     """CRC32 of one tile's values of one modality as stored (C order, the array's own dtype): recorded
     at write time, compared by ``mmearth validate --deep``."""
@@ -217,7 +241,7 @@ def _modality_arrays(
         attributes={
             "long_name": m.description,
             "units": list(m.units) if not isinstance(m.units, str) else m.units,
-            "nodata": "NaN" if isinstance(m.fill, float) and np.isnan(m.fill) else m.fill,
+            "nodata": "NaN" if m.nan_fill else m.fill,
             "modality": m.name,
         },
     )
@@ -227,12 +251,13 @@ def _modality_arrays(
     _tile_flag(group, f"{m.name}_present", f"{m.name} delivered by the source (false: all fill)", layout)
 
 
-def add_modalities(group: zarr.Group, modalities: Sequence[Modality]) -> None:
+def add_modalities(url: str, modalities: Sequence[Modality]) -> None:
     """Add modalities to an existing store's tiles (``mmearth build --extend --modalities``): for each,
     its array, band coordinate and ``_present`` flags as :func:`create_store` makes them, plus
     ``<name>_complete`` (the tile's values of this modality written) and ``checksum_<name>`` (their
     CRC32), so that filling them in writes new shard files only; the store's ``modalities`` and
     ``added_modalities`` attributes list them. Arrays made by an earlier, killed call are kept."""
+    group = zarr.open_group(url, mode="r+", zarr_format=3)
     a = group.attrs
     layout = (a["n_tiles"], a["chunk_tiles"], a["shard_tiles"])
     mode = a.get("compression", {}).get("mode", "compact")
@@ -497,6 +522,35 @@ class StoreWriter:
         crash_point("shard-done")
         return int(complete.sum())
 
+    def complete(self, start: int = 0, stop: int | None = None, own: bool = False) -> np.ndarray:
+        """Completeness of tiles ``start:stop``: written whole with every modality, added ones included
+        (with ``own``: the ``complete`` flags alone, the tiles' build written)."""
+        if own:
+            return np.asarray(self.group["complete"][start:stop]).astype(bool)
+        return complete_flags(self.group, start, stop)
+
+    def drop_shard(self, shard: int) -> None:
+        """Remove the shard files of ``shard`` from every per-tile array and mark its tiles incomplete
+        (repair: a write into a shard reads what is there first, and fails on a damaged file)."""
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(self.url)
+        for name, a in self.group.arrays():
+            if a.shape and a.shape[0] == self.n_tiles:
+                key = f"{root.rstrip('/')}/{name}/c/{shard}"
+                if fs.exists(key):
+                    fs.rm(key, recursive=True)
+        s0, s1 = self.shard_range(shard)
+        self.group["complete"][s0:s1] = np.zeros(s1 - s0, bool)
+
+    def write_tiles(self, start: int, data: dict[str, np.ndarray]) -> None:
+        """Write per-tile arrays ``data`` (values of tiles ``start:start + n``, as stored) and then mark
+        those tiles complete: for copies of tiles written whole elsewhere (``mmearth derive``)."""
+        n = len(next(iter(data.values())))
+        for name, values in data.items():
+            self.group[name][start : start + n] = strings(values) if values.dtype.kind == "T" else values
+        self.group["complete"][start : start + n] = np.ones(n, bool)
+
     def incomplete_shards(self) -> list[int]:
         """Shards holding at least one tile not marked complete (unreadable flags count as not)."""
         out = []
@@ -574,6 +628,8 @@ class CorpusReader:
                 "build one with `mmearth build --store PATH`"
             )
         self.url = url
+        self._arrays: dict[str, zarr.Array] = {}
+        self._names: set[str] | None = None
         try:
             self.group = zarr.open_group(url, mode="r", zarr_format=3)
             self.attrs = dict(self.group.attrs)
@@ -585,7 +641,13 @@ class CorpusReader:
         self.tile_size = int(self.attrs["tile_size"])
         self.shard_tiles = int(self.attrs["shard_tiles"])
         self.chunk_tiles = int(self.attrs["chunk_tiles"])
-        self.modalities = store_modalities(self.group)
+        try:
+            self.modalities = store_modalities(self.group)
+        except RegistryError as err:
+            raise StoreError(
+                f"{url}: {err.args[0]}; the store was written by a newer version of mmearth-corpus, "
+                "upgrade it to read the store"
+            ) from None
         for name in [m.name for m in self.modalities] + ["complete", "tile_id"]:
             try:
                 self.group[name]
@@ -613,14 +675,97 @@ class CorpusReader:
         raises :class:`StoreError` naming the array, the tiles and the store."""
         return {n: self._get(n, start, stop) for n in names}
 
-    def _get(self, name: str, start: int, stop: int) -> np.ndarray:
+    def _get(self, name: str, start: int, stop: int | None) -> np.ndarray:
         try:
             if name == "complete":  # with the flags of modalities added later
                 return complete_flags(self.group, start, stop)
-            return np.asarray(self.group[name][start:stop])
+            return np.asarray(self._array(name)[start:stop])
         except Exception as err:  # checksum mismatch, truncated or undecodable chunk
             last = self.n_tiles if stop is None else stop
             raise StoreError(unreadable(self.url, name, start, last, err)) from err
+
+    def _array(self, name: str) -> zarr.Array:
+        """The array ``name``, opened once (its metadata is read on the first use only)."""
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = self._arrays[name] = self.group[name]
+        return arr
+
+    def has(self, name: str) -> bool:
+        """Whether the store holds an array called ``name`` (e.g. the provenance of schema 1.1)."""
+        return name in self.array_names
+
+    @property
+    def array_names(self) -> set[str]:
+        if self._names is None:
+            self._names = set(self.group.array_keys())
+        return self._names
+
+    def column(self, name: str) -> np.ndarray:
+        """Per-tile array ``name`` for every tile (strings as Python str)."""
+        v = self._get(name, 0, self.n_tiles)
+        return strings(v) if v.dtype.kind == "T" else v
+
+    def eligible(self, split: str | None = None, tile_ids: Sequence[str] | None = None) -> np.ndarray:
+        """Boolean mask of the complete tiles, of ``split`` when given, among ``tile_ids`` when given;
+        raises :class:`StoreError` naming listed ids that the store does not hold."""
+        mask = self.column("complete").astype(bool)
+        if split is not None:
+            mask &= self.column("split") == split
+        if tile_ids is not None:
+            ids = self.column("tile_id")
+            unknown = sorted(set(tile_ids) - set(ids.tolist()))
+            if unknown:
+                raise StoreError(f"{len(unknown)} listed tile ids are not in the store (first: {unknown[0]})")
+            mask &= np.isin(ids, list(tile_ids))
+        return mask
+
+    def rows(self, name: str, index: np.ndarray) -> np.ndarray:
+        """Array ``name`` at the store indices ``index`` (any order)."""
+        try:
+            return np.asarray(self._array(name).oindex[np.asarray(index)])
+        except Exception as err:
+            raise StoreError(unreadable(self.url, name, 0, self.n_tiles, err)) from err
+
+    def blocks(self, name: str) -> Iterator[tuple[int, int, np.ndarray | None, str | None]]:
+        """(start, stop, values or None, error text or None) for each chunk of array ``name``: every
+        readable chunk's values, and for an unreadable one (CRC32C mismatch, truncated, undecodable)
+        the reason, so that a check can go on past it."""
+        arr, c = self._array(name), self.chunk_tiles
+        for a in range(0, self.n_tiles, c):
+            b = min(a + c, self.n_tiles)
+            try:
+                yield a, b, np.asarray(arr[a:b]), None
+            except Exception as err:
+                yield a, b, None, f"{type(err).__name__}: {err}"
+
+    def layout(self, name: str) -> ArrayLayout:
+        """How array ``name`` is written: dimension names, dtype, fill, shape and codecs."""
+        a = self._array(name)
+        return ArrayLayout(
+            dims=tuple(a.metadata.dimension_names or ()), dtype=a.dtype, fill=a.fill_value,
+            shape=a.shape, codecs=codec_names(a),
+        )  # fmt: skip
+
+    def band_names(self, m: Modality) -> list[str]:
+        """The band coordinate of modality ``m`` as stored."""
+        return list(strings(self._get(m.band_dim, 0, None)))
+
+    def dask_array(self, name: str) -> Any:
+        """Array ``name`` as a dask array, one block per chunk (lazy)."""
+        import dask.array as da
+
+        return da.from_zarr(self._array(name))
+
+    def missing_shard_file(self, name: str, start: int) -> str | None:
+        """The key of the shard file of array ``name`` that holds tile ``start`` when it is absent
+        (deleted, or the store changed while being read), else None."""
+        import fsspec
+
+        a = self._array(name)
+        fs, root = fsspec.core.url_to_fs(self.url)
+        key = f"{root.rstrip('/')}/{name}/c/{start // self.shard_tiles}" + "/0" * (a.ndim - 1)
+        return None if fs.exists(key) else key
 
     def s2_dates(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         days = self._get("s2_date", start, stop)
@@ -639,7 +784,7 @@ class CorpusReader:
             data[c] = strings(v) if v.dtype.kind == "T" else v
         df = pd.DataFrame(data, index=pd.RangeIndex(start, stop))
         df["s2_date"] = self.s2_dates(start, stop)
-        if "s2_id" in self.group:  # scene provenance (schema 1.1)
+        if self.has("s2_id"):  # scene provenance (schema 1.1)
             df["s2_id"] = strings(self._get("s2_id", start, stop))
             df["cloud_score"] = self._get("cloud_score", start, stop)
             df["cloud_score_source"] = strings(self._get("cloud_score_source", start, stop))
@@ -668,9 +813,9 @@ class CorpusReader:
         m = get(modality)
         if m.kind != "pixel":
             raise ValueError(f"{modality} is not a pixel modality")
-        values = np.asarray(self.group[modality][index])
-        a, b, c, d, e, f = (float(v) for v in np.asarray(self.group["transform"][index]))
-        epsg = int(self.group["epsg"][index])
+        values = self._get(modality, index, index + 1)[0]
+        a, b, c, d, e, f = (float(v) for v in self._get("transform", index, index + 1)[0])
+        epsg = int(self._get("epsg", index, index + 1)[0])
         S = values.shape[-1]
         x = c + a * (np.arange(S) + 0.5)
         y = f + e * (np.arange(S) + 0.5)
@@ -678,8 +823,47 @@ class CorpusReader:
             values, dims=("band", "y", "x"), coords={"band": list(m.bands), "y": y, "x": x}, name=modality
         )
         da = da.rio.write_crs(f"EPSG:{epsg}").rio.write_transform(Affine(a, b, c, d, e, f))
-        nodata = None if isinstance(m.fill, float) and np.isnan(m.fill) else m.fill
-        return da.rio.write_nodata(nodata if nodata is not None else np.nan, encoded=False)
+        return da.rio.write_nodata(np.nan if m.nan_fill else m.fill, encoded=False)
+
+
+def read_attrs(url: str) -> dict[str, Any]:
+    """The store's attributes (build configuration, history, statistics, recorded registry); raises
+    :class:`StoreError` when its root metadata cannot be read."""
+    try:
+        return dict(zarr.open_group(url, mode="r").attrs)
+    except Exception as err:  # a damaged zarr.json: JSON, metadata or codec errors
+        raise StoreError(_damaged_metadata(url, "", err)) from None
+
+
+def update_attrs(url: str, **attrs: Any) -> None:
+    """Set the store's attributes ``attrs`` (others are kept)."""
+    zarr.open_group(url, mode="r+", zarr_format=3).attrs.update(attrs)
+
+
+def tile_rows(url: str) -> int:
+    """Length of the store's ``tile`` axis as its arrays have it (ahead of ``n_tiles`` while an
+    extension resizes them)."""
+    return int(zarr.open_array(url, path="complete", mode="r", zarr_format=3).shape[0])
+
+
+def resize_tiles(url: str, n_tiles: int) -> None:
+    """Give every per-tile array ``n_tiles`` rows (metadata only: no shard file is written); arrays
+    resized by an earlier, killed call are left as they are."""
+    group = zarr.open_group(url, mode="r+", zarr_format=3)
+    for _, arr in group.arrays():
+        dims = arr.metadata.dimension_names or ()
+        if dims and dims[0] == "tile" and arr.shape[0] != n_tiles:
+            arr.resize((n_tiles,) + arr.shape[1:])
+            crash_point("extend-resized")
+
+
+def read_whole_array(url: str, name: str) -> np.ndarray | None:
+    """Array ``name`` of the store at ``url`` read whole, straight from its own metadata (for checks of
+    a store whose root metadata may be damaged); None when it cannot be read."""
+    try:
+        return np.asarray(zarr.open_array(url, path=name, mode="r", zarr_format=3)[:])
+    except Exception:
+        return None
 
 
 def open_corpus(url: str) -> CorpusReader:

@@ -23,10 +23,10 @@ import numpy as np
 import zarr
 
 from mmearth_data.registry import stored_modalities
-from mmearth_data.sampling import SampleConfig, primaries, sample_plan
+from mmearth_data.sampling import DEFAULT_YEARS, SampleConfig, primaries, sample_plan
 from mmearth_data.sources.base import TileRequest
 from mmearth_data.sources.offline import OfflineSource
-from mmearth_data.store import COMPRESSOR
+from mmearth_data.store import COMPRESSOR, strings
 
 TASKS: dict[str, dict[str, Any]] = {
     "fields": {
@@ -76,7 +76,7 @@ def task_split(tile_id: str) -> str:
 
 
 def build_tasks(
-    out: str, n_tiles: int, tile_size: int = 64, seed: int = 0, years=(2017, 2018, 2019, 2020),
+    out: str, n_tiles: int, tile_size: int = 64, seed: int = 0, years=DEFAULT_YEARS,
     balance: bool = True,
 ) -> dict:  # fmt: skip
     """Build the task store at ``out`` (refused when something is there already). With ``balance`` the
@@ -185,3 +185,20 @@ def build_tasks(
         "fields_class_counts": np.bincount(fields, minlength=4).tolist(),
         "objects_share": objects.mean(0).round(3).tolist(),
     }
+
+
+class TaskStore:
+    """Reader of a task store that :func:`build_tasks` wrote (this module owns its layout)."""
+
+    def __init__(self, path: str):
+        self.group = zarr.open_group(path, mode="r")
+        self.tile_size = int(self.group.attrs["tile_size"])
+
+    def column(self, name: str) -> np.ndarray:
+        """Per-tile array ``name`` for every tile (strings as Python str)."""
+        v = np.asarray(self.group[name][:])
+        return strings(v) if v.dtype.kind == "T" else v
+
+    def select(self, name: str, selection: tuple) -> np.ndarray:
+        """Array ``name`` at an orthogonal selection (tile indices first)."""
+        return self.group[name].get_orthogonal_selection(selection)

@@ -13,29 +13,27 @@ shard file reads back as fill and fails there); damaged tiles are listed by inde
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from mmearth_data.grid import GlobalGrid, tile_center_lonlat
 from mmearth_data.registry import BIOME_CLASSES
-from mmearth_data.store import SCHEMA_VERSION, TILE_VARS, CorpusReader, StoreError, strings, tile_checksum
+from mmearth_data.store import (
+    SCHEMA_VERSION,
+    TILE_VARS,
+    CorpusReader,
+    StoreError,
+    read_whole_array,
+    strings,
+    tile_checksum,
+)
 
 # codecs that give back exactly what was written (lossy ones such as bitround or quantize are refused)
 LOSSLESS_CODECS = frozenset(
     {"bytes", "blosc", "zstd", "gzip", "crc32c", "transpose", "numcodecs.pcodec", "vlen-utf8", "vlen-bytes"}
 )
-
-
-def codec_names(array) -> list[str]:
-    """Codec names of an array as its zarr.json records them, inside the sharding codec if any."""
-    out = []
-    for c in array.metadata.to_dict()["codecs"]:
-        if c["name"] == "sharding_indexed":
-            out += [inner["name"] for inner in c["configuration"]["codecs"]]
-        else:
-            out.append(c["name"])
-    return out
 
 
 def _same_fill(a: Any, b: Any) -> bool:
@@ -47,31 +45,21 @@ def _same_fill(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _chunks(arr, n: int, c: int):
-    """(start, stop, values or None, error text or None) for each chunk-sized block of ``arr``."""
-    for a in range(0, n, c):
-        b = min(a + c, n)
-        try:
-            yield a, b, np.asarray(arr[a:b]), None
-        except Exception as err:  # CRC32C mismatch, truncated or undecodable chunk
-            yield a, b, None, f"{type(err).__name__}: {err}"
-
-
 def deep_check(r: CorpusReader) -> list[dict[str, Any]]:
     """Damaged tiles: ``{"index", "tile_id", "array", "problem"}`` for every complete tile whose chunk of
     some per-tile array cannot be read, or whose values of a modality differ from their checksum."""
-    g, n, c = r.group, r.n_tiles, r.chunk_tiles
+    n = r.n_tiles
     damaged: list[dict[str, Any]] = []
     complete = np.zeros(n, bool)
     unreadable_flags = []
-    for a, b, v, err in _chunks(g["complete"], n, c):
+    for a, b, v, err in r.blocks("complete"):
         if err:
             unreadable_flags.append((a, b, err))
             complete[a:b] = True  # unknown: check the tiles as if complete
         else:
             complete[a:b] = v
     ids = np.full(n, "", dtype=object)
-    for a, b, v, _ in _chunks(g["tile_id"], n, c):
+    for a, b, v, _ in r.blocks("tile_id"):
         if v is not None:
             ids[a:b] = strings(v)
 
@@ -84,38 +72,13 @@ def deep_check(r: CorpusReader) -> list[dict[str, Any]]:
 
     for a, b, err in unreadable_flags:
         mark(a, b, "complete", f"unreadable ({err})")
-    names = list(strings(g["modality"][:])) if "checksum" in g else []
-    sums = np.zeros((n, max(len(names), 1)), np.uint32)
-    sums_ok = np.zeros(n, bool)
-    if names:
-        for a, b, v, err in _chunks(g["checksum"], n, c):
-            if err:
-                mark(a, b, "checksum", f"unreadable ({err})")
-            else:
-                sums[a:b], sums_ok[a:b] = v, True
-    per_tile = [v.name for v in TILE_VARS if v.name in g] + [f"{m.name}_present" for m in r.modalities]
+    per_tile = [v.name for v in TILE_VARS if r.has(v.name)] + [f"{m.name}_present" for m in r.modalities]
     for name in per_tile:
-        for a, b, _, err in _chunks(g[name], n, c):
+        for a, b, _, err in r.blocks(name):
             if err:
                 mark(a, b, name, f"unreadable ({err})")
-    for m in r.modalities:
-        col = names.index(m.name) if m.name in names else None
-        own, own_ok = sums[:, 0].copy(), sums_ok.copy()
-        if f"checksum_{m.name}" in g:  # a modality added to the tiles later: its own flags and sums
-            own_ok[:] = False
-            for (a, b, v, err), (_, _, f, ferr) in zip(
-                _chunks(g[f"checksum_{m.name}"], n, c), _chunks(g[f"{m.name}_complete"], n, c), strict=True
-            ):
-                if err or ferr:
-                    which = f"checksum_{m.name}" if err else f"{m.name}_complete"
-                    mark(a, b, which, f"unreadable ({err or ferr})")
-                else:
-                    own[a:b], own_ok[a:b] = v, f
-        elif col is not None:
-            own = sums[:, col]
-        else:
-            own_ok[:] = False
-        for a, b, v, err in _chunks(g[m.name], n, c):
+    for m, own, own_ok in _recorded_checksums(r, mark):
+        for a, b, v, err in r.blocks(m.name):
             if err:
                 mark(a, b, m.name, f"unreadable ({err})")
                 continue
@@ -125,13 +88,43 @@ def deep_check(r: CorpusReader) -> list[dict[str, Any]]:
     return sorted(damaged, key=lambda d: (d["index"], d["array"]))
 
 
+def _recorded_checksums(r: CorpusReader, mark) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
+    """(modality, checksum per tile, whether it is known) for each modality of the store: from the
+    ``checksum`` columns, or for a modality added later from its own ``checksum_<name>`` and
+    ``<name>_complete``; unreadable chunks of those are reported through ``mark``."""
+    n = r.n_tiles
+    names = list(r.column("modality")) if r.has("checksum") else []
+    sums = np.zeros((n, max(len(names), 1)), np.uint32)
+    sums_ok = np.zeros(n, bool)
+    if names:
+        for a, b, v, err in r.blocks("checksum"):
+            if err:
+                mark(a, b, "checksum", f"unreadable ({err})")
+            else:
+                sums[a:b], sums_ok[a:b] = v, True
+    for m in r.modalities:
+        own, own_ok = sums[:, 0].copy(), sums_ok.copy()
+        if r.has(f"checksum_{m.name}"):
+            own_ok[:] = False
+            pairs = zip(r.blocks(f"checksum_{m.name}"), r.blocks(f"{m.name}_complete"), strict=True)
+            for (a, b, v, err), (_, _, f, ferr) in pairs:
+                if err or ferr:
+                    which = f"checksum_{m.name}" if err else f"{m.name}_complete"
+                    mark(a, b, which, f"unreadable ({err or ferr})")
+                else:
+                    own[a:b], own_ok[a:b] = v, f
+        elif m.name in names:
+            own = sums[:, names.index(m.name)]
+        else:
+            own_ok[:] = False
+        yield m, own, own_ok
+
+
 def metadata_damage(url: str) -> list[dict[str, Any]]:
     """Damaged tiles by metadata: for every missing or unreadable ``zarr.json`` (checked against the
     copy the build keeps), every complete tile of that array (the root's: of every array) is listed as
     in :func:`deep_check`; tile ids and flags are read straight from their arrays where those can be."""
-    import zarr
-
-    from mmearth_data.build import damaged_metadata
+    from mmearth_data.artifacts import damaged_metadata
 
     copy, problems = damaged_metadata(url)
     if not problems:
@@ -140,10 +133,7 @@ def metadata_damage(url: str) -> list[dict[str, Any]]:
     def array(name: str) -> np.ndarray | None:
         if f"{name}/zarr.json" in problems:
             return None
-        try:
-            return np.asarray(zarr.open_array(url, path=name, mode="r", zarr_format=3)[:])
-        except Exception:
-            return None
+        return read_whole_array(url, name)
 
     ids, complete = array("tile_id"), array("complete")
     if ids is None and complete is None:
@@ -178,45 +168,66 @@ def _damage_report(url: str, damaged: list[dict[str, Any]]) -> list[str]:
 
 
 def validate_store(url: str, deep: bool = False) -> dict[str, Any]:
-    problems: list[str] = []
+    """The report on the store at ``url``: ``valid``, ``problems`` (each naming what is wrong and what
+    to do), the summary tables, and with ``deep`` the ``damaged`` tiles."""
     if deep:
         damaged = metadata_damage(url)
         if damaged:
-            problems = _damage_report(url, damaged)
-            return {"store": url, "valid": False, "problems": problems, "damaged": damaged}
+            return {
+                "store": url,
+                "valid": False,
+                "problems": _damage_report(url, damaged),
+                "damaged": damaged,
+            }
     try:
         r = CorpusReader(url)
     except StoreError as err:
         return {"store": url, "valid": False, "problems": [str(err)]}
-    g = r.group
-    n = r.n_tiles
+    problems: list[str] = []
     if deep:
         damaged = deep_check(r)
         if damaged:
-            problems = _damage_report(url, damaged)
-            return {"store": url, "valid": False, "problems": problems, "damaged": damaged}
-        if "checksum" not in g:
+            return {
+                "store": url,
+                "valid": False,
+                "problems": _damage_report(url, damaged),
+                "damaged": damaged,
+            }
+        if not r.has("checksum"):
             problems.append("no per-tile checksums (a store of schema < 1.2): only chunk reads were checked")
+    problems += _schema_problems(r)
+    if problems:
+        return {"store": url, "valid": False, "problems": problems}
+    meta = r.tiles()
+    problems += _content_problems(r, meta)
+    summary = _summary(r, meta)
+    return {"store": url, "valid": not problems, "problems": problems, "summary": summary}
+
+
+def _schema_problems(r: CorpusReader) -> list[str]:
+    """How the store's arrays differ from the contract (schema version, dims, dtype, fill, shape, band
+    names, flags, lossless codecs, per-tile variables)."""
+    problems = []
     if r.attrs.get("schema_version") != SCHEMA_VERSION:
         problems.append(f"schema version {r.attrs.get('schema_version')!r}, expected {SCHEMA_VERSION!r}")
-    names = set(g.array_keys())
+    names = r.array_names
     for m in r.modalities:
         if m.name not in names:
             problems.append(f"modality {m.name}: array missing")
             continue
-        a = g[m.name]
-        if tuple(a.metadata.dimension_names or ()) != m.dims():
-            problems.append(f"{m.name}: dims {a.metadata.dimension_names}, expected {m.dims()}")
+        a = r.layout(m.name)
+        if a.dims != m.dims():
+            problems.append(f"{m.name}: dims {a.dims}, expected {m.dims()}")
         if a.dtype != m.np_dtype:
             problems.append(f"{m.name}: dtype {a.dtype}, expected {m.dtype}")
-        if not _same_fill(a.fill_value, m.fill):
-            problems.append(f"{m.name}: fill value {a.fill_value}, expected {m.fill}")
-        if a.shape != m.shape(n, r.tile_size):
-            problems.append(f"{m.name}: shape {a.shape}, expected {m.shape(n, r.tile_size)}")
+        if not _same_fill(a.fill, m.fill):
+            problems.append(f"{m.name}: fill value {a.fill}, expected {m.fill}")
+        if a.shape != m.shape(r.n_tiles, r.tile_size):
+            problems.append(f"{m.name}: shape {a.shape}, expected {m.shape(r.n_tiles, r.tile_size)}")
         if not m.scalar:
             if m.band_dim not in names:
                 problems.append(f"{m.name}: band coordinate {m.band_dim} missing")
-            elif list(strings(g[m.band_dim][:])) != list(m.bands):
+            elif r.band_names(m) != list(m.bands):
                 problems.append(f"{m.name}: band names differ from the registry")
         if f"{m.name}_present" not in names:
             problems.append(f"{m.name}_present flag missing")
@@ -224,23 +235,24 @@ def validate_store(url: str, deep: bool = False) -> dict[str, Any]:
             for extra in (f"{m.name}_complete", f"checksum_{m.name}"):
                 if extra not in names:
                     problems.append(f"{m.name} was added to the tiles, but {extra} is missing")
-        lossy = [c for c in codec_names(a) if c not in LOSSLESS_CODECS]
+        lossy = [c for c in a.codecs if c not in LOSSLESS_CODECS]
         if lossy:
             problems.append(
                 f"{m.name}: codec {', '.join(lossy)} is not lossless; the contract allows "
                 f"{', '.join(sorted(LOSSLESS_CODECS))} (rebuild with --compression compact or portable)"
             )
-    for v in TILE_VARS:
-        if v.name not in names:
-            problems.append(f"per-tile variable {v.name} missing")
-    if problems:
-        return {"store": url, "valid": False, "problems": problems}
+    problems += [f"per-tile variable {v.name} missing" for v in TILE_VARS if v.name not in names]
+    return problems
 
-    meta = r.tiles()
+
+def _content_problems(r: CorpusReader, meta: Any) -> list[str]:
+    """What the tiles' values break: completeness, ids, georeferencing, absent modalities that hold
+    data, missing statistics."""
+    problems = []
     complete = meta["complete"].to_numpy()
     if not complete.all():
         problems.append(
-            f"{int((~complete).sum())} of {n} tiles are not complete (re-run the build to resume)"
+            f"{int((~complete).sum())} of {r.n_tiles} tiles are not complete (re-run the build to resume)"
         )
     done = meta[complete]
     ids = done["tile_id"].astype(str)
@@ -250,23 +262,11 @@ def validate_store(url: str, deep: bool = False) -> dict[str, Any]:
     if bad_ids:
         problems.append(f"{len(bad_ids)} malformed tile ids, e.g. {bad_ids[0]!r}")
     if len(done):
-        epsg = done["epsg"].to_numpy()
-        if not np.all(((epsg > 32600) & (epsg <= 32660)) | ((epsg > 32700) & (epsg <= 32760))):
-            problems.append("EPSG codes outside the UTM zones")
-        tr = np.stack(done["transform"].to_numpy())
-        if not (np.allclose(tr[:, 0], 10) and np.allclose(tr[:, 4], -10) and np.allclose(tr[:, [1, 3]], 0)):
-            problems.append("transforms are not north-up 10 m grids")
-        if not np.allclose(np.mod(tr[:, [2, 5]], 10), 0):
-            problems.append("transform origins are not on the integer 10 m grid")
-        lon, lat = tile_center_lonlat(tr, epsg, r.tile_size)
-        off = np.hypot(lat - done["lat"], (lon - done["lon"]) * np.cos(np.radians(lat)))
-        if np.any(off > 0.01):
-            problems.append(f"{int((off > 0.01).sum())} tiles whose transform centre is >1 km from lat/lon")
+        problems += _georef_problems(done, r.tile_size)
         for m in r.modalities:
             absent = np.nonzero(complete & ~meta[f"{m.name}_present"].to_numpy())[0]
             for i in absent[:8]:
-                vals = np.asarray(g[m.name][int(i)])
-                if not np.all(m.is_fill(vals)):
+                if not np.all(m.is_fill(r.read([m.name], int(i), int(i) + 1)[m.name])):
                     problems.append(f"{m.name}: tile {i} flagged absent but holds data")
                     break
     stats = r.statistics
@@ -279,10 +279,38 @@ def validate_store(url: str, deep: bool = False) -> dict[str, Any]:
             for level in set(done["s2_product"].astype(str)):
                 if level not in stats[m.name]:
                     problems.append(f"statistics for sentinel2 {level} missing")
+    return problems
 
-    summary: dict[str, Any] = {"n_tiles": n, "complete": int(complete.sum()), "tile_size": r.tile_size}
+
+def _georef_problems(done: Any, tile_size: int) -> list[str]:
+    """UTM EPSG codes, north-up 10 m transforms on the integer grid, centres at the tiles' lat/lon."""
+    problems = []
+    epsg = done["epsg"].to_numpy()
+    if not np.all(((epsg > 32600) & (epsg <= 32660)) | ((epsg > 32700) & (epsg <= 32760))):
+        problems.append("EPSG codes outside the UTM zones")
+    tr = np.stack(done["transform"].to_numpy())
+    if not (np.allclose(tr[:, 0], 10) and np.allclose(tr[:, 4], -10) and np.allclose(tr[:, [1, 3]], 0)):
+        problems.append("transforms are not north-up 10 m grids")
+    if not np.allclose(np.mod(tr[:, [2, 5]], 10), 0):
+        problems.append("transform origins are not on the integer 10 m grid")
+    lon, lat = tile_center_lonlat(tr, epsg, tile_size)
+    off = np.hypot(lat - done["lat"], (lon - done["lon"]) * np.cos(np.radians(lat)))
+    if np.any(off > 0.01):
+        problems.append(f"{int((off > 0.01).sum())} tiles whose transform centre is >1 km from lat/lon")
+    return problems
+
+
+def _summary(r: CorpusReader, meta: Any) -> dict[str, Any]:
+    """Tiles per biome x year, share present and codec per modality, Sentinel-2 levels, history."""
+    complete = meta["complete"].to_numpy()
+    done = meta[complete]
+    summary: dict[str, Any] = {
+        "n_tiles": r.n_tiles,
+        "complete": int(complete.sum()),
+        "tile_size": r.tile_size,
+    }
     summary["codecs"] = {
-        m.name: [c for c in codec_names(g[m.name]) if c not in ("bytes", "crc32c")] for m in r.modalities
+        m.name: [c for c in r.layout(m.name).codecs if c not in ("bytes", "crc32c")] for m in r.modalities
     }
     if "biome" in meta and len(done):
         years = sorted(int(y) for y in done["year"].unique())
@@ -299,7 +327,7 @@ def validate_store(url: str, deep: bool = False) -> dict[str, Any]:
         {k: h.get(k) for k in shown} | {"source": (h.get("source") or {}).get("source")}
         for h in r.attrs.get("history") or []
     ]
-    return {"store": url, "valid": not problems, "problems": problems, "summary": summary}
+    return summary
 
 
 def _well_formed(tile_id: str) -> bool:

@@ -24,19 +24,16 @@ continuous modalities per band. Categorical values map onto 0..K-1 in the regist
 from __future__ import annotations
 
 import math
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmearth_data.registry import Modality, get
-from mmearth_data.store import DATE_FILL, CorpusReader, complete_flags, strings, unreadable
+from mmearth_data.store import DATE_FILL, CorpusReader, StoreError
 
 
 class DataError(ValueError):
@@ -231,34 +228,23 @@ class StreamingCorpus(IterableDataset):
         # opaque-cloud mask from the stored Sentinel-2 masks (key ``cloud``; all clear without them)
         self.cloud_mask = cloud_mask and "sentinel2_masks" in stored
 
-        g = reader.group
         self.meta = {
-            "lat": np.asarray(g["lat"][:]),
-            "lon": np.asarray(g["lon"][:]),
-            "s2_date": np.asarray(g["s2_date"][:]),
-            "level": (strings(g["s2_product"][:]) == "L2A").astype(np.int64),
+            "lat": reader.column("lat"),
+            "lon": reader.column("lon"),
+            "s2_date": reader.column("s2_date"),
+            "level": (reader.column("s2_product") == "L2A").astype(np.int64),
         }
-        eligible = complete_flags(g)
-        if split is not None:
-            eligible &= strings(g["split"][:]) == split
-        if tile_ids is not None:
-            ids = strings(g["tile_id"][:])
-            unknown = sorted(set(tile_ids) - set(ids.tolist()))
-            if unknown:
-                raise DataError(
-                    f"{len(unknown)} listed tile ids are not in the store (first: {unknown[0]}); "
-                    "was the list made from this corpus's catalog?"
-                )
-            eligible &= np.isin(ids, list(tile_ids))
+        try:
+            eligible = reader.eligible(split, tile_ids)
+        except StoreError as err:
+            raise DataError(f"{err}; was the list made from this corpus's catalog?") from None
         if not eligible.any():
             raise DataError(f"no complete tile of split {split!r} in {url}; build or finish the store first")
         self.eligible = eligible
         read = [m.name for m in self.modalities if m.stored] + (
             ["sentinel2_masks"] if self.cloud_mask else []
         )
-        self.present = {
-            name: np.asarray(g[f"{name}_present"][:]).astype(bool) for name in dict.fromkeys(read)
-        }
+        self.present = {name: reader.column(f"{name}_present").astype(bool) for name in dict.fromkeys(read)}
         statistics = reader.statistics
         self.norm = {
             m.name: normaliser_for(m, statistics)
@@ -268,7 +254,7 @@ class StreamingCorpus(IterableDataset):
         self.lut = {m.name: class_lookup(m) for m in self.modalities if m.categorical}
         # tile-level modalities are small: read once (a chunk each per unit would cost as much as images)
         self._tile_cache = {
-            m.name: np.asarray(g[m.name][:]) for m in self.modalities if m.stored and m.kind == "tile"
+            m.name: reader.column(m.name) for m in self.modalities if m.stored and m.kind == "tile"
         }
         for name, vals in self._tile_cache.items() if verify else ():
             m = get(name)
@@ -284,18 +270,7 @@ class StreamingCorpus(IterableDataset):
         # file that is gone (it reads back as fill): each unit checks that the shard file of every
         # modality it reads exists wherever one of its tiles holds that modality
         self._verify = verify
-        self._root = fsspec.core.url_to_fs(url)[1]
-        self._fs_of: tuple[int, Any] | None = None  # (pid, filesystem): see _fs
-        self._reader: CorpusReader | None = None
-        self._arrays: dict = {}
-
-    @property
-    def _fs(self) -> Any:
-        """The store's fsspec filesystem, made in the process that uses it (s3fs and other async
-        filesystems cannot cross into forked DataLoader workers)."""
-        if self._fs_of is None or self._fs_of[0] != os.getpid():
-            self._fs_of = (os.getpid(), fsspec.core.url_to_fs(self.url)[0])
-        return self._fs_of[1]
+        self._reader: CorpusReader | None = None  # opened in the process that reads (see _read_unit)
 
     # --- geometry of the stream ------------------------------------------------------------------------
     @property
@@ -364,11 +339,8 @@ class StreamingCorpus(IterableDataset):
         """All modalities of tiles s0:s1 for ``epoch``, cropped, normalised / mapped, as numpy (tile axis
         first). Pixel modalities are cropped (and Sentinel-2's model bands picked) on the stored integers,
         before anything is converted to float."""
-        if self._reader is None:
+        if self._reader is None:  # in the DataLoader worker: s3fs and other async filesystems do not fork
             self._reader = CorpusReader(self.url)
-            self._arrays = {m.name: self._reader.group[m.name] for m in self.modalities if m.stored}
-            if self.cloud_mask:
-                self._arrays["sentinel2_masks"] = self._reader.group["sentinel2_masks"]
         idx = np.arange(s0, s1)
         crops = [self._crop(t, epoch) for t in range(s0, s1)]
         out: dict[str, np.ndarray] = {}
@@ -383,7 +355,7 @@ class StreamingCorpus(IterableDataset):
             )
             absent = ~self.present[m.name][s0:s1]
             if self._verify and m.name not in self._tile_cache and not absent.all():
-                self._check_shard(m.name, raw.ndim, s0)
+                self._check_shard(m.name, s0)
             if m.kind == "pixel":
                 raw = self._cropped(raw, crops, _model_bands(m))
             elif m.model_bands is not None:
@@ -409,7 +381,7 @@ class StreamingCorpus(IterableDataset):
         if self.cloud_mask:
             raw = self._read_array("sentinel2_masks", s0, s1)
             if self._verify and self.present["sentinel2_masks"][s0:s1].any():
-                self._check_shard("sentinel2_masks", raw.ndim, s0)
+                self._check_shard("sentinel2_masks", s0)
             out["cloud"] = opaque_cloud(self._cropped(raw, crops, None))
         if self.raw:
             out["level"] = self.meta["level"][s0:s1]
@@ -426,10 +398,10 @@ class StreamingCorpus(IterableDataset):
             out[i] = tile if bands is None else tile[bands]
         return out
 
-    def _check_shard(self, name: str, ndim: int, s0: int) -> None:
+    def _check_shard(self, name: str, s0: int) -> None:
         """Raise :class:`DataError` when the shard file of ``name`` holding tile ``s0`` is missing."""
-        key = f"{self._root.rstrip('/')}/{name}/c/{s0 // self.shard_tiles}" + "/0" * (ndim - 1)
-        if not self._fs.exists(key):
+        key = self._reader.missing_shard_file(name, s0)
+        if key is not None:
             raise DataError(
                 f"{self.url}: array {name!r}, tiles {s0}.. : its shard file {key} is missing although "
                 "those tiles hold data (deleted, or the store changed while training); run `mmearth "
@@ -439,9 +411,9 @@ class StreamingCorpus(IterableDataset):
 
     def _read_array(self, name: str, s0: int, s1: int) -> np.ndarray:
         try:
-            return np.asarray(self._arrays[name][s0:s1])
-        except Exception as err:  # a damaged chunk: checksum mismatch, truncated, undecodable
-            raise DataError(unreadable(self.url, name, s0, s1, err)) from err
+            return self._reader.read([name], s0, s1)[name]
+        except StoreError as err:  # a damaged chunk: checksum mismatch, truncated, undecodable
+            raise DataError(str(err)) from err
 
     def _crop(self, tile: int, epoch: int) -> tuple[int, int]:
         """Crop offset of ``tile`` in ``epoch``: a hash of (seed, epoch, tile), so any sample can be
@@ -517,7 +489,7 @@ class BatchNormaliser:
                 continue
             scale, shift = ds.norm[m.name].scale_shift(_model_bands(m))
             scale, shift = torch.from_numpy(scale), torch.from_numpy(shift)
-            nan_fill = isinstance(m.fill, float) and np.isnan(m.fill)
+            nan_fill = m.nan_fill
             self.items.append((m.name, m.kind == "pixel", scale, shift, None if nan_fill else m.fill))
         self._devices: dict[str, list] = {}
 

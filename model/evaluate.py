@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import zarr
 
 from mmearth_data.registry import get
-from mmearth_data.store import CorpusReader, strings
+from mmearth_data.store import CorpusReader
+from mmearth_data.tasks import TaskStore
 from model.data import normaliser_for
 from model.encoder import MaskedConvNeXtV2
 from model.geobench import GeoBenchDataset, GeoBenchError
@@ -78,18 +78,18 @@ class StoreSource:
 
     def __init__(self, path: str, stats: dict, img: int, in_chans: int):
         self.name = path
-        self.g = zarr.open_group(path, mode="r")
+        self.store = TaskStore(path)
         self.m = get("sentinel2")
         self.norm = normaliser_for(self.m, stats)
-        S = int(self.g.attrs["tile_size"])
+        S = self.store.tile_size
         self.o, self.img = (S - img) // 2, img
-        self.split = strings(self.g["split"][:])
+        self.split = self.store.column("split")
         self.bands = (
             self.m.model_band_index
             if in_chans == len(self.m.model_band_index)
             else list(range(self.m.n_bands))
         )  # runs from before model_bands read all 13 bands
-        self.level = np.asarray(self.g["level_l2a"][:]).astype(np.int64)
+        self.level = self.store.column("level_l2a").astype(np.int64)
         self.tasks = self.TASKS
 
     def __len__(self) -> int:
@@ -101,16 +101,14 @@ class StoreSource:
     def read(self, idx: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         o, img = self.o, self.img
         sel = (idx, slice(None), slice(o, o + img), slice(o, o + img))
-        raw = self.g["sentinel2"].get_orthogonal_selection(sel)
+        raw = self.store.select("sentinel2", sel)
         x = self.norm.apply(raw, self.level[idx])
         x[raw == self.m.fill] = 0.0
         x = np.ascontiguousarray(x[:, self.bands])
-        seg = self.g["boundaries"].get_orthogonal_selection(sel[:1] + sel[2:])
+        seg = self.store.select("boundaries", sel[:1] + sel[2:])
         y = {
-            "fields": torch.from_numpy(self.g["fields"].get_orthogonal_selection((idx,)).astype(np.int64)),
-            "objects": torch.from_numpy(
-                self.g["objects"].get_orthogonal_selection((idx,)).astype(np.float32)
-            ),
+            "fields": torch.from_numpy(self.store.select("fields", (idx,)).astype(np.int64)),
+            "objects": torch.from_numpy(self.store.select("objects", (idx,)).astype(np.float32)),
             "boundaries": torch.from_numpy(seg.astype(np.int64)),
         }
         return torch.from_numpy(x), y

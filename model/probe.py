@@ -110,10 +110,9 @@ def probe(store: str, run: str, target: str = "biome", img_size: int | None = No
 
 
 def _has_split(store: str, split: str) -> bool:
-    from mmearth_data.store import CorpusReader, complete_flags, strings
+    from mmearth_data.store import CorpusReader
 
-    g = CorpusReader(store).group
-    return bool(((strings(g["split"][:]) == split) & complete_flags(g)).any())
+    return bool(CorpusReader(store).eligible(split).any())
 
 
 def main(argv: list[str] | None = None) -> int:

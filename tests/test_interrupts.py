@@ -27,7 +27,7 @@ def _complete(path):
 
 
 def _start(store, workers=2):
-    cmd = [sys.executable, "-m", "flows.build_corpus", "--store", store, "--workers", str(workers),
+    cmd = [sys.executable, "-m", "flows.cli", "build", "--store", store, "--workers", str(workers),
            "--no-progress", *ARGS]  # fmt: skip
     proc = subprocess.Popen(
         cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

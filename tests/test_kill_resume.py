@@ -99,7 +99,8 @@ def test_sigkill_of_a_prefect_build_at_a_seeded_moment_then_resume(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "flows.build_corpus",
+        "flows.cli",
+        "build",
         "--store",
         killed,
         "--workers",

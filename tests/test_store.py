@@ -12,8 +12,8 @@ from pyproj import Transformer
 
 from mmearth_data.build import BuildConfig, build_in_process
 from mmearth_data.registry import get, stored_modalities
-from mmearth_data.store import CorpusReader, StoreError, StoreWriter, open_corpus, strings
-from mmearth_data.validate import codec_names, validate_store
+from mmearth_data.store import CorpusReader, StoreError, StoreWriter, codec_names, open_corpus, strings
+from mmearth_data.validate import validate_store
 
 from conftest import SMALL
 

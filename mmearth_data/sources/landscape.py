@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mmearth_data.sources.noise import smooth_fields
+
 # classes of the generator (same order as offline.CLASSES)
 WATER, TREES, GRASS, FLOODED, CROPS, SHRUB, BUILT, BARE, SNOW, MANGROVE, MOSS = range(11)
 
@@ -141,8 +143,6 @@ CONFUSION = {
 
 def _confuse(rng: np.random.Generator, cls: np.ndarray, share: float, scale: float) -> np.ndarray:
     """Replace ``share`` of the pixels, in patches of about ``scale`` pixels, by a plausible confusion."""
-    from mmearth_data.sources.offline import smooth_fields
-
     S = cls.shape[0]
     f = smooth_fields(rng, S, [scale])[0] if scale > 0.5 else rng.standard_normal((S, S)).astype(np.float32)
     wrong = f > np.quantile(f, 1 - share)

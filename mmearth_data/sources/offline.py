@@ -51,7 +51,6 @@ machines with the same numpy. What is grounded in real layers and what is modell
 from __future__ import annotations
 
 import zlib
-from functools import cache
 from typing import Any
 
 import numpy as np
@@ -59,6 +58,7 @@ import numpy as np
 from mmearth_data.registry import Modality
 from mmearth_data.sources import landscape
 from mmearth_data.sources.base import TileFailure, TileRequest, TileResult, empty_arrays
+from mmearth_data.sources.noise import fractal_field, smooth_fields
 from mmearth_data.world import World, get_world
 
 # surface classes of the generator
@@ -188,34 +188,6 @@ YEARS = range(2016, 2026)  # S2 from mid-2015; the climatology covers 2000-2025
 
 def tile_seed(tile_id: str, seed: int) -> np.random.SeedSequence:
     return np.random.SeedSequence([seed, zlib.crc32(tile_id.encode())])
-
-
-@cache
-def _kgrid(size: int) -> np.ndarray:
-    ky = np.fft.fftfreq(size)[:, None]
-    kx = np.fft.rfftfreq(size)[None, :]
-    return np.sqrt(kx**2 + ky**2).astype(np.float32)
-
-
-def smooth_fields(rng: np.random.Generator, size: int, scales_px: list[float]) -> np.ndarray:
-    """Zero-mean unit-variance Gaussian random fields, one per correlation length (pixels)."""
-    k = _kgrid(size)
-    noise = rng.standard_normal((len(scales_px), size, size), dtype=np.float32)
-    filt = np.exp(-2 * np.pi**2 * (np.asarray(scales_px, np.float32)[:, None, None] * k) ** 2)
-    f = np.fft.irfft2(np.fft.rfft2(noise) * filt, s=(size, size)).astype(np.float32)
-    f -= f.mean(axis=(1, 2), keepdims=True)
-    f /= f.std(axis=(1, 2), keepdims=True) + 1e-6
-    return f
-
-
-def fractal_field(rng: np.random.Generator, size: int, beta: float) -> np.ndarray:
-    """Unit-variance surface with power spectrum ~ k^-beta (beta 3 is typical terrain)."""
-    k = _kgrid(size).copy()
-    k[0, 0] = np.inf
-    noise = rng.standard_normal((size, size), dtype=np.float32)
-    f = np.fft.irfft2(np.fft.rfft2(noise) * k ** (-beta / 2), s=(size, size)).astype(np.float32)
-    f -= f.mean()
-    return f / (f.std() + 1e-6)
 
 
 def sun_position(lat: float, day_of_year: int, local_hour: float = 10.5) -> tuple[float, float]:
