@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow.dataset as ds
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from catalog.browse import MAX_FOOTPRINTS, BrowseIndex, Filters
@@ -93,26 +93,36 @@ class HeadAsGet:
         await self.app(dict(scope, method="GET"), receive, send_headers_only)
 
 
-def create_app(catalog: str | Path, allowed_hosts: list[str] | None = None) -> FastAPI:
-    """The browse app of ``catalog``. With ``allowed_hosts`` a request whose ``Host`` header names
-    another host is refused (400), so that a page on another site cannot reach the catalog through a
-    DNS name rebound to this address."""
-    catalog = Path(catalog).resolve()
-    items_path(catalog)
-    coll = json.loads((catalog / "collection.json").read_text())
-    store_url = resolve_store(catalog, coll["assets"]["store"]["href"])
-    table = ds.dataset(items_path(catalog), format="parquet").to_table(columns=["id", "mmearth:index"])
-    index = dict(zip(table.column("id").to_pylist(), table.column("mmearth:index").to_pylist(), strict=True))
-    app = FastAPI(title=f"{coll['id']} catalog", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(HeadAsGet)
-    if allowed_hosts:
-        from starlette.middleware.trustedhost import TrustedHostMiddleware
+class OpenCatalog:
+    """A catalog opened for serving: its collection, the store it describes (opened on first use), the
+    tile ids it holds and their store indices, and the browse index."""
 
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
-    reader_box: dict[str, CorpusReader] = {}
-    browse = BrowseIndex(catalog)
+    def __init__(self, catalog: str | Path):
+        self.path = Path(catalog).resolve()
+        items_path(self.path)
+        self.coll = json.loads((self.path / "collection.json").read_text())
+        self.store_url = resolve_store(self.path, self.coll["assets"]["store"]["href"])
+        t = ds.dataset(items_path(self.path), format="parquet").to_table(columns=["id", "mmearth:index"])
+        self.index = dict(zip(t.column("id").to_pylist(), t.column("mmearth:index").to_pylist(), strict=True))
+        self.browse = BrowseIndex(self.path)
+        self._reader: CorpusReader | None = None
 
-    def filters(request: Request) -> Filters:
+    def reader(self) -> CorpusReader:
+        if self._reader is None:
+            self._reader = CorpusReader(self.store_url)
+        return self._reader
+
+    def tile_index(self, tile_id: str) -> int:
+        """The store index of ``tile_id``; 404 unless it is a grid id of this catalog's store."""
+        if not TILE_ID.match(tile_id) or tile_id not in self.index:
+            raise HTTPException(404, "no such tile")
+        i = int(self.index[tile_id])
+        if i >= self.reader().n_tiles:
+            raise HTTPException(404, f"tile {tile_id} is not in the catalog's store")
+        return i
+
+    def filters(self, request: Request) -> Filters:
+        """The browse filters of a request; 400 for unknown parameters or bad values."""
         allowed = {"bbox", "biome", "year", "has", "max_cloud", "datetime", "split", "w", "h", "limit"}
         unknown = sorted(set(request.query_params) - allowed)
         if unknown:
@@ -120,37 +130,44 @@ def create_app(catalog: str | Path, allowed_hosts: list[str] | None = None) -> F
                 400, f"unknown parameters {', '.join(unknown)}; known: {', '.join(sorted(allowed))}"
             )
         try:
-            return Filters.parse(dict(request.query_params), browse.modalities)
+            return Filters.parse(dict(request.query_params), self.browse.modalities)
         except (SearchError, ValueError) as err:
             raise HTTPException(400, str(err)) from None
 
-    @app.get("/api/browse/summary")
-    def browse_summary(request: Request) -> dict[str, Any]:
-        return browse.summary(filters(request))
 
-    @app.get("/api/browse/density.png")
-    def browse_density(
-        request: Request, w: int = Query(256, ge=1, le=1024), h: int = Query(128, ge=1, le=1024)
-    ):
-        try:
-            png = browse.density_png(filters(request), w, h)
-        except SearchError as err:
-            raise HTTPException(400, str(err)) from None
-        return Response(png, media_type="image/png")
+def create_app(catalog: str | Path, allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The browse app of ``catalog``. With ``allowed_hosts`` a request whose ``Host`` header names
+    another host is refused (400), so that a page on another site cannot reach the catalog through a
+    DNS name rebound to this address."""
+    cat = OpenCatalog(catalog)
+    app = FastAPI(title=f"{cat.coll['id']} catalog", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(HeadAsGet)
+    if allowed_hosts:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-    @app.get("/api/browse/footprints")
-    def browse_footprints(request: Request, limit: int = Query(MAX_FOOTPRINTS, ge=1, le=MAX_FOOTPRINTS)):
-        return browse.footprints(filters(request), limit)
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
+    for router in (page_routes(cat), browse_routes(cat), tile_routes(cat)):
+        app.include_router(router)
+    return app
 
-    @app.get("/api/browse/tiles.txt")
-    def browse_tiles(request: Request) -> Response:
-        ids = browse.tile_ids(filters(request))
-        return Response(
-            "".join(f"{t}\n" for t in ids), media_type="text/plain",
-            headers={"Content-Disposition": 'attachment; filename="tiles.txt"'},
-        )  # fmt: skip
 
-    @app.get("/vendor/leaflet/{name:path}")
+def page_routes(cat: OpenCatalog) -> APIRouter:
+    """The page, the collection, the land outline and the map library."""
+    r = APIRouter()
+
+    @r.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return (STATIC / "index.html").read_text()
+
+    @r.get("/api/collection")
+    def collection() -> JSONResponse:
+        return JSONResponse(cat.coll)
+
+    @r.get("/api/land.png")
+    def land() -> Response:
+        return Response(_land(), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    @r.get("/vendor/leaflet/{name:path}")
     def vendor(name: str) -> Response:
         if name not in VENDOR_FILES:
             raise HTTPException(404, "no such file")
@@ -161,46 +178,57 @@ def create_app(catalog: str | Path, allowed_hosts: list[str] | None = None) -> F
             f.read_bytes(), media_type=VENDOR_FILES[name], headers={"Cache-Control": "max-age=86400"}
         )
 
-    def reader() -> CorpusReader:
-        if "r" not in reader_box:
-            reader_box["r"] = CorpusReader(store_url)
-        return reader_box["r"]
+    return r
 
-    def tile_index(tile_id: str) -> int:
-        if not TILE_ID.match(tile_id) or tile_id not in index:
-            raise HTTPException(404, "no such tile")
-        i = int(index[tile_id])
-        if i >= reader().n_tiles:
-            raise HTTPException(404, f"tile {tile_id} is not in the catalog's store")
-        return i
 
-    @app.get("/", response_class=HTMLResponse)
-    def page() -> str:
-        return (STATIC / "index.html").read_text()
+@lru_cache(maxsize=1)
+def _land() -> bytes:
+    return land_png(3600)  # 0.1 degree: the base layer when zoomed in
 
-    @app.get("/api/collection")
-    def collection() -> JSONResponse:
-        return JSONResponse(coll)
 
-    @lru_cache(maxsize=1)
-    def _land() -> bytes:
-        return land_png(3600)  # 0.1 degree: the base layer when zoomed in
+def browse_routes(cat: OpenCatalog) -> APIRouter:
+    """The browse queries of the map: counts, density, footprints, the selection's tile list."""
+    r = APIRouter(prefix="/api/browse")
 
-    @app.get("/api/land.png")
-    def land() -> Response:
-        return Response(_land(), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+    @r.get("/summary")
+    def browse_summary(request: Request) -> dict[str, Any]:
+        return cat.browse.summary(cat.filters(request))
 
-    @app.get("/api/tiles")
+    @r.get("/density.png")
+    def browse_density(
+        request: Request, w: int = Query(256, ge=1, le=1024), h: int = Query(128, ge=1, le=1024)
+    ):
+        try:
+            png = cat.browse.density_png(cat.filters(request), w, h)
+        except SearchError as err:
+            raise HTTPException(400, str(err)) from None
+        return Response(png, media_type="image/png")
+
+    @r.get("/footprints")
+    def browse_footprints(request: Request, limit: int = Query(MAX_FOOTPRINTS, ge=1, le=MAX_FOOTPRINTS)):
+        return cat.browse.footprints(cat.filters(request), limit)
+
+    @r.get("/tiles.txt")
+    def browse_tiles(request: Request) -> Response:
+        ids = cat.browse.tile_ids(cat.filters(request))
+        return Response(
+            "".join(f"{t}\n" for t in ids), media_type="text/plain",
+            headers={"Content-Disposition": 'attachment; filename="tiles.txt"'},
+        )  # fmt: skip
+
+    return r
+
+
+def tile_routes(cat: OpenCatalog) -> APIRouter:
+    """Tiles: the search of ``mmearth catalog search``, one tile's record, its quicklook."""
+    r = APIRouter()
+
+    @r.get("/api/tiles")
     def tiles(
-        bbox: str | None = None,
-        datetime: str | None = None,
-        biome: str | None = None,
-        year: str | None = None,
-        has: str | None = None,
-        max_cloud: float | None = None,
-        split: str | None = None,
-        limit: int = Query(5000, ge=1, le=MAX_TILES),
-    ) -> dict[str, Any]:
+        bbox: str | None = None, datetime: str | None = None, biome: str | None = None,
+        year: str | None = None, has: str | None = None, max_cloud: float | None = None,
+        split: str | None = None, limit: int = Query(5000, ge=1, le=MAX_TILES),
+    ) -> dict[str, Any]:  # fmt: skip
         try:
             q = SearchQuery(
                 bbox=parse_bbox(bbox) if bbox else None,
@@ -212,76 +240,75 @@ def create_app(catalog: str | Path, allowed_hosts: list[str] | None = None) -> F
                 split=split or None,
                 limit=limit + 1,
             )
-            rows = to_rows(search(catalog, q))
+            rows = to_rows(search(cat.path, q))
         except (SearchError, SamplingError, ValueError) as err:
             raise HTTPException(400, str(err)) from None
         out = [
-            {
-                "id": r["id"],
-                "lon": round(r["lon"], 5),
-                "lat": round(r["lat"], 5),
-                "biome": r["mmearth:biome"],
-                "year": r["mmearth:year"],
-                "cloud": r["eo:cloud_cover"],
-                "date": r["datetime"],
-            }
+            {"id": r["id"], "lon": round(r["lon"], 5), "lat": round(r["lat"], 5), "biome": r["mmearth:biome"],
+             "year": r["mmearth:year"], "cloud": r["eo:cloud_cover"], "date": r["datetime"]}
             for r in rows[:limit]
-        ]
+        ]  # fmt: skip
         return {"tiles": out, "count": len(out), "truncated": len(rows) > limit}
 
-    @app.get("/api/tiles/{tile_id}")
+    @r.get("/api/tiles/{tile_id}")
     def tile(tile_id: str) -> dict[str, Any]:
-        i = tile_index(tile_id)
-        from catalog.search import full_items
+        return tile_record(cat, tile_id)
 
-        item = full_items(catalog, [tile_id])[0]
-        r = reader()
-        values: dict[str, Any] = {}
-        for m in r.modalities:
-            if m.kind != "tile":
-                continue
-            v = r.read([m.name], i, i + 1)[m.name][0]
-            if m.scalar:
-                code = int(v)
-                values[m.name] = {"value": code, "name": (m.classes or {}).get(code, "")}
-            else:
-                values[m.name] = {
-                    b: {"value": None if not np.isfinite(x) else round(float(x), 4), "unit": m.unit_of(b)}
-                    for b, x in zip(m.bands, v.tolist(), strict=True)
-                }
-        build = coll.get("mmearth:build", {})
-        return {
-            "id": tile_id,
-            "properties": item["properties"],
-            "bbox": item["bbox"],
-            "values": values,
-            "biome_name": BIOME_CLASSES.get(item["properties"]["mmearth:biome"], ""),
-            "provenance": {
-                "source": (build.get("config") or {}).get("source"),
-                "config_hash": build.get("config_hash"),
-                "schema_version": build.get("schema_version"),
-                "versions": build.get("versions"),
-            },
-            "quicklook": f"/quicklooks/{tile_id}.png",
-            "panels": list(PANELS),
-        }
-
-    @app.get("/quicklooks/{name}")
+    @r.get("/quicklooks/{name}")
     def quicklook(name: str) -> Response:
         if not name.endswith(".png"):
             raise HTTPException(404, "no such quicklook")
         tile_id = name[: -len(".png")]
-        i = tile_index(tile_id)
-        f = catalog / "quicklooks" / f"{tile_id}.png"  # tile_id is a validated grid id of this catalog
+        i = cat.tile_index(tile_id)
+        f = cat.path / "quicklooks" / f"{tile_id}.png"  # tile_id is a validated grid id of this catalog
         if f.is_file():
             return Response(f.read_bytes(), media_type="image/png")
-        r = reader()
-        names = [p for p in PANELS if p in {m.name for m in r.modalities}]
-        got = r.read(names + [f"{n}_present" for n in names], i, i + 1)
+        rd = cat.reader()
+        names = [p for p in PANELS if p in {m.name for m in rd.modalities}]
+        got = rd.read(names + [f"{n}_present" for n in names], i, i + 1)
         arrays = {n: got[n][0] for n in names if bool(got[f"{n}_present"][0])}
         return Response(png_bytes(strip(arrays)), media_type="image/png")
 
-    return app
+    return r
+
+
+def tile_record(cat: OpenCatalog, tile_id: str) -> dict[str, Any]:
+    """One tile for the page: its item's properties, its tile-level values read from the store (with
+    units and class names), and the build's provenance."""
+    from catalog.search import full_items
+
+    i = cat.tile_index(tile_id)
+    item = full_items(cat.path, [tile_id])[0]
+    rd = cat.reader()
+    values: dict[str, Any] = {}
+    for m in rd.modalities:
+        if m.kind != "tile":
+            continue
+        v = rd.read([m.name], i, i + 1)[m.name][0]
+        if m.scalar:
+            code = int(v)
+            values[m.name] = {"value": code, "name": (m.classes or {}).get(code, "")}
+        else:
+            values[m.name] = {
+                b: {"value": None if not np.isfinite(x) else round(float(x), 4), "unit": m.unit_of(b)}
+                for b, x in zip(m.bands, v.tolist(), strict=True)
+            }
+    build = cat.coll.get("mmearth:build", {})
+    return {
+        "id": tile_id,
+        "properties": item["properties"],
+        "bbox": item["bbox"],
+        "values": values,
+        "biome_name": BIOME_CLASSES.get(item["properties"]["mmearth:biome"], ""),
+        "provenance": {
+            "source": (build.get("config") or {}).get("source"),
+            "config_hash": build.get("config_hash"),
+            "schema_version": build.get("schema_version"),
+            "versions": build.get("versions"),
+        },
+        "quicklook": f"/quicklooks/{tile_id}.png",
+        "panels": list(PANELS),
+    }
 
 
 def allowed_hosts_for(host: str) -> list[str]:

@@ -21,7 +21,7 @@ from flows.build_corpus import run_build
 from flows.cli import print_summary
 from mmearth_data.build import BuildConfig, build_dir
 from mmearth_data.validate import print_report, validate_store
-from model.pretrain import main as pretrain_main
+from model import pretrain
 
 console = Console()
 
@@ -72,11 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps > 0:
         console.rule(f"[bold]4/4 pretrain MP-MAE briefly ({args.steps} steps, atto, 56 px, CPU or GPU)")
         shutil.rmtree(args.run, ignore_errors=True)
-        rc = pretrain_main(
-            ["--store", args.store, "--out", args.run, "--model", "atto", "--img-size", "56",
-             "--patch-size", "8", "--batch-size", "32", "--steps", str(args.steps), "--blr", "1.5e-3",
-             "--seed", str(args.seed)]
+        opts = pretrain.options(
+            store=args.store, out=args.run, model="atto", img_size=56, patch_size=8, batch_size=32,
+            steps=args.steps, blr=1.5e-3, seed=args.seed,
         )  # fmt: skip
+        rc = pretrain.run_and_report(opts)
         if rc:
             return rc
 

@@ -817,7 +817,6 @@ def export_shard(cfg: BuildConfig, shard: int, candidates: list[list[dict[str, A
     n = len(candidates)
     attempt = [0] * n
     tries = [0] * n  # transient failures of the current candidate
-    rows: list[dict[str, Any] | None] = [None] * n
     results: list[Any] = [None] * n
     failures: list[dict[str, str]] = []
     todo = [i for i in range(n) if candidates[i]]
@@ -827,11 +826,11 @@ def export_shard(cfg: BuildConfig, shard: int, candidates: list[list[dict[str, A
         if len(got) != len(reqs):
             raise RuntimeError(f"source {cfg.source} returned {len(got)} results for {len(reqs)} tiles")
         nxt = []
-        for i, res in zip(todo, got, strict=True):
+        for i, req, res in zip(todo, reqs, got, strict=True):
             if not isinstance(res, TileFailure):
                 problem = payload_problem(res, mods, cfg.tile_size)
                 if problem is None:
-                    rows[i] = candidates[i][attempt[i]]
+                    res.request = req
                     results[i] = res
                     continue
                 res = TileFailure(res.tile_id, "store", f"corrupt payload rejected: {problem}")
@@ -846,7 +845,7 @@ def export_shard(cfg: BuildConfig, shard: int, candidates: list[list[dict[str, A
             if attempt[i] < len(candidates[i]):
                 nxt.append(i)
         todo = nxt
-    written = StoreWriter(cfg.store).write_shard(shard, rows, results)
+    written = StoreWriter(cfg.store).write_shard(shard, results)
     backfilled = sum(1 for i in range(n) if results[i] is not None and attempt[i] > 0)
     return ShardReport(shard, written, n, failures, backfilled, time.perf_counter() - t0)
 

@@ -249,10 +249,13 @@ def run_ee_check(
             months = CHECK_TILES[name][3]
             src = EarthEngineSource(EEConfig(**base, months=months))
             req = TileRequest(
-                t.tile_id, t.lat, t.lon, t.epsg, t.transform, t.size, t.year, int(biome), int(eco)
+                t.tile_id, t.lat, t.lon, t.epsg, t.transform, t.size, t.year, int(biome), int(eco), "test"
             )
             say(f"{'(simulated) ' if simulate else ''}{name}: {t.tile_id} ({t.lat:.3f}, {t.lon:.3f}) ...")
-            results.append(src.fetch_one(req, stored_modalities()))
+            res = src.fetch_one(req, stored_modalities())
+            if isinstance(res, TileResult):
+                res.request = req
+            results.append(res)
     seconds = time.perf_counter() - t0
     failed = [r for r in results if isinstance(r, TileFailure)]
     if failed:
@@ -266,12 +269,7 @@ def run_ee_check(
         mods = stored_modalities()
         create_store(store, n_tiles=4, tile_size=128, modalities=mods, chunk_tiles=4, shard_tiles=4,
                      attrs={"build": {"source": probe.describe(), "purpose": "ee-check"}})  # fmt: skip
-        rows = [
-            {"lat": t.lat, "lon": t.lon, "epsg": t.epsg, "transform": list(t.transform), "year": t.year,
-             "split": "test"}
-            for t in tiles
-        ]  # fmt: skip
-        StoreWriter(store).write_shard(0, rows, results)
+        StoreWriter(store).write_shard(0, results)
         reader = CorpusReader(store)
         arrays = reader.read([m.name for m in mods], 0, 4)
         meta = reader.tiles()

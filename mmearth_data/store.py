@@ -35,7 +35,7 @@ from zarr.codecs.numcodecs import PCodec
 
 from mmearth_data.crash import crash_point
 from mmearth_data.registry import MODALITIES, Modality, RegistryError, get, registry_dict
-from mmearth_data.sources.base import TileResult
+from mmearth_data.tiles import TileResult
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = "1.2"  # 1.1: scene provenance; 1.2: per-chunk CRC32C and per-tile content checksums
@@ -456,17 +456,17 @@ class StoreWriter:
         crash_point("shard-done")
         return int(complete_flags(self.group, s0, s1).sum())
 
-    def write_shard(
-        self, shard: int, rows: Sequence[dict[str, Any] | None], results: Sequence[TileResult | None]
-    ) -> int:
-        """Write one shard: ``rows`` (plan rows of the delivered tiles) and ``results`` per slot, None
-        where the slot could not be filled; a slot without a result whose tile is complete already (a
-        shard that an extension fills up) keeps that tile as it is. Returns the number of complete
-        tiles written."""
+    def write_shard(self, shard: int, results: Sequence[TileResult | None]) -> int:
+        """Write one shard: ``results`` per slot (each with its request: the tile's place, year and
+        split), None where the slot could not be filled; a slot without a result whose tile is complete
+        already (a shard that an extension fills up) keeps that tile as it is. Returns the number of
+        complete tiles written."""
         s0, s1 = self.shard_range(shard)
         n = s1 - s0
-        if len(rows) != n or len(results) != n:
-            raise ValueError(f"shard {shard} holds {n} tiles, got {len(rows)} rows / {len(results)} results")
+        if len(results) != n:
+            raise ValueError(f"shard {shard} holds {n} tiles, got {len(results)} results")
+        if any(r is not None and r.request is None for r in results):
+            raise ValueError("every result written needs its request (TileResult.request)")
         S = self.tile_size
         data: dict[str, np.ndarray] = {}
         for m in self.modalities:
@@ -482,20 +482,21 @@ class StoreWriter:
         checksum = np.zeros((n, len(base)), np.uint32)
         for name in self.added:
             data[f"checksum_{name}"] = np.zeros(n, np.uint32)
-        for i, (row, res) in enumerate(zip(rows, results, strict=True)):
-            if res is None or row is None:
+        for i, res in enumerate(results):
+            if res is None:
                 continue
+            row = res.request
             for m in self.modalities:
                 data[m.name][i] = res.arrays[m.name]
                 data[f"{m.name}_present"][i] = res.present[m.name]
             data["tile_id"][i] = res.tile_id
-            data["lat"][i], data["lon"][i] = row["lat"], row["lon"]
-            data["epsg"][i] = row["epsg"]
-            data["transform"][i] = row["transform"]
+            data["lat"][i], data["lon"][i] = row.lat, row.lon
+            data["epsg"][i] = row.epsg
+            data["transform"][i] = row.transform
             data["s2_date"][i] = int((res.s2_date.astype("datetime64[D]") - EPOCH).astype(int))
             data["s2_product"][i] = res.s2_product
-            data["year"][i] = row["year"]
-            data["split"][i] = row["split"]
+            data["year"][i] = row.year
+            data["split"][i] = row.split
             data["cloud_fraction"][i] = res.extra.get("cloud_fraction", np.nan)
             _write_provenance(data, i, res.extra)
             complete[i] = True
@@ -506,7 +507,7 @@ class StoreWriter:
             for i in np.flatnonzero(complete):
                 data[f"checksum_{name}"][i] = tile_checksum(data[name][i])
         data["checksum"] = checksum
-        missing = np.array([res is None or row is None for row, res in zip(rows, results, strict=True)])
+        missing = np.array([res is None for res in results])
         keep = missing & np.asarray(self.group["complete"][s0:s1]) if missing.any() else missing
         if keep.any():
             for name, values in data.items():

@@ -27,7 +27,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -44,7 +47,8 @@ class UsageError(Exception):
     """Bad input: the run stops with exit status 2 before touching anything."""
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The options of a pretraining run (the command line's; :func:`options` takes the same names)."""
     ap = argparse.ArgumentParser(prog="python -m model.pretrain", description=__doc__.split("\n")[0])
     ap.add_argument("--store", required=True, help="corpus store (path or fsspec URL)")
     ap.add_argument("--out", required=True, help="run directory (checkpoints, metrics, curves)")
@@ -116,11 +120,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--log-tiles", action="store_true", help="write the tile indices each rank saw")
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     given = argv if argv is not None else sys.argv[1:]
     args.explicit = sorted(
         {a.split("=")[0].lstrip("-").replace("-", "_") for a in given if a.startswith("--")}
     )
+    return args
+
+
+def options(**given: Any) -> argparse.Namespace:
+    """A run's options from Python: keyword arguments named as the command line's options (``store``,
+    ``out``, ``img_size``, ...), the parser's defaults for the rest; :func:`run` takes the result. An
+    unknown name, or no ``store`` or ``out``, raises :class:`UsageError`."""
+    ap = build_parser()
+    args = ap.parse_args(["--store", "", "--out", ""])  # every default
+    unknown = sorted(set(given) - set(vars(args)))
+    if unknown:
+        raise UsageError(f"unknown pretraining options {unknown}; known: {sorted(vars(args))}")
+    missing = [k for k in ("store", "out") if not given.get(k)]
+    if missing:
+        raise UsageError(f"pretraining needs {' and '.join(missing)}")
+    for k, v in given.items():
+        setattr(args, k, v)
+    args.explicit = sorted(given)  # as if given on the command line (a recipe does not override them)
     return args
 
 
@@ -290,17 +316,39 @@ def plot_curves(csv_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> dict:
-    check_args(args)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; pass a directory for the run (nothing was changed)")
-    rank, world, local, device = setup_distributed(args.device)
-    state = load_resume(out, args)
-    try:
-        targets = select_pretext(args.pretext)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+@dataclass
+class Session:
+    """What a run trains with, as :func:`prepare` set it up: the process's place in the job, the data
+    stream, the model and optimizer (resumed where the run continues), and the schedule."""
+
+    args: argparse.Namespace
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    start_step: int
+    total: int
+    warmup: int
+    peak: float
+    global_batch: int
+    resumed: bool
+    model: MPMAE
+    net: torch.nn.Module  # the model, wrapped in DDP when the job has several processes
+    opt: torch.optim.Optimizer
+    normalise: BatchNormaliser | None
+    batches: Iterator[dict[str, torch.Tensor]]
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world > 1
+
+
+def _dataset(args: argparse.Namespace, targets: list, start_step: int) -> StreamingCorpus:
+    """The training stream of the store: the split, or the tile list of ``--tiles``."""
     try:
         tile_ids = read_tile_list(args.tiles) if args.tiles else None
     except OSError as err:
@@ -308,48 +356,29 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError(f"--tiles {args.tiles}: {err.strerror or err} ({hint})") from None
     except DataError as err:
         raise UsageError(f"--tiles: {err}") from None
-    start_step = int(state["step"]) if state is not None else 0
-
-    def dataset(**kw):
-        return StreamingCorpus(
-            args.store,
-            targets,
-            args.img_size,
-            split=None if tile_ids is not None else args.split,
-            tile_ids=tile_ids,
-            shuffle_buffer=args.shuffle_buffer,
-            seed=args.seed,
-            start_batches=start_step * args.accum,
-            batch_size=args.batch_size,
-            cloud_mask=args.cloud_aware,
-            verify=args.verify,
-            raw=args.normalise == "device",
-            **kw,
-        )
-
     try:
-        ds = dataset()
+        return StreamingCorpus(
+            args.store, targets, args.img_size,
+            split=None if tile_ids is not None else args.split, tile_ids=tile_ids,
+            shuffle_buffer=args.shuffle_buffer, seed=args.seed, start_batches=start_step * args.accum,
+            batch_size=args.batch_size, cloud_mask=args.cloud_aware, verify=args.verify,
+            raw=args.normalise == "device",
+        )  # fmt: skip
     except (DataError, StoreError) as err:
         raise UsageError(str(err)) from None
-    apply_recipe(args, world, ds.n_eligible)
-    ds.start_batches = start_step * args.accum  # the recipe may have set the accumulation
-    global_batch = args.batch_size * args.accum * world
-    total = args.steps or max(1, math.ceil((args.epochs or 1.0) * ds.n_eligible / global_batch))
-    warmup = args.warmup if args.warmup is not None else max(1, total // 10)
-    peak = args.blr * global_batch / 256
 
+
+def _model(
+    args: argparse.Namespace, targets: list, device: torch.device, peak: float, state: dict | None, out: Path
+) -> tuple[MPMAE, torch.optim.Optimizer]:
+    """(model, optimizer at learning rate ``peak``): built from the run's options, loaded from ``out``
+    when resuming."""
     torch.manual_seed(args.seed)
     model = MPMAE(
-        targets,
-        args.model,
-        args.patch_size,
-        mask_ratio=args.mask_ratio,
-        decoder=args.decoder,
-        decoder_dim=args.decoder_dim,
-        weighting=args.weighting,
-        norm_pix=args.norm_pix,
+        targets, args.model, args.patch_size, mask_ratio=args.mask_ratio, decoder=args.decoder,
+        decoder_dim=args.decoder_dim, weighting=args.weighting, norm_pix=args.norm_pix,
         cloud_aware=args.cloud_aware,
-    ).to(device)
+    ).to(device)  # fmt: skip
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak, betas=(0.9, 0.95))
     if state is not None:
         try:
@@ -361,15 +390,35 @@ def run(args: argparse.Namespace) -> dict:
             raise UsageError(
                 f"--resume: the checkpoint in {out} does not fit this model: {str(err)[:300]}"
             ) from None
-    ddp = world > 1
-    net = (
-        torch.nn.parallel.DistributedDataParallel(
+    return model, opt
+
+
+def prepare(args: argparse.Namespace) -> Session:
+    """Check the options, join the job, open the data stream, build (or resume) the model and fix the
+    schedule; nothing is written yet."""
+    check_args(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a directory for the run (nothing was changed)")
+    rank, world, local, device = setup_distributed(args.device)
+    state = load_resume(out, args)
+    try:
+        targets = select_pretext(args.pretext)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    start_step = int(state["step"]) if state is not None else 0
+    ds = _dataset(args, targets, start_step)
+    apply_recipe(args, world, ds.n_eligible)
+    ds.start_batches = start_step * args.accum  # the recipe may have set the accumulation
+    global_batch = args.batch_size * args.accum * world
+    total = args.steps or max(1, math.ceil((args.epochs or 1.0) * ds.n_eligible / global_batch))
+    peak = args.blr * global_batch / 256
+    model, opt = _model(args, targets, device, peak, state, out)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local] if device.type == "cuda" else None
         )
-        if ddp
-        else model
-    )
-    normalise = BatchNormaliser(ds) if ds.raw else None
     loader = make_loader(
         ds,
         args.batch_size,
@@ -377,118 +426,147 @@ def run(args: argparse.Namespace) -> dict:
         pin_memory=device.type == "cuda",
         persistent_workers=args.workers > 0,
     )
-    it = iter(loader)
-    is_main = rank == 0
-    out.mkdir(parents=True, exist_ok=True)  # every rank: each may write its own tile log
-    writer = None
-    csv_file = None
-    if is_main:
+    return Session(
+        args, out, rank, world, device, start_step, total,
+        warmup=args.warmup if args.warmup is not None else max(1, total // 10),
+        peak=peak, global_batch=global_batch, resumed=state is not None, model=model, net=net, opt=opt,
+        normalise=BatchNormaliser(ds) if ds.raw else None, batches=iter(loader),
+    )  # fmt: skip
+
+
+class RunLog:
+    """What a run writes as it goes: ``metrics.csv`` and TensorBoard curves and the progress bar (main
+    process), the tile indices each rank saw (``--log-tiles``). A resumed run keeps the rows up to its
+    step."""
+
+    def __init__(self, s: Session):
+        args, out = s.args, s.out
+        out.mkdir(parents=True, exist_ok=True)  # every rank: each may write its own tile log
+        self.tiles = open(out / f"tiles_rank{s.rank}.txt", "a") if args.log_tiles else None
+        self.writer = self.csv_file = self.progress = None
+        if not s.is_main:
+            return
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tb"), purge_step=start_step)
+        self.writer = SummaryWriter(str(out / "tb"), purge_step=s.start_step)
         csv_path = out / "metrics.csv"
         rows_kept = []
-        if state is not None and csv_path.exists():
+        if s.resumed and csv_path.exists():
             with open(csv_path) as f:
-                rows_kept = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
-        names = [t.name for t in model.targets]
+                rows_kept = [r for r in csv.DictReader(f) if int(r["step"]) <= s.start_step]
+        names = [t.name for t in s.model.targets]
         fields = ["step", "lr", "loss", "samples_per_s", "data_wait_s"] + [f"loss/{n}" for n in names]
         fields += [f"w/{n}" for n in names] if args.weighting == "uncertainty" else []
-        csv_file = open(csv_path, "w", newline="")
-        cw = csv.DictWriter(csv_file, fieldnames=fields)
-        cw.writeheader()
-        cw.writerows(rows_kept)
-    tiles_file = open(out / f"tiles_rank{rank}.txt", "a") if args.log_tiles else None
+        self.csv_file = open(csv_path, "w", newline="")
+        self.rows = csv.DictWriter(self.csv_file, fieldnames=fields)
+        self.rows.writeheader()
+        self.rows.writerows(rows_kept)
+        if not args.no_progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    end = total if args.stop_after is None else min(total, start_step + args.stop_after)
-    progress = None
-    if is_main and not args.no_progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            self.progress = Progress(
+                TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+            )  # fmt: skip
+            self.progress.start()
+            self.task = self.progress.add_task("steps", total=s.total, completed=s.start_step, info="")
 
-        progress = Progress(
-            TextColumn("pretrain"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-        )
-        progress.start()
-        task = progress.add_task("steps", total=total, completed=start_step, info="")
+    def batch(self, index: torch.Tensor) -> None:
+        if self.tiles is not None:
+            self.tiles.write("\n".join(str(int(i)) for i in index) + "\n")
+
+    def step(self, last: dict[str, float]) -> None:
+        if self.csv_file is None:
+            return
+        self.rows.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in last.items()})
+        for k, v in last.items():
+            if k != "step":
+                self.writer.add_scalar(k, v, last["step"])
+        if self.progress is not None:
+            info = f"loss {last['loss']:.4f}  {last['samples_per_s']:.1f} samples/s"
+            self.progress.update(self.task, completed=last["step"], info=info)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.tiles is not None:
+            self.tiles.close()
+        if self.csv_file is not None:
+            self.csv_file.close()
+            self.writer.close()
+
+
+def train_step(s: Session, step: int, log: RunLog) -> tuple[dict[str, float], float]:
+    """One optimizer step of ``--accum`` micro-batches: (mean losses over the job, seconds spent
+    waiting for data). Masks are a function of (seed, step, micro-batch, rank)."""
+    args = s.args
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
+        if s.device.type == "cuda"
         else torch.autocast("cpu", enabled=False)
     )
-    model.train()
-    last = {}
+    sums: dict[str, float] = {}
+    wait = 0.0
+    for micro in range(args.accum):
+        t0 = time.perf_counter()
+        batch = next(s.batches)
+        wait += time.perf_counter() - t0
+        log.batch(batch["index"])
+        batch = {k: v.to(s.device, non_blocking=True) for k, v in batch.items()}
+        if s.normalise is not None:
+            batch = s.normalise(batch)
+        gen = torch.Generator().manual_seed(((args.seed * 1_000_003 + step) * 131 + micro) * 65_537 + s.rank)
+        sync = (not s.ddp) or micro == args.accum - 1
+        ctx = s.net.no_sync() if not sync else contextlib.nullcontext()
+        with ctx, autocast:
+            loss, logs = s.net(batch, generator=gen)
+        (loss / args.accum).backward()
+        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / args.accum
+        for k, v in logs.items():
+            key = k if k.startswith("w/") else f"loss/{k}"
+            sums[key] = sums.get(key, 0.0) + float(v) / args.accum
+    s.opt.step()
+    s.opt.zero_grad(set_to_none=True)
+    if s.ddp:
+        keys = sorted(sums)
+        vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=s.device)
+        torch.distributed.all_reduce(vec)
+        sums = {k: float(v) / s.world for k, v in zip(keys, vec.tolist(), strict=True)}
+    return sums, wait
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Pretrain as ``args`` say (see :func:`options` for calling it from Python); returns where the
+    run's files are and the last step's metrics."""
+    s = prepare(args)
+    log = RunLog(s)
+    end = s.total if args.stop_after is None else min(s.total, s.start_step + args.stop_after)
+    s.model.train()
+    last: dict[str, float] = {}
     t_prev = time.perf_counter()
-    for step in range(start_step, end):
-        lr = lr_at(step, total, warmup, peak, args.min_lr)
-        for gp in opt.param_groups:
+    for step in range(s.start_step, end):
+        lr = lr_at(step, s.total, s.warmup, s.peak, args.min_lr)
+        for gp in s.opt.param_groups:
             gp["lr"] = lr
-        sums: dict[str, float] = {}
-        wait = 0.0
-        for micro in range(args.accum):
-            t0 = time.perf_counter()
-            batch = next(it)
-            wait += time.perf_counter() - t0
-            if tiles_file is not None:
-                tiles_file.write("\n".join(str(int(i)) for i in batch["index"]) + "\n")
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            if normalise is not None:
-                batch = normalise(batch)
-            gen = torch.Generator().manual_seed(
-                ((args.seed * 1_000_003 + step) * 131 + micro) * 65_537 + rank
-            )
-            sync = (not ddp) or micro == args.accum - 1
-            ctx = net.no_sync() if not sync else contextlib.nullcontext()
-            with ctx, autocast:
-                loss, logs = net(batch, generator=gen)
-            (loss / args.accum).backward()
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / args.accum
-            for k, v in logs.items():
-                key = k if k.startswith("w/") else f"loss/{k}"
-                sums[key] = sums.get(key, 0.0) + float(v) / args.accum
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ddp:
-            keys = sorted(sums)
-            vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(vec)
-            sums = {k: float(v) / world for k, v in zip(keys, vec.tolist(), strict=True)}
+        sums, wait = train_step(s, step, log)
         now = time.perf_counter()
-        sps = global_batch / max(now - t_prev, 1e-9)
+        sps = s.global_batch / max(now - t_prev, 1e-9)
         t_prev = now
         last = {"step": step + 1, "lr": lr, "samples_per_s": sps, "data_wait_s": wait, **sums}
-        if is_main:
-            cw.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in last.items()})
-            for k, v in last.items():
-                if k != "step":
-                    writer.add_scalar(k, v, step + 1)
-            if progress is not None:
-                progress.update(
-                    task, completed=step + 1, info=f"loss {sums['loss']:.4f}  {sps:.1f} samples/s"
-                )
-        if (step + 1) % args.save_every == 0 and step + 1 < end and is_main:
-            save_checkpoint(out, model, opt, step + 1, args)
-    if progress is not None:
-        progress.stop()
-    if tiles_file is not None:
-        tiles_file.close()
-    result = {"out": str(out), "step": end, "total_steps": total, "last": last}
-    if is_main:
-        save_checkpoint(out, model, opt, end, args)
-        csv_file.close()
-        writer.close()
+        log.step(last)
+        if (step + 1) % args.save_every == 0 and step + 1 < end and s.is_main:
+            save_checkpoint(s.out, s.model, s.opt, step + 1, args)
+    log.close()
+    out = s.out
+    result = {"out": str(out), "step": end, "total_steps": s.total, "last": last}
+    if s.is_main:
+        save_checkpoint(out, s.model, s.opt, end, args)
         plot_curves(out / "metrics.csv", out / "loss_curves.png")
         result.update(
-            checkpoint=str(out / "model.safetensors"),
-            state=str(out / "state.pt"),
-            metrics=str(out / "metrics.csv"),
-            tensorboard=str(out / "tb"),
-            plot=str(out / "loss_curves.png"),
-        )
-    if ddp:
+            checkpoint=str(out / "model.safetensors"), state=str(out / "state.pt"),
+            metrics=str(out / "metrics.csv"), tensorboard=str(out / "tb"), plot=str(out / "loss_curves.png"),
+        )  # fmt: skip
+    if s.ddp:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return result
@@ -496,7 +574,12 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
+    return run_and_report(parse_args(argv))
+
+
+def run_and_report(args: argparse.Namespace) -> int:
+    """:func:`run`, then what it wrote printed; bad input or a damaged store printed as one error line.
+    Returns the exit status (0, or 2 on bad input)."""
     try:
         res = run(args)
     except UsageError as err:

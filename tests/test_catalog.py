@@ -252,11 +252,49 @@ def test_browse_page_in_headless_chromium(live_server, catalog_dir, small_store)
         drv.quit()
 
 
-def test_serve_binds_localhost_by_default():
-    from flows.cli import build_parser
+def _other_address() -> str | None:
+    """This machine's address on its outward interface (a UDP socket's own address; nothing is sent)."""
+    import socket
 
-    args = build_parser().parse_args(["catalog", "serve", "--catalog", "x"])
-    assert args.host == "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            addr = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if addr.startswith("127.") else addr
+
+
+def test_serve_binds_localhost_by_default(catalog_dir):
+    """The real server, started as a user starts it: it answers on 127.0.0.1 and refuses connections
+    on the machine's other address."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from conftest import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "catalog.cli", "serve", "--catalog", str(catalog_dir), "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+                assert time.monotonic() < deadline, "the server did not start within 90 s"
+                time.sleep(0.3)
+        other = _other_address()
+        if other is not None:
+            with pytest.raises(OSError):
+                socket.create_connection((other, port), timeout=2).close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_the_serve_command_refuses_other_host_headers(catalog_dir, monkeypatch):

@@ -281,6 +281,26 @@ def test_bad_input_exits_2(tmp_path, small_store, capsys):
     assert "another model (model: checkpoint 'atto', now 'femto')" in capsys.readouterr().err
 
 
+def test_pretraining_from_python_options_equals_the_command_line(tmp_path, small_store):
+    from model.pretrain import UsageError, options, run
+
+    cli, py = str(tmp_path / "cli"), str(tmp_path / "py")
+    assert _pretrain("--store", small_store, "--out", cli, "--steps", "2", "--blr", "1e-3") == 0
+    res = run(
+        options(
+            store=small_store, out=py, steps=2, blr=1e-3, model="atto", img_size=32, patch_size=8,
+            batch_size=4, decoder_dim=32, no_progress=True,
+        )
+    )  # fmt: skip
+    assert res["step"] == 2 and res["checkpoint"] == f"{py}/model.safetensors"
+    wa, wb = load_file(f"{cli}/model.safetensors"), load_file(f"{py}/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(UsageError, match=r"unknown pretraining options \['img'\]"):
+        options(store=small_store, out=py, img=32)
+    with pytest.raises(UsageError, match="needs out"):
+        options(store=small_store)
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_see_disjoint_tiles(tmp_path, small_store):
     out = tmp_path / "ddp"

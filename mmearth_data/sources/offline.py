@@ -51,6 +51,7 @@ machines with the same numpy. What is grounded in real layers and what is modell
 from __future__ import annotations
 
 import zlib
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -227,6 +228,17 @@ def dem_on_tile_grid(z_native: np.ndarray, size: int) -> tuple[np.ndarray, np.nd
     return z10, _bilinear_up(slope, DEM_NATIVE_FACTOR, size).astype(np.float32)
 
 
+class _TileState(SimpleNamespace):
+    """What every modality of one tile is drawn from, filled in by :class:`OfflineSource`'s steps in
+    order (scene, terrain, land cover, structure, vegetation, then each modality): the tile's
+    request ``t``, its size ``S``, its random generator ``rng`` (drawn from in a fixed order), its
+    climate and everything the earlier steps made."""
+
+    def get(self, names: str) -> tuple:
+        """The values of the space-separated ``names``, in order."""
+        return tuple(getattr(self, n) for n in names.split())
+
+
 class OfflineSource:
     """Deterministic synthetic corpus grounded in real global layers (the default source)."""
 
@@ -278,8 +290,26 @@ class OfflineSource:
         relief0 = float(w.relief(t.lat, t.lon))
         mix = w.igbp_mix(t.lat, t.lon)
         p_ann = float(P12.sum())
+        st = _TileState(
+            t=t, w=w, S=S, rng=rng, T12=T12, P12=P12, elev0=elev0, relief0=relief0, mix=mix, p_ann=p_ann
+        )
+        self._scene(st)
+        self._terrain(st)
+        self._land_cover(st)
+        self._structure(st)
+        self._vegetation(st)
+        self._sentinel2(st)
+        self._clouds(st)
+        self._s2_masks(st)
+        self._sentinel1(st)
+        self._canopy(st)
+        self._labels(st)
+        return self._result(st, modalities)
 
-        # --- scene date: least cloudy of eight candidate days ---------------------------------------
+    def _scene(self, st: _TileState) -> None:
+        """The scene: the least cloudy of eight candidate days of the year, its cloud cover, product
+        level, sun position and the month's climate."""
+        P12, T12, rng, t = st.get("P12 T12 rng t")
         year_start = np.datetime64(f"{t.year}-01-01")
         n_days = int((np.datetime64(f"{t.year + 1}-01-01") - year_start).astype(int))
         days = np.sort(rng.choice(n_days, size=8, replace=False))
@@ -299,8 +329,14 @@ class OfflineSource:
         product = "L2A" if s2_date >= self.l2a_from else "L1C"
         zen, az = sun_position(t.lat, doy + 1)
         T_m, P_m, P_prev = float(T12[m]), float(P12[m]), float(P12[m - 1])
+        vars(st).update(
+            P_m=P_m, P_prev=P_prev, T_m=T_m, az=az, cover=cover, product=product, s2_date=s2_date, zen=zen
+        )
 
-        # --- terrain ---------------------------------------------------------------------------------
+    def _terrain(self, st: _TileState) -> None:
+        """The DEM: elevation and slope made at 30 m and resampled to the tile grid, and the
+        gradients sun and radar see."""
+        S, elev0, relief0, rng, t = st.get("S elev0 relief0 rng t")
         # relief: standard deviation of elevation across a 1.28 km tile, growing with altitude and with
         # the regional relief; a k^-3 surface's deviation grows with the extent, hence the S / 128
         relief = np.clip(0.5 + 0.004 * elev0 + 0.08 * relief0, 0.3, 150) * float(rng.lognormal(0, 0.5))
@@ -316,8 +352,12 @@ class OfflineSource:
         dzdy = -dzdy_rows  # rows run south
         zn = (z - z.mean()) / (z.std() + 1e-6)
         slope_n = (slope - slope.mean()) / (slope.std() + 1e-6)
+        vars(st).update(dzdx=dzdx, dzdy=dzdy, slope=slope, slope_n=slope_n, z=z, zn=zn)
 
-        # --- land cover ------------------------------------------------------------------------------
+    def _land_cover(self, st: _TileState) -> None:
+        """The surface classes, placed by smooth fields in the shares of the location's land-cover
+        mix."""
+        S, mix, rng, slope_n, t, zn = st.get("S mix rng slope_n t zn")
         frac = mix @ IGBP_TO_CLASS
         if t.biome == 14:
             frac[C["mangrove"]] += 0.7 * frac[C["trees"]] + 0.1
@@ -357,8 +397,12 @@ class OfflineSource:
             cls.ravel()[idx] = C[name]
             free[idx] = False
         texture = fields[10]
+        vars(st).update(cls=cls, fields=fields, frac=frac, texture=texture)
 
-        # --- landscape structure: field parcels, hedgerows, a river and lakes, roads and tracks ------
+    def _structure(self, st: _TileState) -> None:
+        """Landscape structure: field parcels and their states, hedgerows, a river, roads and
+        tracks."""
+        S, cls, frac, p_ann, rng, t, z = st.get("S cls frac p_ann rng t z")
         agri = float(frac[C["crops"]] + 0.3 * frac[C["grass"]])
         size_px = FIELD_SIZE_PX.get(t.biome, 14) * float(rng.lognormal(0, 0.3))
         parcel, pedge = landscape.fields(rng, S, size_px)
@@ -390,8 +434,32 @@ class OfflineSource:
         cls[track] = C["bare"]
         fieldish &= ~(road | track)
         fine = smooth_fields(rng, S, [0.6, 1.8])  # pixel- and crown-scale texture
+        vars(st).update(
+            fieldish=fieldish,
+            fine=fine,
+            hedge=hedge,
+            meadow=meadow,
+            n_par=n_par,
+            par_bright=par_bright,
+            par_kind=par_kind,
+            par_rough=par_rough,
+            par_state=par_state,
+            par_tex=par_tex,
+            parcel=parcel,
+            pedge=pedge,
+            river=river,
+            river_path=river_path,
+            road=road,
+            size_px=size_px,
+        )
 
-        # --- vegetation state and snow -------------------------------------------------------------------
+    def _vegetation(self, st: _TileState) -> None:
+        """Greenness of the month (trees, crops) and snow cover from temperature and altitude."""
+        (
+            P_m, P_prev, T_m, cls, elev0, mix, par_kind, par_state, parcel, z
+        ) = st.get(
+            "P_m P_prev T_m cls elev0 mix par_kind par_state parcel z"
+        )  # fmt: skip
         g = float(_sigmoid((T_m - 5) / 2.5) * np.clip((P_m + P_prev) / 100.0, 0.15, 1.0))
         forest_mix = mix[1:6].sum()
         evergreen = float((mix[1] + mix[2]) / forest_mix) if forest_mix > 0 else 0.5
@@ -403,8 +471,18 @@ class OfflineSource:
         snow = np.where(cls == C["water"], 0.0, snow)
         snow = np.where(np.isin(cls, [C["trees"], C["mangrove"]]), 0.5 * snow, snow)
         snow = np.where(cls == C["snow"], 1.0, snow).astype(np.float32)
+        vars(st).update(crop_state=crop_state, g=g, g_tree=g_tree, snow=snow)
 
-        # --- Sentinel-2 -----------------------------------------------------------------------------------
+    def _sentinel2(self, st: _TileState) -> None:
+        """Surface reflectance of every pixel: class spectra, crops per parcel, texture, snow,
+        illumination."""
+        (
+            S, az, cls, crop_state, dzdx, dzdy, fieldish, fine, g, g_tree, meadow, p_ann, par_bright,
+            par_kind, par_state, par_tex, parcel, rng, road, snow, texture, zen
+        ) = st.get(
+            "S az cls crop_state dzdx dzdy fieldish fine g g_tree meadow p_ann par_bright par_kind "
+            "par_state par_tex parcel rng road snow texture zen"
+        )  # fmt: skip
         aridity = float(np.clip(1 - p_ann / 600.0, 0, 1))
         veg = lambda gg: gg * SPEC["green"] + (1 - gg) * SPEC["dryveg"]  # noqa: E731
         bare = aridity * SPEC["sand"] + (1 - aridity) * SPEC["soil"]
@@ -448,8 +526,12 @@ class OfflineSource:
         illum = np.clip(cos_i / max(np.cos(np.radians(zen)), 0.05), 0.1, 3.0) ** 0.6
         illum = np.where(cls == C["water"], 1.0, illum).astype(np.float32)
         refl *= illum[..., None]
+        vars(st).update(aridity=aridity, crop=crop, illum=illum, refl=refl)
 
-        # clouds and shadows
+    def _clouds(self, st: _TileState) -> None:
+        """Clouds, their shadows and cirrus; L1C's atmosphere; the sensor's blur, noise and native
+        resolution."""
+        P_m, S, T_m, az, cover, product, refl, rng, zen = st.get("P_m S T_m az cover product refl rng zen")
         # cloud type: cumulus fields in warm wet months, stratiform sheets otherwise; cirrus more
         # often in wet climates (B10, L1C)
         cumulus = T_m > 15 and P_m > 40
@@ -482,8 +564,15 @@ class OfflineSource:
         s2 = np.clip(np.rint(refl * 10000), 1, 65535).astype(np.uint16)
         if product == "L2A":
             s2[10] = 0  # no B10 in L2A
+        vars(st).update(alpha=alpha, cirrus=cirrus, s2=s2, shadow=shadow)
 
-        # masks
+    def _s2_masks(self, st: _TileState) -> None:
+        """The Sentinel-2 masks of the scene: SCL and cloud probability (L2A), QA60."""
+        (
+            S, alpha, cirrus, cls, crop, crop_state, illum, product, rng, shadow, snow
+        ) = st.get(
+            "S alpha cirrus cls crop crop_state illum product rng shadow snow"
+        )  # fmt: skip
         qa_opaque = _block_max(alpha > 0.5, 6)
         qa_cirrus = _block_max(cirrus > 0.01, 6)
         qa60 = np.where(qa_opaque, 1, np.where(qa_cirrus, 2, 0)).astype(np.uint8)
@@ -502,8 +591,16 @@ class OfflineSource:
             scl = np.full((S, S), 255, np.uint8)
             cldprb = np.full((S, S), 255, np.uint8)
         masks = np.stack([scl, cldprb, qa60])
+        vars(st).update(masks=masks)
 
-        # --- Sentinel-1 -----------------------------------------------------------------------------------
+    def _sentinel1(self, st: _TileState) -> None:
+        """Sentinel-1 backscatter of each orbit direction present: class, moisture, terrain,
+        speckle."""
+        (
+            P_m, P_prev, S, aridity, cls, crop, dzdx, dzdy, fieldish, g, par_rough, parcel, rng, road, t
+        ) = st.get(
+            "P_m P_prev S aridity cls crop dzdx dzdy fieldish g par_rough parcel rng road t"
+        )  # fmt: skip
         smi = float(np.clip((P_m + P_prev) / 240.0, 0, 1))
         vv = S1_VV[cls] + np.where(cls == C["bare"], -3.0 * aridity, 0.0)
         moist = ~np.isin(cls, [C["water"], C["built"], C["snow"]])
@@ -540,8 +637,11 @@ class OfflineSource:
             s1[base + 1] = cross
         s1 = s1.astype(np.float16)
         s1_present = any(orbits_present.values())
+        vars(st).update(orbits_present=orbits_present, s1=s1, s1_present=s1_present)
 
-        # --- canopy height --------------------------------------------------------------------------------
+    def _canopy(self, st: _TileState) -> None:
+        """Canopy height and its standard deviation."""
+        S, cls, fields, g_tree, rng, t, texture = st.get("S cls fields g_tree rng t texture")
         h_tree = TREE_HEIGHT.get(t.biome, 12) * (0.75 + 0.25 * fields[5]) * (0.8 + 0.2 * g_tree)
         height = np.zeros((S, S), np.float32)
         treeish = np.isin(cls, [C["trees"], C["mangrove"]])
@@ -552,8 +652,12 @@ class OfflineSource:
         std = np.clip(2 + 0.25 * height + 0.5 * np.abs(texture), 0, 254)
         canopy = np.stack([np.rint(height), np.rint(std)]).astype(np.uint8)
         canopy[:, cls == C["water"]] = 255
+        vars(st).update(canopy=canopy)
 
-        # --- label products: WorldCover (a 2020 map) and Dynamic World (the year's mode) -------------
+    def _labels(self, st: _TileState) -> None:
+        """The label products: WorldCover (the 2020 map, crops rotated) and Dynamic World (the
+        year's mode)."""
+        T12, cls, meadow, n_par, parcel, rng, t = st.get("T12 cls meadow n_par parcel rng t")
         cls_2020 = cls.copy()
         if t.year != 2020:  # crop rotation between the tile's year and the 2020 map
             rotated = (rng.random(n_par) < 0.25)[parcel]
@@ -562,8 +666,18 @@ class OfflineSource:
         wc_cls = landscape.worldcover_map(rng, cls_2020, len(CLASSES))
         winter, snowy = float(np.mean(T12 < 3.0)), float(np.mean(T12 < -3.0))
         dw_cls = landscape.dynamic_world_map(rng, cls, 6, winter, snowy)
+        vars(st).update(dw_cls=dw_cls, wc_cls=wc_cls)
 
-        # --- ERA5 -----------------------------------------------------------------------------------
+    def _result(self, st: _TileState, modalities: tuple[Modality, ...]) -> TileResult:
+        """ERA5 and the tile's result: every requested modality, presence, provenance and structure."""
+        (
+            P12, P_m, S, T12, alpha, canopy, cls, dw_cls, fieldish, hedge, masks, orbits_present, parcel,
+            pedge, product, river, river_path, road, s1, s1_present, s2, s2_date, size_px, slope, t, wc_cls,
+            z
+        ) = st.get(
+            "P12 P_m S T12 alpha canopy cls dw_cls fieldish hedge masks orbits_present parcel pedge "
+            "product river river_path road s1 s1_present s2 s2_date size_px slope t wc_cls z"
+        )  # fmt: skip
         era5 = self._era5(t, s2_date, T12, P12)
 
         arrays = {
