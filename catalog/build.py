@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from pyproj import Transformer
 from stac_geoparquet.arrow import parse_stac_items_to_arrow, to_parquet
 
 from catalog.quicklook import PANEL_TITLES, PANELS, legends, png_bytes, strip
+from mmearth_data.grid import footprint_rings
 from mmearth_data.registry import BIOME_CLASSES, Modality
 from mmearth_data.store import CorpusReader, strings
 
@@ -95,24 +95,11 @@ def _iso(day: Any) -> str:
 
 
 def footprints(df: pd.DataFrame, tile_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """WGS84 footprint rings (n, 5, 2) and bboxes (n, 4) of tiles from their UTM transform and EPSG."""
-    n = len(df)
-    T = np.stack(df["transform"].to_numpy()).astype(np.float64)  # (n, 6): a b c d e f
-    cols = np.array([0, tile_size, tile_size, 0, 0], np.float64)
-    rows = np.array([0, 0, tile_size, tile_size, 0], np.float64)
-    x = T[:, [0]] * cols + T[:, [1]] * rows + T[:, [2]]
-    y = T[:, [3]] * cols + T[:, [4]] * rows + T[:, [5]]
-    lon = np.empty((n, 5))
-    lat = np.empty((n, 5))
-    epsg = df["epsg"].to_numpy()
-    for code in np.unique(epsg):
-        sel = epsg == code
-        tr = Transformer.from_crs(int(code), 4326, always_xy=True)
-        lo, la = tr.transform(x[sel], y[sel])
-        lon[sel], lat[sel] = lo, la
-    rings = np.stack([lon, lat], -1)
-    bboxes = np.stack([lon.min(1), lat.min(1), lon.max(1), lat.max(1)], 1)
-    return rings, bboxes
+    """The items' geometry: :func:`mmearth_data.grid.footprint_rings` of the tiles (n, 5, 2) and their
+    bboxes (n, 4)."""
+    rings = footprint_rings(np.stack(df["transform"].to_numpy()), df["epsg"].to_numpy(), tile_size)
+    lon, lat = rings[..., 0], rings[..., 1]
+    return rings, np.stack([lon.min(1), lat.min(1), lon.max(1), lat.max(1)], 1)
 
 
 def _text(v: Any) -> str | None:
@@ -479,7 +466,7 @@ def build_catalog(
         return _build_catalog_here(store, Path(root), batch_tiles, quicklooks, json_items, collection_id)
     root = root.rstrip("/")
     if fs.exists(root) and fs.ls(root) and not fs.exists(f"{root}/collection.json"):
-        raise CatalogError(f"--out {out} holds other files (no collection.json); choose an empty or new URL")
+        raise CatalogError(f"`out` {out} holds other files (no collection.json); choose an empty or new URL")
     if collection_id is None:
         collection_id = Path(store.rstrip("/")).name.removesuffix(".zarr") or "corpus"
     # the items point at the store by its URL, or by its absolute path on this machine
@@ -508,14 +495,14 @@ def _build_catalog_here(
     reader = CorpusReader(store)
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise CatalogError(f"--out {out} exists and is not a directory; choose another path")
+        raise CatalogError(f"`out` {out} exists and is not a directory; choose another path")
     marker = out / IN_PROGRESS  # an earlier build of ours that stopped part-way: it is redone
     if out.exists() and any(out.iterdir()) and not (out / "collection.json").exists() and not marker.exists():
         raise CatalogError(
-            f"--out {out} holds other files (no collection.json); choose an empty or new directory"
+            f"`out` {out} holds other files (no collection.json); choose an empty or new directory"
         )
     if quicklooks not in ("auto", "all", "none"):
-        raise CatalogError(f"--quicklooks {quicklooks!r}: use auto, all or none")
+        raise CatalogError(f"`quicklooks` {quicklooks!r}: use auto, all or none")
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"catalog of {store} being written; removed when collection.json is written\n")
     want_ql = quicklooks == "all" or (quicklooks == "auto" and reader.n_tiles <= QUICKLOOK_AUTO_MAX)

@@ -9,7 +9,7 @@ import sys
 
 from rich.console import Console
 
-from mmearth_data.argtypes import int_in, percent, years
+from mmearth_data.argtypes import cli_terms, int_in, percent, years
 from mmearth_data.store import StoreError
 
 console = Console(stderr=False)
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             serve(args.catalog, args.host, args.port, announce=announce)
             return 0
     except (SearchError, CatalogError, StoreError, FileNotFoundError) as err:
-        err_console.print(f"[bold red]error:[/] {err}")
+        err_console.print(f"[bold red]error:[/] {cli_terms(err)}")
         return 2
     return 2
 

@@ -52,7 +52,7 @@ def parse_bbox(text: str) -> tuple[float, float, float, float]:
         v = ()
     if len(v) != 4 or not (-180 <= v[0] <= v[2] <= 180 and -90 <= v[1] <= v[3] <= 90):
         raise SearchError(
-            f"--bbox {text!r}: use west,south,east,north in degrees with west <= east, south <= north"
+            f"`bbox` {text!r}: use west,south,east,north in degrees with west <= east, south <= north"
         )
     return v  # type: ignore[return-value]
 
@@ -63,7 +63,7 @@ def parse_datetime(text: str) -> tuple[str | None, str | None]:
     if len(parts) == 1:
         parts = [parts[0], parts[0]]
     if len(parts) != 2:
-        raise SearchError(f"--datetime {text!r}: use a date or an interval START/END (.. for open)")
+        raise SearchError(f"`datetime` {text!r}: use a date or an interval START/END (.. for open)")
     out = []
     for p in parts:
         if p in ("", ".."):
@@ -72,7 +72,7 @@ def parse_datetime(text: str) -> tuple[str | None, str | None]:
         try:
             np.datetime64(p[:10], "D")
         except ValueError:
-            raise SearchError(f"--datetime {text!r}: {p!r} is not a date (YYYY-MM-DD)") from None
+            raise SearchError(f"`datetime` {text!r}: {p!r} is not a date (YYYY-MM-DD)") from None
         out.append(p[:10])
     return out[0], out[1]
 
@@ -88,7 +88,7 @@ def parse_biomes(text: str) -> tuple[int, ...]:
         if len(hits) != 1:
             choices = "; ".join(f"{k} {v}" for k, v in BIOME_CLASSES.items())
             raise SearchError(
-                f"--biome {part!r} matches {len(hits)} biomes; use a number or a unique name: {choices}"
+                f"`biome` {part!r} matches {len(hits)} biomes; use a number or a unique name: {choices}"
             )
         out.append(hits[0])
     return tuple(out)
@@ -146,7 +146,7 @@ def expression(q: Query, schema: pa.Schema) -> ds.Expression | None:
         col = f"mmearth:has_{m}"
         if col not in schema.names:
             known = [c.removeprefix("mmearth:has_") for c in schema.names if c.startswith("mmearth:has_")]
-            raise SearchError(f"--has {m}: the catalog has no modality {m!r}; known: {', '.join(known)}")
+            raise SearchError(f"`has` {m}: the catalog has no modality {m!r}; known: {', '.join(known)}")
         conds.append(ds.field(col) == True)  # noqa: E712 (an arrow expression, not a Python comparison)
     if q.max_cloud is not None:
         conds.append(ds.field("eo:cloud_cover") <= q.max_cloud)

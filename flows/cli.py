@@ -16,6 +16,7 @@ from rich.console import Console
 
 from catalog import cli as catalog_cli
 from flows.options import add_build_arguments, add_ee_arguments, build_config, ee_options
+from mmearth_data.argtypes import cli_terms
 from mmearth_data.build import BuildInputError
 from mmearth_data.derive import DeriveError
 from mmearth_data.mmearth_h5 import ExportError
@@ -167,7 +168,7 @@ def cmd_ee_check(args: argparse.Namespace) -> int:
     try:
         checks, info = run_ee_check(opts, simulate=args.simulate, keep=args.keep, say=console.print)
     except EECheckError as err:
-        err_console.print(f"[bold red]error:[/] {err}")
+        err_console.print(f"[bold red]error:[/] {cli_terms(err)}")
         return 2
     title = "ee-check" + (" (SIMULATED: the offline world, not Earth Engine)" if args.simulate else "")
     t = Table(title=title)
@@ -196,7 +197,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     try:
         res = build_tasks(args.out, args.tiles, args.tile_size, args.seed, balance=args.balance)
     except TaskError as err:
-        err_console.print(f"[bold red]error:[/] {err}")
+        err_console.print(f"[bold red]error:[/] {cli_terms(err)}")
         return 2
     console.print_json(json.dumps(res))
     return 0
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except USER_ERRORS as err:
-        err_console.print(f"[bold red]error:[/] {err}")
+        err_console.print(f"[bold red]error:[/] {cli_terms(err)}")
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM (flows.guard.BuildInterrupted)
         err_console.print(

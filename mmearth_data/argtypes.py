@@ -1,10 +1,12 @@
-"""argparse types shared by the command lines (``mmearth``, ``mmearth catalog``): each turns a bad value
-into argparse's usage error, which names the option and the accepted values."""
+"""What the command lines (``mmearth``, ``mmearth catalog``, ``python -m model.*``) share: argparse types,
+each turning a bad value into argparse's usage error naming the option and the accepted values, and
+:func:`cli_terms`, which words the library's errors in the command line's flags."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 
 
 def int_in(lo: int, hi: int | None, what: str):
@@ -42,3 +44,14 @@ def years(text: str) -> tuple[int, ...]:
         return parse_years(text)
     except SamplingError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+# library parameters whose flag is not the parameter's name with dashes
+FLAG_OF = {"n_tiles": "--tiles", "dst": "--out", "key_file": "--ee-key"}
+_PARAM = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def cli_terms(message: object) -> str:
+    """A library error in the command line's terms: the library names the parameter at fault in
+    backquotes (`tile_size`), the command line the flag that sets it (--tile-size)."""
+    return _PARAM.sub(lambda m: FLAG_OF.get(m[1], "--" + m[1].replace("_", "-")), str(message))

@@ -73,7 +73,7 @@ def restore_metadata(store: str) -> list[str]:
         listed = ", ".join(f"{k} ({v})" for k, v in problems.items())
         raise StoreError(
             f"{store}: damaged metadata {listed} and no copy of it in {build_dir(store)}/{METADATA_COPY}; "
-            "restore those files from a copy of your own, or rebuild into a new --store (nothing was changed)"
+            "restore those files from a copy of your own, or rebuild into a new `store` (nothing was changed)"
         )
     fs, root = fsspec.core.url_to_fs(store)
     for key in sorted(problems):

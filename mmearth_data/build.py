@@ -54,6 +54,7 @@ from mmearth_data.store import (
     payload_problem,
     read_attrs,
     resize_tiles,
+    shard_count,
     tile_rows,
     update_attrs,
 )
@@ -124,11 +125,11 @@ class BuildConfig:
 def check_config(cfg: BuildConfig) -> None:
     """Raise :class:`BuildInputError` naming the problem; touches nothing."""
     if not isinstance(cfg.n_tiles, int) or cfg.n_tiles <= 0:
-        raise BuildInputError(f"--tiles must be a positive number of tiles, got {cfg.n_tiles}")
+        raise BuildInputError(f"`n_tiles` must be a positive number of tiles, got {cfg.n_tiles}")
     if not isinstance(cfg.seed, int) or cfg.seed < 0:
-        raise BuildInputError(f"--seed must be a non-negative integer, got {cfg.seed}")
+        raise BuildInputError(f"`seed` must be a non-negative integer, got {cfg.seed}")
     if not isinstance(cfg.reserve, int) or cfg.reserve < 0:
-        raise BuildInputError(f"--reserve must be a non-negative integer, got {cfg.reserve}")
+        raise BuildInputError(f"`reserve` must be a non-negative integer, got {cfg.reserve}")
     try:
         check_tile_size(cfg.tile_size)
     except GridError as err:
@@ -141,7 +142,7 @@ def check_config(cfg: BuildConfig) -> None:
     if not cfg.years or bad:
         raise BuildInputError(
             f"years {bad or '(none)'} are outside what the {cfg.source} source covers "
-            f"({years_ok.start}-{years_ok.stop - 1}); pick --years within that range, e.g. 2017-2020"
+            f"({years_ok.start}-{years_ok.stop - 1}); pick `years` within that range, e.g. 2017-2020"
         )
     for name in cfg.modalities:
         try:
@@ -151,7 +152,7 @@ def check_config(cfg: BuildConfig) -> None:
         if not m.stored:
             raise BuildInputError(f"modality {name!r} is derived from tile metadata and is not exported")
     if "sentinel2" not in cfg.modalities:
-        raise BuildInputError("sentinel2 must be among --modalities: its scene defines every tile")
+        raise BuildInputError("sentinel2 must be among `modalities`: its scene defines every tile")
     try:  # source-specific checks (project, credentials, request size); no network
         source = make_source(cfg.source, seed=cfg.seed, **cfg.source_options)
         check = getattr(source, "check", None)
@@ -166,7 +167,7 @@ def check_config(cfg: BuildConfig) -> None:
     if cfg.chunk_tiles < 0 or cfg.resolved_shard_tiles() % cfg.resolved_chunk_tiles():
         raise BuildInputError(
             f"shard size {cfg.resolved_shard_tiles()} must be a positive multiple of the chunk size "
-            f"{cfg.resolved_chunk_tiles()} (--shard-tiles, --chunk-tiles)"
+            f"{cfg.resolved_chunk_tiles()} (`shard_tiles`, `chunk_tiles`)"
         )
 
 
@@ -196,7 +197,7 @@ def check_store_path(cfg: BuildConfig) -> bool:
         local = _local_path(cfg.store)
     except (ImportError, ValueError) as err:
         raise BuildInputError(
-            f"--store {cfg.store}: {err}; install the filesystem's package into the environment or choose a "
+            f"`store` {cfg.store}: {err}; install the filesystem's package into the environment or choose a "
             "local path (nothing was changed)"
         ) from None
     if local is not None:
@@ -206,13 +207,13 @@ def check_store_path(cfg: BuildConfig) -> bool:
     exists, is_group = _exists(cfg.store)
     if exists and not is_group:
         raise BuildInputError(
-            f"{cfg.store} already holds something that is not a corpus store; choose another --store path "
+            f"{cfg.store} already holds something that is not a corpus store; choose another `store` path "
             "(nothing was changed)"
         )
     if not is_group:
         if cfg.extend:
             raise BuildInputError(
-                f"--extend: there is no corpus store at {cfg.store} to extend; drop --extend to build one "
+                f"`extend`: there is no corpus store at {cfg.store} to extend; drop `extend` to build one "
                 "(nothing was changed)"
             )
         return False
@@ -225,7 +226,7 @@ def check_store_path(cfg: BuildConfig) -> bool:
     if "schema_version" not in attrs:
         raise BuildInputError(
             f"{cfg.store} is a zarr group but not a corpus store; "
-            "choose another --store (nothing was changed)"
+            "choose another `store` (nothing was changed)"
         )
     ident = cfg.identity()
     if cfg.extend:
@@ -235,7 +236,7 @@ def check_store_path(cfg: BuildConfig) -> bool:
         diff = {k: (old.get(k), v) for k, v in ident.items() if old.get(k) != v}
         raise OtherBuildError(
             f"{cfg.store} holds a corpus built with another configuration (stored vs asked: {diff}); "
-            "re-run with the same options to resume it, or choose another --store (nothing was changed)"
+            "re-run with the same options to resume it, or choose another `store` (nothing was changed)"
         )
     try:
         CorpusReader(cfg.store)  # every array's metadata readable
@@ -255,8 +256,8 @@ def added_modalities(cfg: BuildConfig, stored: dict[str, Any]) -> list[str]:
     if dropped:
         wanted = ",".join(have + [m for m in cfg.modalities if m not in have])
         raise BuildInputError(
-            f"--extend --modalities leaves out {', '.join(dropped)}, which {cfg.store} holds; an extension "
-            f"only adds modalities (give --modalities {wanted}), and `mmearth derive --modalities` makes a "
+            f"`extend` `modalities` leaves out {', '.join(dropped)}, which {cfg.store} holds; an extension "
+            f"only adds modalities (give `modalities` {wanted}), and `mmearth derive --modalities` makes a "
             "copy without some (nothing was changed)"
         )
     return [m for m in cfg.modalities if m not in have]
@@ -276,33 +277,33 @@ def extension_identity(cfg: BuildConfig, stored: dict[str, Any]) -> dict[str, An
     }
     if diff:
         raise OtherBuildError(
-            f"--extend: {cfg.store} was built with other options (stored vs asked: {diff}); an extension "
-            "keeps every option of the build but --tiles and --years, so repeat those options "
+            f"`extend`: {cfg.store} was built with other options (stored vs asked: {diff}); an extension "
+            "keeps every option of the build but `n_tiles` and `years`, so repeat those options "
             "(nothing was changed)"
         )
     have = int(stored["n_tiles"])
     if cfg.n_tiles < have:
         raise BuildInputError(
-            f"--extend --tiles {cfg.n_tiles}: {cfg.store} holds {have} tiles already; --tiles is the "
-            f"store's size after extending, e.g. --tiles {2 * have} (nothing was changed)"
+            f"`extend` `n_tiles` {cfg.n_tiles}: {cfg.store} holds {have} tiles already; `n_tiles` is the "
+            f"store's size after extending, e.g. `n_tiles` {2 * have} (nothing was changed)"
         )
     years = sorted(set(stored["years"]) | set(cfg.years))
     if cfg.n_tiles == have and len(years) > len(stored["years"]):
         raise BuildInputError(
-            f"--extend --years adds {sorted(set(years) - set(stored['years']))}, but --tiles {cfg.n_tiles} "
-            f"adds no tiles to hold them; give --tiles the size after extending, e.g. --tiles "
+            f"`extend` `years` adds {sorted(set(years) - set(stored['years']))}, but `n_tiles` {cfg.n_tiles} "
+            f"adds no tiles to hold them; give `n_tiles` the size after extending, e.g. `n_tiles` "
             f"{have + have // len(stored['years'])} (nothing was changed)"
         )
     added = added_modalities(cfg, stored)
     if added and cfg.n_tiles != have:
         raise BuildInputError(
-            f"--extend adds modalities ({', '.join(added)}) and tiles ({have} -> {cfg.n_tiles}) at once; "
-            f"add the modalities with --tiles {have} first, then the tiles (nothing was changed)"
+            f"`extend` adds modalities ({', '.join(added)}) and tiles ({have} -> {cfg.n_tiles}) at once; "
+            f"add the modalities with `n_tiles` {have} first, then the tiles (nothing was changed)"
         )
     if added and len(years) > len(stored["years"]):
         raise BuildInputError(
-            "--extend adds modalities to the stored tiles, whose years do not change; give the stored "
-            f"--years {','.join(map(str, stored['years']))} (nothing was changed)"
+            "`extend` adds modalities to the stored tiles, whose years do not change; give the stored "
+            f"`years` {','.join(map(str, stored['years']))} (nothing was changed)"
         )
     return stored | {"n_tiles": cfg.n_tiles, "years": years, "modalities": list(stored["modalities"]) + added}
 
@@ -325,16 +326,16 @@ def _check_reachable(url: str) -> None:
         found = fs.exists(bucket)
     except Exception as err:  # botocore / gcsfs / adlfs errors: credentials, endpoint, permissions
         raise BuildInputError(
-            f"--store {url}: the object store cannot be reached ({type(err).__name__}: {str(err)[:200]}); "
+            f"`store` {url}: the object store cannot be reached ({type(err).__name__}: {str(err)[:200]}); "
             "check the credentials (for S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE), "
             "the endpoint (AWS_ENDPOINT_URL_S3 for S3-compatible stores) and the network "
             "(nothing was changed)"
         ) from None
     if not found:
         raise BuildInputError(
-            f"--store {url}: bucket {bucket!r} cannot be found: it does not exist, these credentials do "
+            f"`store` {url}: bucket {bucket!r} cannot be found: it does not exist, these credentials do "
             "not see it, or the endpoint does not answer (AWS_ENDPOINT_URL_S3 for S3-compatible stores); "
-            "create it first or choose another --store (nothing was changed)"
+            "create it first or choose another `store` (nothing was changed)"
         )
 
 
@@ -348,7 +349,7 @@ def _check_writable(path: str) -> None:
         anc = os.path.dirname(anc)
     if not os.path.isdir(anc):
         raise BuildInputError(
-            f"--store {path}: {anc} is a file, not a folder; choose another --store (nothing was changed)"
+            f"`store` {path}: {anc} is a file, not a folder; choose another `store` (nothing was changed)"
         )
     try:
         fd, probe = tempfile.mkstemp(dir=anc, prefix=".mmearth-write-probe-")
@@ -356,7 +357,7 @@ def _check_writable(path: str) -> None:
         os.remove(probe)
     except OSError as err:
         raise BuildInputError(
-            f"--store {path}: cannot write under {anc} ({err.strerror or err}); choose a --store on a "
+            f"`store` {path}: cannot write under {anc} ({err.strerror or err}); choose a `store` on a "
             "writable disk (nothing was changed)"
         ) from None
 
@@ -478,7 +479,7 @@ def prepare(cfg: BuildConfig, world: World | None = None) -> Prepared:
         crash_point("plan")
     if not all(fs.exists(f"{fs._parent(path)}/{n}") for n in PLOTS):  # also after a kill between the two
         _write_plots(plan, out)
-    return Prepared(cfg, todo, -(-cfg.n_tiles // shard_tiles), cand, resumed, plan_path)
+    return Prepared(cfg, todo, shard_count(cfg.n_tiles, shard_tiles), cand, resumed, plan_path)
 
 
 PLAN_COLUMNS = ["tile_id", "lat", "lon", "epsg", "transform", "biome", "ecoregion", "year", "split", "rank"]
@@ -616,7 +617,7 @@ def _prepare_extension(cfg: BuildConfig, world: World | None) -> Prepared:
                 planner = getattr(source, "sample_plan", None) or partial(sample_plan, labeler=labeler)
                 plan = planner(sc, world, exclude=exclude, first_slot=last["tiles"][0])
             except (SamplingError, SourceError) as err:
-                raise BuildInputError(f"--extend: {err} (nothing was changed)") from None
+                raise BuildInputError(f"`extend`: {err} (nothing was changed)") from None
             if labeler is not None:
                 labeler.save()
             buf = io.BytesIO()
@@ -628,7 +629,7 @@ def _prepare_extension(cfg: BuildConfig, world: World | None) -> Prepared:
         update_attrs(
             cfg.store,
             n_tiles=cfg.n_tiles,
-            n_shards=-(-cfg.n_tiles // cfg.resolved_shard_tiles()),
+            n_shards=shard_count(cfg.n_tiles, cfg.resolved_shard_tiles()),
             build=attrs["build"] | {"config": ident, "config_hash": config_hash(ident)},
         )
         save_metadata_copy(cfg.store)
@@ -657,7 +658,7 @@ def _prepare_modality_fill(
         missing = have - int(StoreWriter(cfg.store).complete().sum())
         if missing:
             raise BuildInputError(
-                f"--extend --modalities: {cfg.store} has {missing} incomplete tiles; finish the build "
+                f"`extend` `modalities`: {cfg.store} has {missing} incomplete tiles; finish the build "
                 "first (the same command without the new modalities resumes it), then add modalities "
                 "(nothing was changed)"
             )
@@ -978,7 +979,7 @@ def repair_store(url: str, world: World | None = None) -> dict[str, Any]:
     restored = restore_metadata(url)
     reader = CorpusReader(url)
     damaged = deep_check(reader)
-    shards = sorted({d["index"] // reader.shard_tiles for d in damaged})
+    shards = sorted({reader.shard_of(d["index"]) for d in damaged})
     out: dict[str, Any] = {
         "store": url,
         "restored_metadata": restored,

@@ -55,13 +55,13 @@ def parse_split(text: str) -> tuple[tuple[str, float], ...]:
             value = float(share)
         except ValueError:
             raise DeriveError(
-                f"--split {text!r}: use name=share pairs like train=0.9,val=0.05,test=0.05"
+                f"`split` {text!r}: use name=share pairs like train=0.9,val=0.05,test=0.05"
             ) from None
         if name.strip() not in ("train", "val", "test") or not 0 <= value <= 1:
-            raise DeriveError(f"--split {text!r}: names are train, val, test and shares lie in [0, 1]")
+            raise DeriveError(f"`split` {text!r}: names are train, val, test and shares lie in [0, 1]")
         out.append((name.strip(), value))
     if abs(sum(v for _, v in out) - 1) > 1e-6:
-        raise DeriveError(f"--split {text!r}: the shares sum to {sum(v for _, v in out):g}, not 1")
+        raise DeriveError(f"`split` {text!r}: the shares sum to {sum(v for _, v in out):g}, not 1")
     return tuple(out)
 
 
@@ -114,26 +114,26 @@ def derive_store(src: str, dst: str, how: Derivation) -> dict[str, Any]:
 
     r = CorpusReader(src)
     if _exists(dst)[0] or os.path.exists(dst):
-        raise DeriveError(f"--out {dst} already exists; choose a new path (nothing was changed)")
+        raise DeriveError(f"`dst` {dst} already exists; choose a new path (nothing was changed)")
     names = [m.name for m in r.modalities]
     keep = list(how.modalities) if how.modalities else names
     unknown = [k for k in keep if k not in names]
     if unknown:
-        raise DeriveError(f"--modalities: {', '.join(unknown)} not in {src} (it holds {', '.join(names)})")
+        raise DeriveError(f"`modalities`: {', '.join(unknown)} not in {src} (it holds {', '.join(names)})")
     if "sentinel2" not in keep:
-        raise DeriveError("--modalities must keep sentinel2 (the encoder's input)")
+        raise DeriveError("`modalities` must keep sentinel2 (the encoder's input)")
     mods = [m for m in r.modalities if m.name in keep]
     size = r.tile_size
     if how.crop is not None:
         if not 0 < how.crop <= size:
-            raise DeriveError(f"--crop {how.crop}: must be between 1 and the source's tile size {size}")
+            raise DeriveError(f"`crop` {how.crop}: must be between 1 and the source's tile size {size}")
         size = how.crop
     meta = r.tiles()
     complete = meta["complete"].to_numpy()
     sel = np.flatnonzero(complete)
     if how.subset is not None:
         if not 0 < how.subset <= len(sel):
-            raise DeriveError(f"--subset {how.subset}: the source has {len(sel)} complete tiles")
+            raise DeriveError(f"`subset` {how.subset}: the source has {len(sel)} complete tiles")
         sub = stratified_subset(
             meta["biome"].to_numpy()[sel].astype(int),
             meta["year"].to_numpy()[sel].astype(int),

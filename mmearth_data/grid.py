@@ -142,24 +142,29 @@ def tile_transforms(
     return out
 
 
-def footprints(transforms: np.ndarray, epsg: np.ndarray, size: int, densify: int = 4) -> np.ndarray:
-    """WGS84 footprint polygons (shapely) of tiles given their transforms, edges densified."""
+def footprint_rings(transforms: np.ndarray, epsg: np.ndarray, size: int, densify: int = 1) -> np.ndarray:
+    """WGS84 footprints of tiles from their UTM transforms: closed rings (n, 4 * densify + 1, 2) of
+    (lon, lat), from the top-left corner clockwise, each edge cut into ``densify`` segments. The one
+    footprint of a tile: the plan's geometry and the catalog items' (at 1.28 km, the UTM edges stay
+    straight in WGS84 to well under a millimetre, so the corners alone describe it)."""
     transforms = np.asarray(transforms, np.float64).reshape(-1, 6)
     epsg = np.asarray(epsg, np.int64)
     t = np.linspace(0, 1, densify + 1)[:-1]
-    # ring in pixel units: top, right, bottom, left edges
-    cols = np.concatenate([t, np.ones_like(t), 1 - t, np.zeros_like(t)]) * size
-    rows = np.concatenate([np.zeros_like(t), t, np.ones_like(t), 1 - t]) * size
-    polys = np.empty(len(transforms), dtype=object)
+    cols = np.concatenate([t, np.ones_like(t), 1 - t, np.zeros_like(t), [0.0]]) * size
+    rows = np.concatenate([np.zeros_like(t), t, np.ones_like(t), 1 - t, [0.0]]) * size
+    x = transforms[:, [0]] * cols + transforms[:, [1]] * rows + transforms[:, [2]]
+    y = transforms[:, [3]] * cols + transforms[:, [4]] * rows + transforms[:, [5]]
+    rings = np.empty(x.shape + (2,))
     for code in np.unique(epsg):
-        sel = np.nonzero(epsg == code)[0]
-        a, c, e, f = (transforms[sel, k][:, None] for k in (0, 2, 4, 5))
-        x = a * cols[None, :] + c
-        y = e * rows[None, :] + f
-        lon, lat = _from_utm(int(code)).transform(x.ravel(), y.ravel())
-        ring = np.stack([np.asarray(lon).reshape(x.shape), np.asarray(lat).reshape(x.shape)], axis=-1)
-        polys[sel] = shapely.polygons(ring)
-    return polys
+        sel = epsg == code
+        lon, lat = _from_utm(int(code)).transform(x[sel], y[sel])
+        rings[sel, :, 0], rings[sel, :, 1] = lon, lat
+    return rings
+
+
+def footprints(transforms: np.ndarray, epsg: np.ndarray, size: int, densify: int = 1) -> np.ndarray:
+    """:func:`footprint_rings` as shapely polygons."""
+    return shapely.polygons(footprint_rings(transforms, epsg, size, densify))
 
 
 def tile_center_lonlat(transforms: np.ndarray, epsg: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -89,10 +89,10 @@ def export_mmearth_h5(url: str, out: str, name: str = "data_100k_v001", dem_dtyp
     if dem_dtype not in ("float32", "int16"):
         raise ExportError(f"dem_dtype {dem_dtype!r}: use float32 (lossless) or int16 (MMEarth's)")
     if os.path.exists(out) and not os.path.isdir(out):
-        raise ExportError(f"--out {out} is a file; name a folder (nothing was changed)")
+        raise ExportError(f"`out` {out} is a file; name a folder (nothing was changed)")
     final = os.path.join(out, name)
     if os.path.exists(final):
-        raise ExportError(f"{final} already exists; choose another --out or --name (nothing was changed)")
+        raise ExportError(f"{final} already exists; choose another `out` or `name` (nothing was changed)")
     r = CorpusReader(url)
     stored = {m.name for m in r.modalities}
     need = {"sentinel2", "sentinel2_masks", "sentinel1", "dem", "era5", "dynamic_world", "esa_worldcover",

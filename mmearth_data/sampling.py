@@ -403,8 +403,8 @@ def sample_in_footprints(
     if n_cells < cfg.n_tiles:
         raise SamplingError(
             f"the rasters' scenes of {', '.join(map(str, years))} hold {n_cells} tiles of {cfg.tile_size} px"
-            f" (whole tiles inside a scene), fewer than the {cfg.n_tiles} asked; ask for fewer --tiles, a "
-            "smaller --tile-size, other --years, or add rasters"
+            f" (whole tiles inside a scene), fewer than the {cfg.n_tiles} asked; ask for fewer `n_tiles`, a "
+            "smaller `tile_size`, other `years`, or add rasters"
         )
     lat, lon = grid.center(cand["row"].to_numpy(), cand["col"].to_numpy())
     cand["biome"] = np.asarray(world.biome(lat, lon), np.int64)

@@ -147,6 +147,30 @@ class ArrayLayout:
     codecs: list[str]
 
 
+def shard_count(n_tiles: int, shard_tiles: int) -> int:
+    """Shards of a store of ``n_tiles`` tiles, ``shard_tiles`` each (the last may be short)."""
+    return -(-n_tiles // shard_tiles)
+
+
+class ShardLayout:
+    """Shard arithmetic of a store with ``n_tiles`` tiles of ``shard_tiles`` per shard."""
+
+    n_tiles: int
+    shard_tiles: int
+
+    @property
+    def n_shards(self) -> int:
+        return shard_count(self.n_tiles, self.shard_tiles)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """Store indices ``start, stop`` of the tiles of ``shard``."""
+        s0 = shard * self.shard_tiles
+        return s0, min(s0 + self.shard_tiles, self.n_tiles)
+
+    def shard_of(self, index: int) -> int:
+        return index // self.shard_tiles
+
+
 class StoreError(ValueError):
     """The store at a path is missing, foreign, or does not match the build's configuration."""
 
@@ -184,7 +208,7 @@ def check_compression(compression: str) -> None:
     """Raise ValueError naming the choices when ``compression`` is not a store compression mode."""
     if compression not in COMPRESSION_MODES:
         raise ValueError(
-            f"--compression {compression!r} is not known; use compact (default: Pcodec for the DEM, "
+            f"`compression` {compression!r} is not known; use compact (default: Pcodec for the DEM, "
             "Blosc/Zstd for the rest) or portable (Blosc/Zstd only, for any Zarr v3 reader)"
         )
 
@@ -313,7 +337,7 @@ def create_store(
     """Create an empty corpus store (all fill, nothing complete) and return its group."""
     codecs = {m.name: array_codecs(m, compression) for m in modalities}  # checked before anything is made
     group = zarr.open_group(url, mode="w-", zarr_format=3)
-    n_shards = -(-n_tiles // shard_tiles)
+    n_shards = shard_count(n_tiles, shard_tiles)
     layout = (n_tiles, chunk_tiles, shard_tiles)
     for m in modalities:
         _modality_arrays(group, m, tile_size, layout, codecs[m.name])
@@ -407,7 +431,7 @@ def _write_provenance(data: dict[str, np.ndarray], i: int, extra: dict[str, Any]
         data["s1_gap_days"][i, k] = np.nan if gap is None else gap
 
 
-class StoreWriter:
+class StoreWriter(ShardLayout):
     """Writes whole shards of an existing store."""
 
     def __init__(self, url: str):
@@ -417,14 +441,6 @@ class StoreWriter:
         self.n_tiles, self.tile_size, self.shard_tiles = a["n_tiles"], a["tile_size"], a["shard_tiles"]
         self.modalities = store_modalities(self.group)
         self.added = tuple(a.get("added_modalities") or ())  # each with its own flags and checksums
-
-    @property
-    def n_shards(self) -> int:
-        return -(-self.n_tiles // self.shard_tiles)
-
-    def shard_range(self, shard: int) -> tuple[int, int]:
-        s0 = shard * self.shard_tiles
-        return s0, min(s0 + self.shard_tiles, self.n_tiles)
 
     def write_modalities(self, shard: int, names: Sequence[str], results: Sequence[TileResult | None]) -> int:
         """Write modalities added to the store (``names``) into one shard's complete tiles: ``results``
@@ -555,7 +571,7 @@ class StoreWriter:
     def incomplete_shards(self) -> list[int]:
         """Shards holding at least one tile not marked complete (unreadable flags count as not)."""
         out = []
-        for k in range(-(-self.n_tiles // self.shard_tiles)):
+        for k in range(self.n_shards):
             s0, s1 = self.shard_range(k)
             try:
                 done = bool(np.all(complete_flags(self.group, s0, s1)))
@@ -617,7 +633,7 @@ def metadata_problems(url: str, keys: Sequence[str]) -> dict[str, str]:
     return out
 
 
-class CorpusReader:
+class CorpusReader(ShardLayout):
     """The public reader of a corpus store (local path or any fsspec URL); used by stats, catalog and
     model. Reads go through zarr directly in whole chunks; :meth:`dataset` gives the xarray view."""
 
@@ -660,16 +676,8 @@ class CorpusReader:
                 raise StoreError(_damaged_metadata(url, name, err)) from None
 
     @property
-    def n_shards(self) -> int:
-        return -(-self.n_tiles // self.shard_tiles)
-
-    @property
     def statistics(self) -> dict[str, Any]:
         return self.attrs.get("statistics", {})
-
-    def shard_range(self, shard: int) -> tuple[int, int]:
-        s0 = shard * self.shard_tiles
-        return s0, min(s0 + self.shard_tiles, self.n_tiles)
 
     def read(self, names: Sequence[str], start: int, stop: int) -> dict[str, np.ndarray]:
         """Arrays ``names`` (modalities or per-tile variables) for tiles ``start:stop``; a damaged chunk
@@ -765,7 +773,7 @@ class CorpusReader:
 
         a = self._array(name)
         fs, root = fsspec.core.url_to_fs(self.url)
-        key = f"{root.rstrip('/')}/{name}/c/{start // self.shard_tiles}" + "/0" * (a.ndim - 1)
+        key = f"{root.rstrip('/')}/{name}/c/{self.shard_of(start)}" + "/0" * (a.ndim - 1)
         return None if fs.exists(key) else key
 
     def s2_dates(self, start: int = 0, stop: int | None = None) -> np.ndarray:

@@ -86,9 +86,9 @@ def build_tasks(
 
     fs, path = fsspec.core.url_to_fs(out)
     if fs.exists(path):
-        raise TaskError(f"{out} already exists; choose another --out (nothing was changed)")
+        raise TaskError(f"{out} already exists; choose another `out` (nothing was changed)")
     if n_tiles < 30:
-        raise TaskError(f"--tiles {n_tiles}: at least 30 tiles are needed for train, val and test splits")
+        raise TaskError(f"`n_tiles` {n_tiles}: at least 30 tiles are needed for train, val and test splits")
     n_cls = len(TASKS["fields"]["classes"])
     factor = 48 if balance else 12  # candidates per tile: held-out blocks are ~10 % of the plan
     plan = primaries(sample_plan(SampleConfig(n_tiles * factor, tuple(years), seed + 1000, tile_size, 0)))
@@ -96,7 +96,7 @@ def build_tasks(
     if not balance:
         held = held.head(n_tiles)
         if len(held) < n_tiles:
-            raise TaskError(f"only {len(held)} held-out tiles found for {n_tiles}; ask for fewer --tiles")
+            raise TaskError(f"only {len(held)} held-out tiles found for {n_tiles}; ask for fewer `n_tiles`")
     candidates = [TileRequest.from_row(r, tile_size) for _, r in held.iterrows()]
     quota = np.full(n_cls, n_tiles // n_cls) + (np.arange(n_cls) < n_tiles % n_cls)
     if not balance:
@@ -149,7 +149,7 @@ def build_tasks(
         fs.rm(path, recursive=True)
         raise TaskError(
             f"the held-out blocks gave {counts.tolist()} tiles per fields class, short of {quota.tolist()};"
-            " ask for fewer --tiles or pass --no-balance"
+            " ask for fewer `n_tiles` or pass --no-balance"
         )
     lat = np.array([t.lat for t in reqs], np.float64)
     lon = np.array([t.lon for t in reqs], np.float64)

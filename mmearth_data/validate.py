@@ -239,7 +239,7 @@ def _schema_problems(r: CorpusReader) -> list[str]:
         if lossy:
             problems.append(
                 f"{m.name}: codec {', '.join(lossy)} is not lossless; the contract allows "
-                f"{', '.join(sorted(LOSSLESS_CODECS))} (rebuild with --compression compact or portable)"
+                f"{', '.join(sorted(LOSSLESS_CODECS))} (rebuild with `compression` compact or portable)"
             )
     problems += [f"per-tile variable {v.name} missing" for v in TILE_VARS if v.name not in names]
     return problems

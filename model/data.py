@@ -208,11 +208,11 @@ class StreamingCorpus(IterableDataset):
         if missing:
             raise DataError(
                 f"the store at {url} lacks {', '.join(missing)} (it holds {', '.join(sorted(stored))}); "
-                "choose pretext tasks it has (--pretext) or rebuild it with those modalities"
+                "choose pretext tasks it has (`pretext`) or rebuild it with those modalities"
             )
         self.tile_size = reader.tile_size
         if img_size > self.tile_size:
-            raise DataError(f"--img-size {img_size} exceeds the store's tile size {self.tile_size}")
+            raise DataError(f"`img_size` {img_size} exceeds the store's tile size {self.tile_size}")
         self.img_size = img_size
         self.chunk_tiles = reader.chunk_tiles
         self.shard_tiles = reader.shard_tiles

@@ -47,12 +47,12 @@ def check_geometry(img_size: int, patch_size: int) -> None:
     """Raise ValueError naming the problem when image and patch sizes do not fit the encoder."""
     if patch_size < 8 or patch_size % 8:
         raise ValueError(
-            f"--patch-size {patch_size}: must be a multiple of 8 (the stem's depthwise stride is patch/8, "
+            f"`patch_size` {patch_size}: must be a multiple of 8 (the stem's depthwise stride is patch/8, "
             "then three 2x downsamples), e.g. 8 or 16"
         )
     if img_size % patch_size:
         raise ValueError(
-            f"--img-size {img_size} is not a multiple of --patch-size {patch_size}; "
+            f"`img_size` {img_size} is not a multiple of `patch_size` {patch_size}; "
             f"use e.g. {img_size // patch_size * patch_size or patch_size} or another patch size"
         )
 

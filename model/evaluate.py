@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmearth_data.argtypes import cli_terms
 from mmearth_data.registry import get
 from mmearth_data.store import CorpusReader
 from mmearth_data.tasks import TaskStore
@@ -453,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         out = evaluate(a.tasks, a.run, a.store, fractions, a.seeds, a.random_init, finetune=a.finetune,
                        epochs=a.epochs, geobench_dir=a.geobench_dir)  # fmt: skip
     except (GeoBenchError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {cli_terms(err)}", file=sys.stderr)
         return 2
     print("| task | metric | protocol | encoder | fraction | mean | std | seeds |")
     print("|---|---|---|---|---:|---:|---:|---:|")

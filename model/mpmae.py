@@ -80,12 +80,12 @@ def select_pretext(spec: str, registry: Sequence[Modality] = MODALITIES) -> list
         unknown = [n for n in names if n not in by_name]
         if unknown:
             raise ValueError(
-                f"--pretext: unknown modality {', '.join(unknown)}; use one of {', '.join(PRETEXT_GROUPS)} "
+                f"`pretext`: unknown modality {', '.join(unknown)}; use one of {', '.join(PRETEXT_GROUPS)} "
                 f"or a comma list of {', '.join(m.name for m in targets)}"
             )
         not_targets = [n for n in names if not by_name[n].target]
         if not_targets:
-            raise ValueError(f"--pretext: {', '.join(not_targets)} cannot be a pretext target")
+            raise ValueError(f"`pretext`: {', '.join(not_targets)} cannot be a pretext target")
         chosen = [by_name[n] for n in names]
     s2 = by_name["sentinel2"]
     return [s2] + [m for m in chosen if m.name != "sentinel2"]
@@ -219,13 +219,13 @@ class MPMAE(nn.Module):
     ):
         super().__init__()
         if decoder not in ("per-modality", "shared"):
-            raise ValueError(f"--decoder {decoder!r}: use per-modality or shared")
+            raise ValueError(f"`decoder` {decoder!r}: use per-modality or shared")
         if weighting not in ("uncertainty", "sum"):
             raise ValueError(f"weighting {weighting!r}: use uncertainty or sum")
         if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"--mask-ratio {mask_ratio}: must be between 0 and 1 (exclusive)")
+            raise ValueError(f"`mask_ratio` {mask_ratio}: must be between 0 and 1 (exclusive)")
         if norm_pix not in NORM_PIX:
-            raise ValueError(f"--norm-pix {norm_pix!r}: use {' or '.join(NORM_PIX)}")
+            raise ValueError(f"`norm_pix` {norm_pix!r}: use {' or '.join(NORM_PIX)}")
         self.targets = [Target.of(m, norm_pix) for m in targets]
         self.cloud_aware = cloud_aware
         if in_chans is None:  # the Sentinel-2 bands the model reads (registry: model_bands)

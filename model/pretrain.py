@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmearth_data.argtypes import cli_terms
 from mmearth_data.store import StoreError
 from model.data import BatchNormaliser, DataError, StreamingCorpus, make_loader, read_tile_list
 from model.encoder import SIZES, check_geometry
@@ -583,13 +584,16 @@ def run_and_report(args: argparse.Namespace) -> int:
     try:
         res = run(args)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {cli_terms(err)}", file=sys.stderr)
         return 2
     except (DataError, StoreError) as err:  # the store damaged, changed or gone while training
         text = str(err)
         if "Original Traceback" in text:  # raised in a DataLoader worker: its own message only
             text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]  # "model.data.DataError: ..."
-        print(f"error: {text} (checkpoints so far are kept; --resume goes on from there)", file=sys.stderr)
+        print(
+            f"error: {cli_terms(text)} (checkpoints so far are kept; --resume goes on from there)",
+            file=sys.stderr,
+        )
         return 2
     if "checkpoint" in res:
         last = res["last"]

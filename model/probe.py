@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmearth_data.argtypes import cli_terms
 from mmearth_data.registry import RegistryError, get
 from model.data import StreamingCorpus
 from model.encoder import MaskedConvNeXtV2
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = probe(args.store, args.run, args.target, args.img_size, max(1, args.seeds))
     except (ValueError, RegistryError) as err:  # CheckpointError is a ValueError
-        print(f"error: {err.args[0] if isinstance(err, RegistryError) else err}", file=sys.stderr)
+        print(f"error: {cli_terms(err.args[0] if isinstance(err, RegistryError) else err)}", file=sys.stderr)
         return 2
     print(f"linear probe on {out['target']} ({out['model']}, {out['img_size']} px):")
     for name, r in out["results"].items():

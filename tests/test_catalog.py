@@ -84,6 +84,14 @@ def test_footprints_follow_the_utm_transform(small_store):
     side_deg = reader.tile_size * 10 / 111_320
     assert np.allclose(bboxes[:, 3] - bboxes[:, 1], side_deg, rtol=0.1)
     assert np.all((bboxes[:, 0] <= df["lon"]) & (df["lon"] <= bboxes[:, 2]))
+    # one footprint: the plan's geometry of each tile is the catalog item's
+    import geopandas as gpd
+
+    from mmearth_data.artifacts import build_dir
+
+    plan = gpd.read_parquet(f"{build_dir(small_store)}/plan.parquet").set_index("tile_id")
+    for ring, tile_id in zip(rings, df["tile_id"], strict=True):
+        assert np.array_equal(np.asarray(plan.geometry[tile_id].exterior.coords), ring)
 
 
 def test_search_filters(catalog_dir, small_store):

@@ -42,6 +42,35 @@ def test_bad_build_requests_exit_2(tmp_path, capsys, args, message):
     assert not store.exists()
 
 
+def test_library_errors_name_parameters_and_the_command_line_names_flags(tmp_path, capsys):
+    from mmearth_data.argtypes import cli_terms
+    from mmearth_data.build import BuildConfig, check_config
+
+    with pytest.raises(BuildInputError, match=r"^`n_tiles` must be a positive number of tiles, got 0$"):
+        check_config(BuildConfig(store=str(tmp_path / "s.zarr"), n_tiles=0))
+    cfg = BuildConfig(store=str(tmp_path / "s.zarr"), n_tiles=8, shard_tiles=24, chunk_tiles=16)
+    with pytest.raises(BuildInputError) as err:
+        check_config(cfg)
+    assert "(`shard_tiles`, `chunk_tiles`)" in str(err.value) and "--" not in str(err.value)
+    assert cli_terms(err.value).endswith("(--shard-tiles, --chunk-tiles)")
+    assert cli_terms("`n_tiles` 8, `dst` x, `key_file` y, `mmearth build --store`") == (
+        "--tiles 8, --out x, --ee-key y, `mmearth build --store`"
+    )
+    argv = [
+        "build",
+        "--store",
+        str(tmp_path / "t.zarr"),
+        "--tiles",
+        "8",
+        "--shard-tiles",
+        "24",
+        "--chunk-tiles",
+        "16",
+    ]
+    assert main(argv) == 2
+    assert "(--shard-tiles, --chunk-tiles)" in capsys.readouterr().err.replace("\n", " ")
+
+
 def test_bad_years_syntax_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["build", "--store", str(tmp_path / "s.zarr"), "--tiles", "8", "--years", "twenty"])

@@ -204,7 +204,7 @@ def resolve_project(cfg: EEConfig) -> str:
     project = cfg.project or os.environ.get("EE_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT")
     if not project:
         raise EEAuthError(
-            "Earth Engine needs a Google Cloud project registered for Earth Engine: pass --project P "
+            "Earth Engine needs a Google Cloud project registered for Earth Engine: pass `project` P "
             "(or set EE_PROJECT / GOOGLE_CLOUD_PROJECT)"
         )
     return project
@@ -243,7 +243,7 @@ def credentials(cfg: EEConfig) -> tuple[Any, str]:
         return ee.data.get_persistent_credentials(), "earthengine_authenticate"
     except Exception as err:
         raise EEAuthError(
-            "no Earth Engine credentials found: use --ee-key KEY.json (service account), "
+            "no Earth Engine credentials found: use `key_file` KEY.json (service account), "
             "`gcloud auth application-default login`, or `earthengine authenticate`"
         ) from err
 
@@ -452,7 +452,7 @@ def check_concurrency_limit(name: str) -> None:
 
     if not PREFECT_API_URL.value():
         raise SourceError(
-            f"--concurrency-limit {name}: a global concurrency limit lives on a Prefect server, and no "
+            f"`concurrency_limit` {name}: a global concurrency limit lives on a Prefect server, and no "
             "PREFECT_API_URL is set; point PREFECT_API_URL at the server whose limit the builds share"
         )
     try:
@@ -460,11 +460,11 @@ def check_concurrency_limit(name: str) -> None:
             limit = client.read_global_concurrency_limit_by_name(name)
     except ObjectNotFound:
         raise SourceError(
-            f"--concurrency-limit {name}: no such global concurrency limit on {PREFECT_API_URL.value()}; "
+            f"`concurrency_limit` {name}: no such global concurrency limit on {PREFECT_API_URL.value()}; "
             f"create it with `mmearth deploy` or `prefect gcl create {name} --limit 40`"
         ) from None
     if not limit.active:
-        raise SourceError(f"--concurrency-limit {name} is inactive; `prefect gcl enable {name}`")
+        raise SourceError(f"`concurrency_limit` {name} is inactive; `prefect gcl enable {name}`")
 
 
 def with_retries(
@@ -977,7 +977,7 @@ def check_request_size(modalities: tuple[Modality, ...], size: int) -> None:
     if n > REQUEST_LIMIT_BYTES:
         raise SourceError(
             f"one tile of {size} px is {n / 2**20:.0f} MB per computePixels request, over Earth "
-            "Engine's 48 MB limit; use a smaller --tile-size or fewer --modalities"
+            "Engine's 48 MB limit; use a smaller `tile_size` or fewer `modalities`"
         )
 
 
@@ -1150,24 +1150,24 @@ class EarthEngineSource:
         credentials (skipped with a registered transport). Raises SourceError naming the problem."""
         c = self.cfg
         if c.scene_choice not in ("least_cloudy", "random"):
-            raise SourceError(f"--scene-choice {c.scene_choice!r}: use random or least_cloudy")
+            raise SourceError(f"`scene_choice` {c.scene_choice!r}: use random or least_cloudy")
         if c.s2_level not in ("auto", "L2A", "L1C"):
-            raise SourceError(f"--s2-level {c.s2_level!r}: use auto, L2A or L1C")
+            raise SourceError(f"`s2_level` {c.s2_level!r}: use auto, L2A or L1C")
         if c.max_in_flight < 1:
-            raise SourceError("--max-in-flight must be at least 1")
+            raise SourceError("`max_in_flight` must be at least 1")
         for flag, v, lo, hi in (
-            ("--max-scene-cloud", c.max_scene_cloud, 0, 100),
-            ("--max-granule-cloud", c.max_granule_cloud, 0, 100),
-            ("--cs-threshold", c.cs_threshold, 0, 1),
+            ("`max_scene_cloud`", c.max_scene_cloud, 0, 100),
+            ("`max_granule_cloud`", c.max_granule_cloud, 0, 100),
+            ("`cs_threshold`", c.cs_threshold, 0, 1),
         ):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and lo <= v <= hi):
                 raise SourceError(f"{flag} {v!r}: use a number from {lo} to {hi}")
         if c.months is not None and not (
             len(c.months) == 2 and all(isinstance(m, int) and 1 <= m <= 12 for m in c.months)
         ):
-            raise SourceError(f"--months {c.months!r}: use FIRST-LAST calendar months, e.g. 6-8 or 11-2")
+            raise SourceError(f"`months` {c.months!r}: use FIRST-LAST calendar months, e.g. 6-8 or 11-2")
         if c.max_gap_days < 0 or c.era5_buffer_m < 0 or c.resolve_buffer_m < 0:
-            raise SourceError("--max-gap-days and the buffers must not be negative")
+            raise SourceError("`max_gap_days` and the buffers must not be negative")
         check_request_size(modalities, tile_size)
         if c.concurrency_limit:
             check_concurrency_limit(c.concurrency_limit)

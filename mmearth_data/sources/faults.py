@@ -41,18 +41,18 @@ class FaultSpec:
             key, _, value = part.partition("=")
             if key not in cls.__dataclass_fields__:
                 raise SourceError(
-                    f"--faults {text!r}: unknown key {key!r}; use {', '.join(cls.__dataclass_fields__)}"
+                    f"`faults` {text!r}: unknown key {key!r}; use {', '.join(cls.__dataclass_fields__)}"
                 )
             try:
                 kw[key] = int(value) if key == "seed" else float(value)
             except ValueError:
-                raise SourceError(f"--faults {text!r}: {key} needs a number, got {value!r}") from None
+                raise SourceError(f"`faults` {text!r}: {key} needs a number, got {value!r}") from None
         spec = cls(**kw)  # type: ignore[arg-type]
         for key in ("transient", "permanent", "corrupt", "slow"):
             if not 0.0 <= getattr(spec, key) <= 1.0:
-                raise SourceError(f"--faults: {key} is a rate from 0 to 1, got {getattr(spec, key)}")
+                raise SourceError(f"`faults`: {key} is a rate from 0 to 1, got {getattr(spec, key)}")
         if spec.slow_s < 0 or spec.seed < 0:
-            raise SourceError("--faults: slow_s and seed must not be negative")
+            raise SourceError("`faults`: slow_s and seed must not be negative")
         return spec
 
 

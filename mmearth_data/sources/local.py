@@ -191,7 +191,7 @@ def _from_stac(path: str) -> tuple[list[Raster], list[tuple[str, str]]]:
 def inventory(rasters: str) -> Inventory:
     """What the files under ``rasters`` (a folder, or a STAC catalog / collection / item JSON) hold."""
     if not os.path.exists(rasters):
-        raise LocalRasterError(f"--rasters {rasters}: no such file or folder")
+        raise LocalRasterError(f"`rasters` {rasters}: no such file or folder")
     found: list[Raster] = []
     skipped: list[tuple[str, str]] = []
     if os.path.isfile(rasters) and rasters.endswith(".json"):
@@ -279,7 +279,7 @@ class LocalSource:
         inv = inventory(self.rasters)
         if not inv.scenes:
             why = "; ".join(f"{Path(p).name}: {w}" for p, w in inv.skipped[:5]) or "no raster files found"
-            raise LocalRasterError(f"--rasters {self.rasters} holds no usable Sentinel-2 scene ({why})")
+            raise LocalRasterError(f"`rasters` {self.rasters} holds no usable Sentinel-2 scene ({why})")
         return inv
 
     def check(self, tile_size: int, modalities: tuple[Modality, ...]) -> None:
@@ -392,6 +392,6 @@ def make_local_source(options: dict[str, Any]) -> LocalSource:
         raise SourceError(f"unknown local source options {', '.join(sorted(unknown))}; known: rasters")
     if not options.get("rasters"):
         raise SourceError(
-            "--source local needs --rasters DIR_OR_STAC (a folder of GeoTIFF/JP2 files or a STAC catalog)"
+            "`source` local needs `rasters` DIR_OR_STAC (a folder of GeoTIFF/JP2 files or a STAC catalog)"
         )
     return LocalSource(os.path.abspath(options["rasters"]), seed=options.get("seed", 0))
