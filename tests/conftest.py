@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from pathlib import Path
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="prefect-home-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
@@ -25,6 +26,21 @@ def small_store(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("stores") / "small.zarr")
     build_in_process(BuildConfig(store=path, **SMALL))
     return path
+
+
+TINY_STORE = Path(__file__).resolve().parent / "data" / "store"
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> str:
+    """The committed 16-tile, 32 px store (``tests/data/store/make_store.py``), copied with its build
+    folder so that no test can change the committed files."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("tiny")
+    shutil.copytree(TINY_STORE / "tiny.zarr", root / "tiny.zarr")
+    shutil.copytree(TINY_STORE / "tiny.build", root / "tiny.build")
+    return str(root / "tiny.zarr")
 
 
 def free_port() -> int:

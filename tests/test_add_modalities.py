@@ -88,7 +88,7 @@ def test_deep_validation_checks_an_added_modality_against_its_own_checksums(adde
     "change, message",
     [
         (dict(modalities=("sentinel2", "canopy_height")), "leaves out sentinel1, dem, era5, biome"),
-        (dict(modalities=OLD + NEW, n_tiles=64), "add the modalities with --tiles 40 first"),
+        (dict(modalities=OLD + NEW, n_tiles=64), "add the modalities with `n_tiles` 40 first"),
     ],
 )
 def test_bad_modality_extensions_say_what_to_do(tmp_path, change, message):

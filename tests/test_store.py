@@ -384,3 +384,27 @@ def test_repair_without_a_metadata_copy_changes_nothing(small_store, tmp_path, c
     err = capsys.readouterr().err
     assert "dem/zarr.json" in err and "no copy" in err and "nothing was changed" in err
     assert _all_files(copy) == before
+
+
+def test_the_committed_tiny_store_is_valid_and_what_its_script_writes(tiny_store, tmp_path):
+    """``tests/data/store/tiny.zarr`` validates (every chunk re-read, every checksum compared) and holds
+    exactly the arrays and statistics that ``make_store.py`` writes with today's code; when this fails
+    after a change to the layout or the offline world, run ``python tests/data/store/make_store.py``."""
+    import importlib.util
+
+    from conftest import TINY_STORE
+
+    report = validate_store(tiny_store, deep=True)
+    assert report["valid"], report["problems"]
+    spec = importlib.util.spec_from_file_location("make_store", TINY_STORE / "make_store.py")
+    make_store = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_store)
+    fresh = CorpusReader(str(make_store.make(tmp_path / "fresh")))
+    committed = CorpusReader(tiny_store)
+    stale = "the committed tiny store is stale: run python tests/data/store/make_store.py"
+    assert fresh.array_names == committed.array_names, stale
+    for name in sorted(fresh.array_names):
+        a, b = fresh.read([name], 0, None)[name], committed.read([name], 0, None)[name]
+        assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), f"{name}: {stale}"
+    assert fresh.statistics == committed.statistics, stale
+    assert fresh.modalities == committed.modalities, stale
