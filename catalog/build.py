@@ -313,14 +313,9 @@ def _bands(m: Modality, statistics: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def collection_dict(
-    reader: CorpusReader, acc: ExtentAccumulator, collection_id: str, store_href: str, json_items: list[str]
-) -> dict[str, Any]:
-    attrs = reader.attrs
-    stats = reader.statistics
-    mods = reader.modalities
-    n = reader.n_tiles
-    S = reader.tile_size
+def _datacube(reader: CorpusReader) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The store asset's datacube extension: its dimensions and variables."""
+    mods, n, S = reader.modalities, reader.n_tiles, reader.tile_size
     dims = {
         "tile": {"type": "other", "description": "tile index (items' mmearth:index)", "extent": [0, n - 1]},
         "y": {
@@ -346,6 +341,16 @@ def collection_dict(
             "description": m.description,
             "unit": m.units if isinstance(m.units, str) else ",".join(m.units),
         }
+    return dims, variables
+
+
+def collection_dict(
+    reader: CorpusReader, acc: ExtentAccumulator, collection_id: str, store_href: str, json_items: list[str]
+) -> dict[str, Any]:
+    attrs = reader.attrs
+    mods = reader.modalities
+    S = reader.tile_size
+    dims, variables = _datacube(reader)
     summaries: dict[str, Any] = {
         "mmearth:year": sorted(acc.years),
         "mmearth:biome": sorted(int(b) for b in acc.biomes),
@@ -391,7 +396,7 @@ def collection_dict(
                 "roles": ["data"],
                 "cube:dimensions": dims,
                 "cube:variables": variables,
-                "bands": [b for m in mods for b in _bands(m, stats)],
+                "bands": [b for m in mods for b in _bands(m, reader.statistics)],
             },
             "items": {"href": "./items.parquet", "type": PARQUET_TYPE, "roles": ["metadata"]},
         },

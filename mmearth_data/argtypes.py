@@ -47,7 +47,7 @@ def years(text: str) -> tuple[int, ...]:
 
 
 # library parameters whose flag is not the parameter's name with dashes
-FLAG_OF = {"n_tiles": "--tiles", "dst": "--out", "key_file": "--ee-key"}
+FLAG_OF = {"n_tiles": "--tiles", "dst": "--out", "key_file": "--ee-key", "balance": "--no-balance"}
 _PARAM = re.compile(r"`([a-z][a-z0-9_]*)`")
 
 

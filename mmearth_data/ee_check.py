@@ -103,8 +103,11 @@ def _ndvi(s2: np.ndarray, sel: np.ndarray) -> float:
 
 def physical_checks(tiles: dict[str, dict[str, Any]]) -> list[Check]:
     """``tiles``: name -> {'request', 'arrays', 'present', 's2_product'} as read back from the store."""
-    out: list[Check] = []
-    # every band that the scene has holds data
+    return [check(tiles) for check in PHYSICAL_CHECKS]
+
+
+def _bands_present(tiles: dict[str, dict[str, Any]]) -> Check:
+    """Every band that the scene has holds data."""
     empty = []
     for name, t in tiles.items():
         a = t["arrays"]
@@ -121,10 +124,11 @@ def physical_checks(tiles: dict[str, dict[str, Any]]) -> list[Check]:
             got = [np.isfinite(s1[base + k]).any() for k in range(4)]
             if t["s1_ids"][orbit] and not any(got):
                 empty.append(f"{name}:sentinel1.{orbit}")
-    out.append(
-        Check("no band all-empty where the scene exists", not empty, ", ".join(empty) or "none", "none")
-    )
-    # VV above VH over land
+    return Check("no band all-empty where the scene exists", not empty, ", ".join(empty) or "none", "none")
+
+
+def _vv_above_vh(tiles: dict[str, dict[str, Any]]) -> Check:
+    """VV above VH over land (median dB per tile and orbit)."""
     diffs = []
     for t in tiles.values():
         s1 = t["arrays"]["sentinel1"].astype(np.float32)
@@ -134,27 +138,29 @@ def physical_checks(tiles: dict[str, dict[str, Any]]) -> list[Check]:
             ok = land & np.isfinite(vv) & np.isfinite(vh)
             if ok.sum() > 100:
                 diffs.append(float(np.median(vv[ok] - vh[ok])))
-    out.append(
-        Check(
-            "VV above VH over land (median dB per tile and orbit)",
-            bool(diffs) and min(diffs) > 3.0,
-            ", ".join(f"{d:.1f}" for d in diffs) or "no VV/VH data",
-            "> 3 dB each",
-        )
+    return Check(
+        "VV above VH over land (median dB per tile and orbit)",
+        bool(diffs) and min(diffs) > 3.0,
+        ", ".join(f"{d:.1f}" for d in diffs) or "no VV/VH data",
+        "> 3 dB each",
     )
-    # NDVI of forest above desert
+
+
+def _forest_greener_than_desert(tiles: dict[str, dict[str, Any]]) -> Check:
+    """NDVI of forest above desert."""
     rf, de = tiles["rainforest"]["arrays"], tiles["desert"]["arrays"]
     forest = _ndvi(rf["sentinel2"], (rf["esa_worldcover"][0] == WC_TREES) & _clear(rf))
     desert = _ndvi(de["sentinel2"], _clear(de))
-    out.append(
-        Check(
-            "NDVI of forest above desert (clear pixels)",
-            bool(forest - desert > 0.3),
-            f"forest {forest:.2f}, desert {desert:.2f}",
-            "forest > desert + 0.3",
-        )
+    return Check(
+        "NDVI of forest above desert (clear pixels)",
+        bool(forest - desert > 0.3),
+        f"forest {forest:.2f}, desert {desert:.2f}",
+        "forest > desert + 0.3",
     )
-    # water dark in NIR
+
+
+def _water_dark_in_nir(tiles: dict[str, dict[str, Any]]) -> Check:
+    """Water dark in NIR."""
     water, land = [], []
     for t in tiles.values():
         a = t["arrays"]
@@ -164,17 +170,18 @@ def physical_checks(tiles: dict[str, dict[str, Any]]) -> list[Check]:
         land += nir[(wc == WC_TREES) & clear].tolist()
     w = float(np.median(water)) if len(water) >= 50 else float("nan")
     ln = float(np.median(land)) if land else float("nan")
-    out.append(
-        Check(
-            "water dark in NIR (B8 over WorldCover water vs trees)",
-            bool(w < 1000 and w < 0.5 * ln),
-            f"water {w:.0f} ({len(water)} px), trees {ln:.0f}",
-            "water < 1000 and < half of trees",
-        )
+    return Check(
+        "water dark in NIR (B8 over WorldCover water vs trees)",
+        bool(w < 1000 and w < 0.5 * ln),
+        f"water {w:.0f} ({len(water)} px), trees {ln:.0f}",
+        "water < 1000 and < half of trees",
     )
-    # slope consistent with the DEM's gradient: the stored slope is GLO-30's on its 30 m grid, resampled,
-    # so it agrees with the 10 m gradient of the resampled elevation loosely (r about 0.7 on rough
-    # terrain) and not at all when slope and elevation come from different places
+
+
+def _slope_matches_dem(tiles: dict[str, dict[str, Any]]) -> Check:
+    """Slope consistent with the DEM's gradient (mountains): the stored slope is GLO-30's on its 30 m
+    grid, resampled, so it agrees with the 10 m gradient of the resampled elevation loosely (r about 0.7
+    on rough terrain) and not at all when slope and elevation come from different places."""
     z, slope = tiles["mountains"]["arrays"]["dem"].astype(float)
     gy, gx = np.gradient(z, 10.0)
     own = np.degrees(np.arctan(np.hypot(gx, gy)))[2:-2, 2:-2]
@@ -183,29 +190,37 @@ def physical_checks(tiles: dict[str, dict[str, Any]]) -> list[Check]:
     r = float(np.corrcoef(own[ok], st[ok])[0, 1]) if ok.sum() > 100 else float("nan")
     ratio = float(np.median(st[ok]) / max(np.median(own[ok]), 1e-6)) if ok.any() else float("nan")
     med = float(np.median(st[ok])) if ok.any() else float("nan")
-    out.append(
-        Check(
-            "slope consistent with the DEM's gradient (mountains)",
-            bool(r > 0.6 and 0.7 < ratio < 1.3),
-            f"r = {r:.2f}, median ratio {ratio:.2f}, median slope {med:.1f} deg",
-            "r > 0.6, ratio 0.7-1.3",
-        )
+    return Check(
+        "slope consistent with the DEM's gradient (mountains)",
+        bool(r > 0.6 and 0.7 < ratio < 1.3),
+        f"r = {r:.2f}, median ratio {ratio:.2f}, median slope {med:.1f} deg",
+        "r > 0.6, ratio 0.7-1.3",
     )
-    # temperature falling with latitude
+
+
+def _temperature_falls_with_latitude(tiles: dict[str, dict[str, Any]]) -> Check:
+    """Annual 2 m temperature falling with latitude."""
     k = ERA5_BANDS.index("year_t2m")
     lat = np.array([abs(t["request"].lat) for t in tiles.values()])
     t2m = np.array([float(t["arrays"]["era5"][k]) for t in tiles.values()])
     corr = float(np.corrcoef(lat, t2m)[0, 1]) if np.isfinite(t2m).all() else float("nan")
-    out.append(
-        Check(
-            "annual 2 m temperature falling with latitude",
-            bool(corr < -0.7),
-            ", ".join(f"{la:.0f}: {v - 273.15:.1f} C" for la, v in zip(lat, t2m, strict=True))
-            + f" (r = {corr:.2f})",
-            "r(|lat|, t2m) < -0.7",
-        )
+    return Check(
+        "annual 2 m temperature falling with latitude",
+        bool(corr < -0.7),
+        ", ".join(f"{la:.0f}: {v - 273.15:.1f} C" for la, v in zip(lat, t2m, strict=True))
+        + f" (r = {corr:.2f})",
+        "r(|lat|, t2m) < -0.7",
     )
-    return out
+
+
+PHYSICAL_CHECKS = (
+    _bands_present,
+    _vv_above_vh,
+    _forest_greener_than_desert,
+    _water_dark_in_nir,
+    _slope_matches_dem,
+    _temperature_falls_with_latitude,
+)
 
 
 # --- the run ----------------------------------------------------------------------------------------

@@ -81,11 +81,62 @@ def _from_store(stats: dict[str, Any], bands: tuple[str, ...]) -> dict[str, list
     }
 
 
+NEEDED = ("biome", "canopy_height", "dem", "dynamic_world", "ecoregion", "era5", "esa_worldcover",
+          "sentinel1", "sentinel2", "sentinel2_masks")  # fmt: skip
+
+
 def export_mmearth_h5(url: str, out: str, name: str = "data_100k_v001", dem_dtype: str = "float32") -> str:
     """Write the complete tiles of the store at ``url`` into ``out/name/`` (see the module docstring);
     returns that folder. ``dem_dtype="int16"`` rounds the DEM as MMEarth's release stores it."""
     import h5py
 
+    r, final = _check_request(url, out, name, dem_dtype)
+    meta = r.tiles()
+    rows = np.flatnonzero(meta["complete"].to_numpy())
+    folder = os.path.join(out, f".{name}.partial")  # renamed into place once whole
+    if os.path.exists(folder):
+        import shutil
+
+        shutil.rmtree(folder)
+    os.makedirs(folder)
+    f = h5py.File(os.path.join(folder, f"{name}.h5"), "w")
+    out_ds = _datasets(f, len(rows), r.tile_size, dem_dtype)
+    ids = meta["tile_id"].to_numpy()[rows].astype(str)
+    s2_level = meta["s2_product"].to_numpy()[rows].astype(str)
+    record = np.dtype([("meta_id", f"S{max(len(t) for t in ids)}"), ("S2_type", "S3")])
+    recs = [(t.encode(), lv.lower().encode()) for t, lv in zip(ids, s2_level, strict=True)]
+    f.create_dataset("metadata", data=np.array(recs, record))
+    tile_info: dict[str, Any] = {}
+    pos = 0
+    extra: dict[str, list] = {"aster": [], "lat": [], "lon": [], "month": []}
+    for k in range(r.n_shards):
+        s0, s1 = r.shard_range(k)
+        keep = np.flatnonzero(meta["complete"].to_numpy()[s0:s1])
+        if not len(keep):
+            continue
+        d = r.read(list(NEEDED) + [f"{m}_present" for m in NEEDED], s0, s1)
+        d = {key: v[keep] for key, v in d.items()}
+        a, b = pos, pos + len(keep)
+        _write_pixels(out_ds, d, a, b, dem_dtype)
+        extra["aster"].append(np.where(np.isnan(d["dem"]), np.nan, d["dem"])[:, :, ::4, ::4])
+        rows_k = s0 + keep
+        _write_location(out_ds, meta, rows_k, a, b, extra)
+        for j, i in enumerate(rows_k):
+            tile_info[str(meta["tile_id"].iloc[i])] = _tile_info(meta.iloc[i], s2_level[a + j], d, j)
+        pos = b
+    f.close()
+    split = meta["split"].to_numpy()[rows].astype(str)
+    splits = {s: np.flatnonzero(split == s).tolist() for s in ("train", "val", "test")}
+    band_stats = _band_stats(r.statistics, extra)
+    for suffix, obj in (("tile_info", tile_info), ("band_stats", band_stats), ("splits", splits)):
+        with open(os.path.join(folder, f"{name}_{suffix}.json"), "w") as fh:
+            json.dump(obj, fh, allow_nan=False)
+    os.rename(folder, final)
+    return final
+
+
+def _check_request(url: str, out: str, name: str, dem_dtype: str) -> tuple[CorpusReader, str]:
+    """(the store's reader, the folder to write) or :class:`ExportError`; nothing is written."""
     if dem_dtype not in ("float32", "int16"):
         raise ExportError(f"dem_dtype {dem_dtype!r}: use float32 (lossless) or int16 (MMEarth's)")
     if os.path.exists(out) and not os.path.isdir(out):
@@ -94,32 +145,21 @@ def export_mmearth_h5(url: str, out: str, name: str = "data_100k_v001", dem_dtyp
     if os.path.exists(final):
         raise ExportError(f"{final} already exists; choose another `out` or `name` (nothing was changed)")
     r = CorpusReader(url)
-    stored = {m.name for m in r.modalities}
-    need = {"sentinel2", "sentinel2_masks", "sentinel1", "dem", "era5", "dynamic_world", "esa_worldcover",
-            "canopy_height", "biome", "ecoregion"}  # fmt: skip
-    if need - stored:
-        raise ValueError(
-            f"{url} lacks {', '.join(sorted(need - stored))}; MMEarth's layout needs every modality"
-        )
-    meta = r.tiles()
-    rows = np.flatnonzero(meta["complete"].to_numpy())
-    n, S = len(rows), r.tile_size
-    folder = os.path.join(out, f".{name}.partial")  # renamed into place once whole
-    if os.path.exists(folder):
-        import shutil
+    missing = set(NEEDED) - {m.name for m in r.modalities}
+    if missing:
+        raise ValueError(f"{url} lacks {', '.join(sorted(missing))}; MMEarth's layout needs every modality")
+    return r, final
 
-        shutil.rmtree(folder)
-    os.makedirs(folder)
-    s2_idx = [get("sentinel2").bands.index(b) for b in S2_ORDER]
-    mask_bands = get("sentinel2_masks").bands
-    f = h5py.File(os.path.join(folder, f"{name}.h5"), "w")
+
+def _datasets(f: Any, n: int, S: int, dem_dtype: str) -> dict[str, Any]:
+    """MMEarth's HDF5 datasets of ``n`` tiles of ``S`` px (gzip, one tile per chunk)."""
 
     def ds(key: str, shape: tuple[int, ...], dtype: Any) -> Any:
         return f.create_dataset(
             key, shape=(n, *shape), dtype=dtype, chunks=(1, *shape), compression="gzip", compression_opts=4
         )
 
-    out_ds = {
+    return {
         "sentinel2": ds("sentinel2", (13, S, S), "uint16"),
         "sentinel2_cloudmask": ds("sentinel2_cloudmask", (1, S, S), "uint16"),
         "sentinel2_cloudprod": ds("sentinel2_cloudprod", (1, S, S), "uint16"),
@@ -136,92 +176,83 @@ def export_mmearth_h5(url: str, out: str, name: str = "data_100k_v001", dem_dtyp
         "lon": ds("lon", (2,), "float32"),
         "month": ds("month", (2,), "float32"),
     }
-    ids = meta["tile_id"].to_numpy()[rows].astype(str)
-    s2_level = meta["s2_product"].to_numpy()[rows].astype(str)
-    record = np.dtype([("meta_id", f"S{max(len(t) for t in ids)}"), ("S2_type", "S3")])
-    recs = [(t.encode(), lv.lower().encode()) for t, lv in zip(ids, s2_level, strict=True)]
-    f.create_dataset("metadata", data=np.array(recs, record))
-    tile_info: dict[str, Any] = {}
-    pos = 0
-    extra = {"aster": [], "lat": [], "lon": [], "month": []}
-    for k in range(r.n_shards):
-        s0, s1 = r.shard_range(k)
-        keep = np.flatnonzero(meta["complete"].to_numpy()[s0:s1])
-        if not len(keep):
-            continue
-        d = r.read(sorted(need) + [f"{m}_present" for m in sorted(need)], s0, s1)
-        d = {key: v[keep] for key, v in d.items()}
-        a, b = pos, pos + len(keep)
-        out_ds["sentinel2"][a:b] = d["sentinel2"][:, s2_idx]
-        masks = d["sentinel2_masks"]
-        for key, band, fill in (
-            ("sentinel2_cloudmask", "QA60", 65535),
-            ("sentinel2_cloudprod", "MSK_CLDPRB", 65535),
-        ):
-            v = masks[:, mask_bands.index(band)].astype(np.uint16)
-            out_ds[key][a:b] = np.where(v == 255, fill, v)[:, None]
-        out_ds["sentinel2_scl"][a:b] = masks[:, mask_bands.index("SCL")][:, None].astype(np.uint16)
-        s1 = d["sentinel1"].astype(np.float32)
-        out_ds["sentinel1"][a:b] = np.where(np.isnan(s1), -np.inf, s1)
-        dem = d["dem"]
-        if dem_dtype == "int16":
-            dem = np.where(np.isnan(dem), -32768, np.round(dem)).astype(np.int16)
-        else:
-            dem = np.where(np.isnan(dem), -np.inf, dem)
-        out_ds["aster"][a:b] = dem
-        extra["aster"].append(np.where(np.isnan(d["dem"]), np.nan, d["dem"])[:, :, ::4, ::4])
-        out_ds["canopy_height_eth"][a:b] = d["canopy_height"].view(np.int8)  # MMEarth's int8: 255 -> -1
-        out_ds["dynamic_world"][a:b] = d["dynamic_world"]
-        out_ds["esa_worldcover"][a:b] = np.where(d["esa_worldcover"] == 0, 255, d["esa_worldcover"])
-        out_ds["era5"][a:b] = np.where(np.isnan(d["era5"]), np.inf, d["era5"])
-        out_ds["biome"][a:b] = _one_hot(d["biome"], N_BIOMES, np.uint8)
-        out_ds["eco_region"][a:b] = _one_hot(d["ecoregion"], N_ECOREGIONS, np.uint16)
-        rows_k = s0 + keep
-        lat = np.radians(meta["lat"].to_numpy()[rows_k])
-        lon = np.radians(meta["lon"].to_numpy()[rows_k])
-        date = meta["s2_date"].to_numpy()[rows_k].astype("datetime64[M]")
-        month = (date.astype(int) % 12 + 1).astype(np.float64)
-        for key, v in (("lat", lat), ("lon", lon), ("month", 2 * np.pi * month / 12)):
-            enc = np.stack([np.sin(v), np.cos(v)], 1).astype(np.float32)
-            out_ds[key][a:b] = enc
-            extra[key].append(enc)
-        for j, i in enumerate(rows_k):
-            tid = str(meta["tile_id"].iloc[i])
-            epsg = int(meta["epsg"].iloc[i])
-            day = meta["s2_date"].iloc[i]
-            curr = day.strftime("%Y%m") if not pd.isna(day) else "curr"
-            prev = (
-                (day.replace(day=1) - pd.Timedelta(days=1)).strftime("%Y%m") if not pd.isna(day) else "prev"
-            )
-            era5_bands = [b.replace("prev", prev).replace("curr", curr) for b in ERA5_NAMES]
-            tile_info[tid] = {
-                "S2_DATE": day.strftime("%Y-%m-%d") if not pd.isna(day) else "",
-                "S2_type": s2_level[a + j].lower(),
-                "lat": float(meta["lat"].iloc[i]),
-                "lon": float(meta["lon"].iloc[i]),
-                "CRS": f"EPSG:{epsg}",
-                "BANDS": {
-                    "sentinel2": list(S2_ORDER),
-                    "sentinel1_asc": ["VV", "VH", "HH", "HV"] if d["sentinel1_present"][j] else [],
-                    "sentinel1_desc": ["VV", "VH", "HH", "HV"] if d["sentinel1_present"][j] else [],
-                    "aster": ["b1", "slope"] if d["dem_present"][j] else [],
-                    "era5": era5_bands if d["era5_present"][j] else [],
-                    "dynamic_world": ["label"] if d["dynamic_world_present"][j] else [],
-                    "canopy_height_eth": ["height", "std"] if d["canopy_height_present"][j] else [],
-                    "esa_worldcover": ["Map"] if d["esa_worldcover_present"][j] else [],
-                },
-            }
-        pos = b
-    f.close()
-    st = r.statistics
-    s2 = get("sentinel2").bands
+
+
+def _write_pixels(out_ds: dict[str, Any], d: dict[str, np.ndarray], a: int, b: int, dem_dtype: str) -> None:
+    """Rows ``a:b`` of the modality datasets, in MMEarth's bands, dtypes and no-data values."""
+    s2_idx = [get("sentinel2").bands.index(band) for band in S2_ORDER]
+    mask_bands = get("sentinel2_masks").bands
+    out_ds["sentinel2"][a:b] = d["sentinel2"][:, s2_idx]
+    masks = d["sentinel2_masks"]
+    for key, band, fill in (
+        ("sentinel2_cloudmask", "QA60", 65535),
+        ("sentinel2_cloudprod", "MSK_CLDPRB", 65535),
+    ):
+        v = masks[:, mask_bands.index(band)].astype(np.uint16)
+        out_ds[key][a:b] = np.where(v == 255, fill, v)[:, None]
+    out_ds["sentinel2_scl"][a:b] = masks[:, mask_bands.index("SCL")][:, None].astype(np.uint16)
+    s1 = d["sentinel1"].astype(np.float32)
+    out_ds["sentinel1"][a:b] = np.where(np.isnan(s1), -np.inf, s1)
+    dem = d["dem"]
+    if dem_dtype == "int16":
+        dem = np.where(np.isnan(dem), -32768, np.round(dem)).astype(np.int16)
+    else:
+        dem = np.where(np.isnan(dem), -np.inf, dem)
+    out_ds["aster"][a:b] = dem
+    out_ds["canopy_height_eth"][a:b] = d["canopy_height"].view(np.int8)  # MMEarth's int8: 255 -> -1
+    out_ds["dynamic_world"][a:b] = d["dynamic_world"]
+    out_ds["esa_worldcover"][a:b] = np.where(d["esa_worldcover"] == 0, 255, d["esa_worldcover"])
+    out_ds["era5"][a:b] = np.where(np.isnan(d["era5"]), np.inf, d["era5"])
+    out_ds["biome"][a:b] = _one_hot(d["biome"], N_BIOMES, np.uint8)
+    out_ds["eco_region"][a:b] = _one_hot(d["ecoregion"], N_ECOREGIONS, np.uint16)
+
+
+def _write_location(
+    out_ds: dict[str, Any], meta: pd.DataFrame, rows_k: np.ndarray, a: int, b: int, extra: dict[str, list]
+) -> None:
+    """Rows ``a:b`` of ``lat``, ``lon`` and ``month`` as MMEarth encodes them (sin, cos)."""
+    lat = np.radians(meta["lat"].to_numpy()[rows_k])
+    lon = np.radians(meta["lon"].to_numpy()[rows_k])
+    date = meta["s2_date"].to_numpy()[rows_k].astype("datetime64[M]")
+    month = (date.astype(int) % 12 + 1).astype(np.float64)
+    for key, v in (("lat", lat), ("lon", lon), ("month", 2 * np.pi * month / 12)):
+        enc = np.stack([np.sin(v), np.cos(v)], 1).astype(np.float32)
+        out_ds[key][a:b] = enc
+        extra[key].append(enc)
+
+
+def _tile_info(row: pd.Series, level: str, d: dict[str, np.ndarray], j: int) -> dict[str, Any]:
+    """One tile's entry of ``tile_info.json``: date, level, place, CRS and the bands it holds."""
+    day = row["s2_date"]
+    curr = day.strftime("%Y%m") if not pd.isna(day) else "curr"
+    prev = (day.replace(day=1) - pd.Timedelta(days=1)).strftime("%Y%m") if not pd.isna(day) else "prev"
+    era5_bands = [b.replace("prev", prev).replace("curr", curr) for b in ERA5_NAMES]
+    return {
+        "S2_DATE": day.strftime("%Y-%m-%d") if not pd.isna(day) else "",
+        "S2_type": level.lower(),
+        "lat": float(row["lat"]),
+        "lon": float(row["lon"]),
+        "CRS": f"EPSG:{int(row['epsg'])}",
+        "BANDS": {
+            "sentinel2": list(S2_ORDER),
+            "sentinel1_asc": ["VV", "VH", "HH", "HV"] if d["sentinel1_present"][j] else [],
+            "sentinel1_desc": ["VV", "VH", "HH", "HV"] if d["sentinel1_present"][j] else [],
+            "aster": ["b1", "slope"] if d["dem_present"][j] else [],
+            "era5": era5_bands if d["era5_present"][j] else [],
+            "dynamic_world": ["label"] if d["dynamic_world_present"][j] else [],
+            "canopy_height_eth": ["height", "std"] if d["canopy_height_present"][j] else [],
+            "esa_worldcover": ["Map"] if d["esa_worldcover_present"][j] else [],
+        },
+    }
+
+
+def _band_stats(st: dict[str, Any], extra: dict[str, list]) -> dict[str, Any]:
+    """``band_stats.json``: the store's statistics in MMEarth's bands, and moments of what MMEarth
+    derives (the DEM as exported, the encoded location and month)."""
+    s2 = st.get("sentinel2", {})
     band_stats = {
-        "sentinel2_l1c": _from_store(st["sentinel2"]["L1C"], S2_ORDER)
-        if "L1C" in st.get("sentinel2", {})
-        else None,  # fmt: skip
-        "sentinel2_l2a": _from_store(st["sentinel2"]["L2A"], S2_ORDER)
-        if "L2A" in st.get("sentinel2", {})
-        else None,  # fmt: skip
+        "sentinel2_l1c": _from_store(s2["L1C"], S2_ORDER) if "L1C" in s2 else None,
+        "sentinel2_l2a": _from_store(s2["L2A"], S2_ORDER) if "L2A" in s2 else None,
         "sentinel1": _from_store(st["sentinel1"], S1_ORDER),
         "aster": _moments(np.concatenate(extra["aster"])),
         "canopy_height_eth": _from_store(st["canopy_height"], ("height", "std")),
@@ -233,11 +264,4 @@ def export_mmearth_h5(url: str, out: str, name: str = "data_100k_v001", dem_dtyp
     fallback = band_stats["sentinel2_l2a"] or band_stats["sentinel2_l1c"]
     for level in ("sentinel2_l1c", "sentinel2_l2a"):
         band_stats[level] = band_stats[level] or fallback
-    assert len(s2) == 13
-    split = meta["split"].to_numpy()[rows].astype(str)
-    splits = {s: np.flatnonzero(split == s).tolist() for s in ("train", "val", "test")}
-    for suffix, obj in (("tile_info", tile_info), ("band_stats", band_stats), ("splits", splits)):
-        with open(os.path.join(folder, f"{name}_{suffix}.json"), "w") as fh:
-            json.dump(obj, fh, allow_nan=False)
-    os.rename(folder, final)
-    return final
+    return band_stats

@@ -388,6 +388,26 @@ def sample_in_footprints(
     hold fewer cells than tiles asked."""
     world = world or get_world()
     grid = GlobalGrid(cfg.tile_size)
+    cand, n_cells = _footprint_cells(cfg, scenes, grid, exclude)
+    lat, lon = grid.center(cand["row"].to_numpy(), cand["col"].to_numpy())
+    cand["biome"] = np.asarray(world.biome(lat, lon), np.int64)
+    cand = cand.iloc[np.random.default_rng([cfg.seed, 17]).permutation(len(cand))].reset_index(drop=True)
+    df = _pick_in_footprints(cand, cfg)
+    gdf = assemble_plan(df, cfg, grid, world, first_slot)
+    prim = df[df["primary"]]
+    gdf.attrs["balance"] = {
+        "candidates": n_cells,
+        "strata": {f"{b}/{y}": int(n) for (b, y), n in prim.groupby(["biome", "year"]).size().items()},
+        "note": "tiles inside the rasters' footprints: strata as even as the footprints allow",
+    }
+    return gdf
+
+
+def _footprint_cells(
+    cfg: SampleConfig, scenes: list[tuple[object, int]], grid: GlobalGrid, exclude: frozenset[tuple[int, int]]
+) -> tuple[pd.DataFrame, int]:
+    """(grid cells whose whole tile lies in a scene of one of the years, once per year covered; how
+    many distinct cells), or :class:`SamplingError` when they are fewer than the tiles asked."""
     years = sorted(set(cfg.years))
     parts = []
     for poly, year in scenes:
@@ -406,9 +426,12 @@ def sample_in_footprints(
             f" (whole tiles inside a scene), fewer than the {cfg.n_tiles} asked; ask for fewer `n_tiles`, a "
             "smaller `tile_size`, other `years`, or add rasters"
         )
-    lat, lon = grid.center(cand["row"].to_numpy(), cand["col"].to_numpy())
-    cand["biome"] = np.asarray(world.biome(lat, lon), np.int64)
-    cand = cand.iloc[np.random.default_rng([cfg.seed, 17]).permutation(len(cand))].reset_index(drop=True)
+    return cand, n_cells
+
+
+def _pick_in_footprints(cand: pd.DataFrame, cfg: SampleConfig) -> pd.DataFrame:
+    """Primaries spread over the (biome, year) strata as evenly as the cells allow, each cell used
+    once, then alternates: rows (biome, year, row, col, primary)."""
     per = 1 + cfg.reserve
     strata = sorted({(int(b), int(y)) for b, y in zip(cand["biome"], cand["year"], strict=True)})
     counts = cand.groupby(["biome", "year"]).size()
@@ -444,15 +467,7 @@ def sample_in_footprints(
                 alts.append(i)
         records += [(s[0], s[1], int(cand.at[i, "row"]), int(cand.at[i, "col"]), True) for i in picks[s]]
         records += [(s[0], s[1], int(cand.at[i, "row"]), int(cand.at[i, "col"]), False) for i in alts]
-    df = pd.DataFrame(records, columns=["biome", "year", "row", "col", "primary"])
-    gdf = assemble_plan(df, cfg, grid, world, first_slot)
-    prim = df[df["primary"]]
-    gdf.attrs["balance"] = {
-        "candidates": n_cells,
-        "strata": {f"{b}/{y}": int(n) for (b, y), n in prim.groupby(["biome", "year"]).size().items()},
-        "note": "tiles inside the rasters' footprints: strata as even as the footprints allow",
-    }
-    return gdf
+    return pd.DataFrame(records, columns=["biome", "year", "row", "col", "primary"])
 
 
 def primaries(plan: gpd.GeoDataFrame) -> gpd.GeoDataFrame:

@@ -89,6 +89,42 @@ def build_tasks(
         raise TaskError(f"{out} already exists; choose another `out` (nothing was changed)")
     if n_tiles < 30:
         raise TaskError(f"`n_tiles` {n_tiles}: at least 30 tiles are needed for train, val and test splits")
+    candidates, quota = _candidates(n_tiles, tile_size, seed, years, balance)
+    g = zarr.open_group(out, mode="w-", zarr_format=3)
+    reqs, fields, objects, level, counts = _pick_tiles(g, candidates, quota, n_tiles, tile_size, seed)
+    if len(reqs) < n_tiles:
+        fs.rm(path, recursive=True)
+        raise TaskError(
+            f"the held-out blocks gave {counts.tolist()} tiles per fields class, short of {quota.tolist()};"
+            " ask for fewer `n_tiles`, or turn the class balance off (`balance`)"
+        )
+    labels = {"fields": fields, "objects": objects, "level_l2a": level}
+    labels |= {"lat": np.array([t.lat for t in reqs], np.float64), "lon": np.array([t.lon for t in reqs])}
+    for name, values in labels.items():
+        names = ["tile"] + (["label"] if values.ndim == 2 else [])
+        arr = g.create_array(name, shape=values.shape, dtype=values.dtype, dimension_names=names)
+        arr[:] = values
+    split = g.create_array("split", shape=(n_tiles,), dtype=str, dimension_names=["tile"])
+    split[:] = np.array([task_split(t.tile_id) for t in reqs], dtype=object)
+    ids = g.create_array("tile_id", shape=(n_tiles,), dtype=str, dimension_names=["tile"])
+    ids[:] = np.array([t.tile_id for t in reqs], dtype=object)
+    held_out = "tiles of the val and test 1-degree blocks (never in --split train pretraining)"
+    g.attrs.update(
+        {"tasks": TASKS, "tile_size": tile_size, "n_tiles": n_tiles, "seed": seed, "source": "offline",
+         "held_out": held_out, "balanced": balance}
+    )  # fmt: skip
+    return {
+        "store": out,
+        "n_tiles": n_tiles,
+        "fields_class_counts": np.bincount(fields, minlength=4).tolist(),
+        "objects_share": objects.mean(0).round(3).tolist(),
+    }
+
+
+def _candidates(
+    n_tiles: int, tile_size: int, seed: int, years: Any, balance: bool
+) -> tuple[list[TileRequest], np.ndarray]:
+    """(held-out tiles in plan order, how many tiles each ``fields`` class may take)."""
     n_cls = len(TASKS["fields"]["classes"])
     factor = 48 if balance else 12  # candidates per tile: held-out blocks are ~10 % of the plan
     plan = primaries(sample_plan(SampleConfig(n_tiles * factor, tuple(years), seed + 1000, tile_size, 0)))
@@ -99,27 +135,29 @@ def build_tasks(
             raise TaskError(f"only {len(held)} held-out tiles found for {n_tiles}; ask for fewer `n_tiles`")
     candidates = [TileRequest.from_row(r, tile_size) for _, r in held.iterrows()]
     quota = np.full(n_cls, n_tiles // n_cls) + (np.arange(n_cls) < n_tiles % n_cls)
-    if not balance:
-        quota = np.full(n_cls, n_tiles)
-    mods = stored_modalities(["sentinel2"])
-    src = OfflineSource(seed=seed)
-    g = zarr.open_group(out, mode="w-", zarr_format=3)
-    n, S = n_tiles, tile_size
-    dims = ["tile", "sentinel2_band", "y", "x"]
+    return candidates, (quota if balance else np.full(n_cls, n_tiles))
+
+
+def _pick_tiles(
+    g: zarr.Group, candidates: list[TileRequest], quota: np.ndarray, n: int, S: int, seed: int
+) -> tuple[list[TileRequest], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Generate candidates in order, keep those whose ``fields`` class has room, and write their
+    Sentinel-2 and boundaries 64 tiles at a time (chunk-aligned); (kept requests, fields, objects, L2A
+    flags, tiles per class)."""
     s2 = g.create_array(
         "sentinel2", shape=(n, 13, S, S), chunks=(8, 13, S, S), dtype="uint16", compressors=COMPRESSOR,
-        dimension_names=dims,
+        dimension_names=["tile", "sentinel2_band", "y", "x"],
     )  # fmt: skip
     seg = g.create_array(
         "boundaries", shape=(n, S, S), chunks=(8, S, S), dtype="uint8", compressors=COMPRESSOR,
         dimension_names=["tile", "y", "x"],
     )  # fmt: skip
-    fields = np.zeros(n, np.uint8)
-    objects = np.zeros((n, 4), np.uint8)
-    level = np.zeros(n, np.uint8)
-    counts = np.zeros(n_cls, np.int64)
+    mods = stored_modalities(["sentinel2"])
+    src = OfflineSource(seed=seed)
+    fields, objects, level = np.zeros(n, np.uint8), np.zeros((n, 4), np.uint8), np.zeros(n, np.uint8)
+    counts = np.zeros(len(quota), np.int64)
     reqs: list[TileRequest] = []
-    pending: list[tuple] = []  # accepted tiles not yet written (written 64 at a time, chunk-aligned)
+    pending: list[tuple] = []  # accepted tiles not yet written
 
     def write():
         a = len(reqs) - len(pending)
@@ -145,46 +183,7 @@ def build_tasks(
                 write()
     if pending:
         write()
-    if len(reqs) < n:
-        fs.rm(path, recursive=True)
-        raise TaskError(
-            f"the held-out blocks gave {counts.tolist()} tiles per fields class, short of {quota.tolist()};"
-            " ask for fewer `n_tiles` or pass --no-balance"
-        )
-    lat = np.array([t.lat for t in reqs], np.float64)
-    lon = np.array([t.lon for t in reqs], np.float64)
-    for name, values in (
-        ("fields", fields),
-        ("objects", objects),
-        ("level_l2a", level),
-        ("lat", lat),
-        ("lon", lon),
-    ):
-        names = ["tile"] + (["label"] if values.ndim == 2 else [])
-        arr = g.create_array(name, shape=values.shape, dtype=values.dtype, dimension_names=names)
-        arr[:] = values
-    split = g.create_array("split", shape=(n,), dtype=str, dimension_names=["tile"])
-    split[:] = np.array([task_split(t.tile_id) for t in reqs], dtype=object)
-    ids = g.create_array("tile_id", shape=(n,), dtype=str, dimension_names=["tile"])
-    ids[:] = np.array([t.tile_id for t in reqs], dtype=object)
-    held_out = "tiles of the val and test 1-degree blocks (never in --split train pretraining)"
-    g.attrs.update(
-        {
-            "tasks": TASKS,
-            "tile_size": S,
-            "n_tiles": n,
-            "seed": seed,
-            "source": "offline",
-            "held_out": held_out,
-            "balanced": balance,
-        }
-    )
-    return {
-        "store": out,
-        "n_tiles": n,
-        "fields_class_counts": np.bincount(fields, minlength=4).tolist(),
-        "objects_share": objects.mean(0).round(3).tolist(),
-    }
+    return reqs, fields, objects, level, counts
 
 
 class TaskStore:

