@@ -35,7 +35,7 @@ from mmearth_data.artifacts import (
     write_whole,
 )
 from mmearth_data.crash import crash_point
-from mmearth_data.grid import GridError, check_tile_size
+from mmearth_data.grid import DEFAULT_TILE_SIZE, GridError, check_tile_size
 from mmearth_data.sampling import DEFAULT_YEARS, SampleConfig, SamplingError, sample_plan
 from mmearth_data.sources import (
     SourceError,
@@ -78,7 +78,7 @@ class BuildConfig:
     n_tiles: int
     source: str = "offline"
     seed: int = 0
-    tile_size: int = 128
+    tile_size: int = DEFAULT_TILE_SIZE
     years: tuple[int, ...] = DEFAULT_YEARS
     modalities: tuple[str, ...] = DEFAULT_MODALITIES
     reserve: int = 2

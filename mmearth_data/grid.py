@@ -39,11 +39,14 @@ def check_tile_size(size: int) -> None:
         )
 
 
+DEFAULT_TILE_SIZE = 128  # MMEarth's tiles (MMEarth64 crops them to 64)
+
+
 @dataclass(frozen=True)
 class GlobalGrid:
     """The global grid for tiles of ``size`` pixels of ``resolution`` metres."""
 
-    size: int = 128
+    size: int = DEFAULT_TILE_SIZE
     resolution: float = 10.0
 
     def __post_init__(self):

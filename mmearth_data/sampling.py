@@ -23,7 +23,15 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 
-from mmearth_data.grid import MAX_LAT, MIN_LAT, GlobalGrid, footprints, tile_transforms, utm_epsg
+from mmearth_data.grid import (
+    DEFAULT_TILE_SIZE,
+    MAX_LAT,
+    MIN_LAT,
+    GlobalGrid,
+    footprints,
+    tile_transforms,
+    utm_epsg,
+)
 from mmearth_data.registry import BIOME_CLASSES
 from mmearth_data.world import CELL, World, get_world
 
@@ -62,7 +70,7 @@ class SampleConfig:
     n_tiles: int
     years: tuple[int, ...] = DEFAULT_YEARS
     seed: int = 0
-    tile_size: int = 128
+    tile_size: int = DEFAULT_TILE_SIZE
     reserve: int = 2
 
     def __post_init__(self):

@@ -24,7 +24,6 @@ continuous modalities per band. Categorical values map onto 0..K-1 in the regist
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -535,8 +534,10 @@ class BatchNormaliser:
 
 
 def make_loader(ds: StreamingCorpus, batch_size: int, workers: int = 0, **kw) -> DataLoader:
-    """A DataLoader over ``ds``. Workers are forked as usual, except in a process that has run Prefect:
-    Prefect's after-fork handlers make forked children exit, so workers then start from a fork server."""
-    if workers > 0 and "prefect" in sys.modules:
+    """A DataLoader over ``ds``. Workers start from a fork server (``multiprocessing_context`` may say
+    otherwise): a plain fork copies whatever the parent holds, and a parent that has run Prefect (the
+    demo, a flow, the tests) makes forked children exit through Prefect's after-fork handlers; a fork
+    server is a clean parent everywhere, at the cost of a second or two when the workers start."""
+    if workers > 0:
         kw.setdefault("multiprocessing_context", "forkserver")
     return DataLoader(ds, batch_size=batch_size, num_workers=workers, **kw)
