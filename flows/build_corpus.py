@@ -5,7 +5,7 @@ Runs with no Prefect server configured (Prefect starts a temporary local one). S
 pool for the CPU-bound offline source and on threads for network-bound sources; each shard task retries
 twice. Re-running the same command resumes: only shards with an incomplete tile are exported again.
 
-    python -m flows.build_corpus --source offline --tiles 256 --store data/demo.zarr
+    mmearth build --source offline --tiles 256 --store data/demo.zarr   # or: python -m flows.cli build ...
 """
 
 from __future__ import annotations
