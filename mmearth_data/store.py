@@ -835,6 +835,56 @@ class CorpusReader(ShardLayout):
         return da.rio.write_nodata(np.nan if m.nan_fill else m.fill, encoded=False)
 
 
+class TaskStoreWriter:
+    """Writes the downstream task store of ``mmearth tasks build`` (refused when ``url`` exists):
+    Sentinel-2 and field boundaries block by block, then the per-tile labels and the attributes."""
+
+    def __init__(self, url: str, n_tiles: int, tile_size: int):
+        n, S = n_tiles, tile_size
+        self.group = zarr.open_group(url, mode="w-", zarr_format=3)
+        self.s2 = self.group.create_array(
+            "sentinel2", shape=(n, 13, S, S), chunks=(8, 13, S, S), dtype="uint16", compressors=COMPRESSOR,
+            dimension_names=["tile", "sentinel2_band", "y", "x"],
+        )  # fmt: skip
+        self.boundaries = self.group.create_array(
+            "boundaries", shape=(n, S, S), chunks=(8, S, S), dtype="uint8", compressors=COMPRESSOR,
+            dimension_names=["tile", "y", "x"],
+        )  # fmt: skip
+
+    def write_images(self, start: int, s2: np.ndarray, boundaries: np.ndarray) -> None:
+        self.s2[start : start + len(s2)] = s2
+        self.boundaries[start : start + len(boundaries)] = boundaries
+
+    def finish(self, columns: dict[str, Any], attrs: dict[str, Any]) -> None:
+        """Per-tile ``columns`` (numbers, or lists of str) as arrays, then the store's ``attrs``."""
+        for name, values in columns.items():
+            if isinstance(values, list):  # text
+                arr = self.group.create_array(name, shape=(len(values),), dtype=str, dimension_names=["tile"])
+                arr[:] = np.array(values, dtype=object)
+                continue
+            dims = ["tile"] + (["label"] if values.ndim == 2 else [])
+            arr = self.group.create_array(name, shape=values.shape, dtype=values.dtype, dimension_names=dims)
+            arr[:] = values
+        self.group.attrs.update(attrs)
+
+
+class TaskStore:
+    """Reader of a task store that :class:`TaskStoreWriter` wrote."""
+
+    def __init__(self, path: str):
+        self.group = zarr.open_group(path, mode="r")
+        self.tile_size = int(self.group.attrs["tile_size"])
+
+    def column(self, name: str) -> np.ndarray:
+        """Per-tile array ``name`` for every tile (strings as Python str)."""
+        v = np.asarray(self.group[name][:])
+        return strings(v) if v.dtype.kind == "T" else v
+
+    def select(self, name: str, selection: tuple) -> np.ndarray:
+        """Array ``name`` at an orthogonal selection (tile indices first)."""
+        return self.group[name].get_orthogonal_selection(selection)
+
+
 def read_attrs(url: str) -> dict[str, Any]:
     """The store's attributes (build configuration, history, statistics, recorded registry); raises
     :class:`StoreError` when its root metadata cannot be read."""

@@ -20,13 +20,12 @@ import hashlib
 from typing import Any
 
 import numpy as np
-import zarr
 
 from mmearth_data.registry import stored_modalities
 from mmearth_data.sampling import DEFAULT_YEARS, SampleConfig, primaries, sample_plan
 from mmearth_data.sources.base import TileRequest
 from mmearth_data.sources.offline import OfflineSource
-from mmearth_data.store import COMPRESSOR, strings
+from mmearth_data.store import TaskStoreWriter
 
 TASKS: dict[str, dict[str, Any]] = {
     "fields": {
@@ -90,8 +89,8 @@ def build_tasks(
     if n_tiles < 30:
         raise TaskError(f"`n_tiles` {n_tiles}: at least 30 tiles are needed for train, val and test splits")
     candidates, quota = _candidates(n_tiles, tile_size, seed, years, balance)
-    g = zarr.open_group(out, mode="w-", zarr_format=3)
-    reqs, fields, objects, level, counts = _pick_tiles(g, candidates, quota, n_tiles, tile_size, seed)
+    w = TaskStoreWriter(out, n_tiles, tile_size)
+    reqs, fields, objects, level, counts = _pick_tiles(w, candidates, quota, n_tiles, seed)
     if len(reqs) < n_tiles:
         fs.rm(path, recursive=True)
         raise TaskError(
@@ -100,18 +99,12 @@ def build_tasks(
         )
     labels = {"fields": fields, "objects": objects, "level_l2a": level}
     labels |= {"lat": np.array([t.lat for t in reqs], np.float64), "lon": np.array([t.lon for t in reqs])}
-    for name, values in labels.items():
-        names = ["tile"] + (["label"] if values.ndim == 2 else [])
-        arr = g.create_array(name, shape=values.shape, dtype=values.dtype, dimension_names=names)
-        arr[:] = values
-    split = g.create_array("split", shape=(n_tiles,), dtype=str, dimension_names=["tile"])
-    split[:] = np.array([task_split(t.tile_id) for t in reqs], dtype=object)
-    ids = g.create_array("tile_id", shape=(n_tiles,), dtype=str, dimension_names=["tile"])
-    ids[:] = np.array([t.tile_id for t in reqs], dtype=object)
+    labels |= {"split": [task_split(t.tile_id) for t in reqs], "tile_id": [t.tile_id for t in reqs]}
     held_out = "tiles of the val and test 1-degree blocks (never in --split train pretraining)"
-    g.attrs.update(
+    w.finish(
+        labels,
         {"tasks": TASKS, "tile_size": tile_size, "n_tiles": n_tiles, "seed": seed, "source": "offline",
-         "held_out": held_out, "balanced": balance}
+         "held_out": held_out, "balanced": balance},
     )  # fmt: skip
     return {
         "store": out,
@@ -139,19 +132,11 @@ def _candidates(
 
 
 def _pick_tiles(
-    g: zarr.Group, candidates: list[TileRequest], quota: np.ndarray, n: int, S: int, seed: int
+    w: TaskStoreWriter, candidates: list[TileRequest], quota: np.ndarray, n: int, seed: int
 ) -> tuple[list[TileRequest], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Generate candidates in order, keep those whose ``fields`` class has room, and write their
     Sentinel-2 and boundaries 64 tiles at a time (chunk-aligned); (kept requests, fields, objects, L2A
     flags, tiles per class)."""
-    s2 = g.create_array(
-        "sentinel2", shape=(n, 13, S, S), chunks=(8, 13, S, S), dtype="uint16", compressors=COMPRESSOR,
-        dimension_names=["tile", "sentinel2_band", "y", "x"],
-    )  # fmt: skip
-    seg = g.create_array(
-        "boundaries", shape=(n, S, S), chunks=(8, S, S), dtype="uint8", compressors=COMPRESSOR,
-        dimension_names=["tile", "y", "x"],
-    )  # fmt: skip
     mods = stored_modalities(["sentinel2"])
     src = OfflineSource(seed=seed)
     fields, objects, level = np.zeros(n, np.uint8), np.zeros((n, 4), np.uint8), np.zeros(n, np.uint8)
@@ -161,8 +146,7 @@ def _pick_tiles(
 
     def write():
         a = len(reqs) - len(pending)
-        s2[a : a + len(pending)] = np.stack([p[0] for p in pending])
-        seg[a : a + len(pending)] = np.stack([p[1]["boundaries"] for p in pending])
+        w.write_images(a, np.stack([p[0] for p in pending]), np.stack([p[1]["boundaries"] for p in pending]))
         pending.clear()
 
     for c in range(0, len(candidates), 64):
@@ -184,20 +168,3 @@ def _pick_tiles(
     if pending:
         write()
     return reqs, fields, objects, level, counts
-
-
-class TaskStore:
-    """Reader of a task store that :func:`build_tasks` wrote (this module owns its layout)."""
-
-    def __init__(self, path: str):
-        self.group = zarr.open_group(path, mode="r")
-        self.tile_size = int(self.group.attrs["tile_size"])
-
-    def column(self, name: str) -> np.ndarray:
-        """Per-tile array ``name`` for every tile (strings as Python str)."""
-        v = np.asarray(self.group[name][:])
-        return strings(v) if v.dtype.kind == "T" else v
-
-    def select(self, name: str, selection: tuple) -> np.ndarray:
-        """Array ``name`` at an orthogonal selection (tile indices first)."""
-        return self.group[name].get_orthogonal_selection(selection)

@@ -37,8 +37,7 @@ import torch.nn.functional as F
 
 from mmearth_data.argtypes import cli_terms
 from mmearth_data.registry import get
-from mmearth_data.store import CorpusReader
-from mmearth_data.tasks import TaskStore
+from mmearth_data.store import CorpusReader, TaskStore
 from model.data import normaliser_for
 from model.encoder import MaskedConvNeXtV2
 from model.geobench import GeoBenchDataset, GeoBenchError
