@@ -209,17 +209,17 @@ def test_crops_are_aligned_across_modalities_and_normalised_by_level(small_store
     assert {"L1C", "L2A"} <= set(levels)
 
 
-def test_dataset_reads_an_fsspec_url(small_store):
+def test_dataset_reads_an_fsspec_url(tiny_store):
     import fsspec
     import zarr
 
     url = "memory://model-test/store.zarr"
-    src = zarr.open_group(small_store, mode="r")
+    src = zarr.open_group(tiny_store, mode="r")
     fs = fsspec.filesystem("memory")
     local = fsspec.filesystem("file")
-    for path in local.find(small_store):
-        fs.pipe(url.replace("memory://", "/") + path[len(small_store) :], local.cat_file(path))
-    ds = _dataset(url, epochs=1)
+    for path in local.find(tiny_store):
+        fs.pipe(url.replace("memory://", "/") + path[len(tiny_store) :], local.cat_file(path))
+    ds = _dataset(url, epochs=1, img_size=32)
     got = sorted(int(s["index"]) for s in ds)
     assert got == np.flatnonzero(ds.eligible).tolist() and len(got) > 0
     assert src.attrs["n_tiles"] == ds.n_tiles
@@ -281,14 +281,14 @@ def test_bad_input_exits_2(tmp_path, small_store, capsys):
     assert "another model (model: checkpoint 'atto', now 'femto')" in capsys.readouterr().err
 
 
-def test_pretraining_from_python_options_equals_the_command_line(tmp_path, small_store):
+def test_pretraining_from_python_options_equals_the_command_line(tmp_path, tiny_store):
     from model.pretrain import UsageError, options, run
 
     cli, py = str(tmp_path / "cli"), str(tmp_path / "py")
-    assert _pretrain("--store", small_store, "--out", cli, "--steps", "2", "--blr", "1e-3") == 0
+    assert _pretrain("--store", tiny_store, "--out", cli, "--steps", "2", "--blr", "1e-3") == 0
     res = run(
         options(
-            store=small_store, out=py, steps=2, blr=1e-3, model="atto", img_size=32, patch_size=8,
+            store=tiny_store, out=py, steps=2, blr=1e-3, model="atto", img_size=32, patch_size=8,
             batch_size=4, decoder_dim=32, no_progress=True,
         )
     )  # fmt: skip
@@ -296,9 +296,9 @@ def test_pretraining_from_python_options_equals_the_command_line(tmp_path, small
     wa, wb = load_file(f"{cli}/model.safetensors"), load_file(f"{py}/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     with pytest.raises(UsageError, match=r"unknown pretraining options \['img'\]"):
-        options(store=small_store, out=py, img=32)
+        options(store=tiny_store, out=py, img=32)
     with pytest.raises(UsageError, match="needs out"):
-        options(store=small_store)
+        options(store=tiny_store)
 
 
 @pytest.mark.slow
