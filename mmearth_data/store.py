@@ -188,6 +188,17 @@ def strings(values: Any) -> np.ndarray:
     return np.array(np.asarray(values).tolist(), dtype=object)
 
 
+def plain_text(values: np.ndarray) -> np.ndarray:
+    """``values`` with Zarr text (StringDType) as Python str (:func:`strings`); other arrays as they are."""
+    return strings(values) if values.dtype.kind == "T" else values
+
+
+def _shard_key(root: str, name: str, shard: int) -> str:
+    """Key of array ``name``'s shard ``shard`` under the store's ``root``: Zarr v3's default chunk key
+    encoding, ``<name>/c/<shard>``, a folder with one more ``/0`` per further dimension beneath it."""
+    return f"{root.rstrip('/')}/{name}/c/{shard}"
+
+
 def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -528,7 +539,7 @@ class StoreWriter(ShardLayout):
         if keep.any():
             for name, values in data.items():
                 old = np.asarray(self.group[name][s0:s1])
-                values[keep] = strings(old[keep]) if old.dtype.kind == "T" else old[keep]
+                values[keep] = plain_text(old[keep])
             complete |= keep
         for name, values in data.items():
             self.group[name][s0:s1] = values
@@ -554,7 +565,7 @@ class StoreWriter(ShardLayout):
         fs, root = fsspec.core.url_to_fs(self.url)
         for name, a in self.group.arrays():
             if a.shape and a.shape[0] == self.n_tiles:
-                key = f"{root.rstrip('/')}/{name}/c/{shard}"
+                key = _shard_key(root, name, shard)
                 if fs.exists(key):
                     fs.rm(key, recursive=True)
         s0, s1 = self.shard_range(shard)
@@ -565,7 +576,7 @@ class StoreWriter(ShardLayout):
         those tiles complete: for copies of tiles written whole elsewhere (``mmearth derive``)."""
         n = len(next(iter(data.values())))
         for name, values in data.items():
-            self.group[name][start : start + n] = strings(values) if values.dtype.kind == "T" else values
+            self.group[name][start : start + n] = plain_text(values)
         self.group["complete"][start : start + n] = np.ones(n, bool)
 
     def incomplete_shards(self) -> list[int]:
@@ -667,7 +678,7 @@ class CorpusReader(ShardLayout):
             ) from None
         for name in [m.name for m in self.modalities] + ["complete", "tile_id"]:
             try:
-                self.group[name]
+                self._array(name)  # opened once here, kept for the reads
             except KeyError:
                 raise StoreError(
                     f"{url}: array {name!r} is missing; the store is incomplete or damaged"
@@ -712,8 +723,7 @@ class CorpusReader(ShardLayout):
 
     def column(self, name: str) -> np.ndarray:
         """Per-tile array ``name`` for every tile (strings as Python str)."""
-        v = self._get(name, 0, self.n_tiles)
-        return strings(v) if v.dtype.kind == "T" else v
+        return plain_text(self._get(name, 0, self.n_tiles))
 
     def eligible(self, split: str | None = None, tile_ids: Sequence[str] | None = None) -> np.ndarray:
         """Boolean mask of the complete tiles, of ``split`` when given, among ``tile_ids`` when given;
@@ -771,9 +781,8 @@ class CorpusReader(ShardLayout):
         (deleted, or the store changed while being read), else None."""
         import fsspec
 
-        a = self._array(name)
         fs, root = fsspec.core.url_to_fs(self.url)
-        key = f"{root.rstrip('/')}/{name}/c/{self.shard_of(start)}" + "/0" * (a.ndim - 1)
+        key = _shard_key(root, name, self.shard_of(start)) + "/0" * (self._array(name).ndim - 1)
         return None if fs.exists(key) else key
 
     def s2_dates(self, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -789,8 +798,7 @@ class CorpusReader(ShardLayout):
         cols += [m.name for m in self.modalities if m.scalar]
         data = {}
         for c in cols:
-            v = self._get(c, start, stop)
-            data[c] = strings(v) if v.dtype.kind == "T" else v
+            data[c] = plain_text(self._get(c, start, stop))
         df = pd.DataFrame(data, index=pd.RangeIndex(start, stop))
         df["s2_date"] = self.s2_dates(start, stop)
         if self.has("s2_id"):  # scene provenance (schema 1.1)
@@ -877,8 +885,7 @@ class TaskStore:
 
     def column(self, name: str) -> np.ndarray:
         """Per-tile array ``name`` for every tile (strings as Python str)."""
-        v = np.asarray(self.group[name][:])
-        return strings(v) if v.dtype.kind == "T" else v
+        return plain_text(np.asarray(self.group[name][:]))
 
     def select(self, name: str, selection: tuple) -> np.ndarray:
         """Array ``name`` at an orthogonal selection (tile indices first)."""
