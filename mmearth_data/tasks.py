@@ -6,11 +6,19 @@ from -> three labelled tasks in one small Zarr store, with their own train / val
 
 The labels come from the landscape's structure, which an encoder can only learn from the imagery's
 spatial patterns: they are not a copy of a pretext map (Dynamic World, WorldCover, canopy height) and
-not a function of climate.
+not a function of climate or biome. The task tiles are drawn with parcel widths independent of their
+location (:data:`TASK_FIELD_SIZES`; in the pretraining corpus the width follows the biome, a pretext
+target, so a field-size label there could be read off the biome), and only tiles that are at least
+:data:`MIN_FIELD_SHARE` field parcels are kept (whether a tile is farmland is a land-cover question,
+which the pretext maps answer). Tiles more than :data:`MAX_OBSCURED` hidden by cloud, cloud shadow or
+snow are left out, as BigEarthNet left out its snow- and cloud-covered patches: under snow the parcels
+do not show, and a label the image does not carry cannot tell encoders apart.
 
-- ``fields`` (single-label, 4 classes): no fields (under 20 % of the tile in field parcels), small,
-  medium or large fields (the parcels' typical width: under 12, 12-20, over 20 pixels of 10 m).
-- ``objects`` (multi-label, 4 labels): a river or lake, a road, hedgerows, field parcels.
+- ``fields`` (single-label, 4 classes): the parcels' size as the tile shows it, field pixels per
+  field-boundary pixel (about 0.6 of the parcels' typical width): under 5, 5-7.3, 7.3-11.7, 11.7 and
+  more (the quartiles of held-out farmland tiles). Measured on the drawn parcels rather than taken from
+  the width the generator was asked for, which the parcels' random widths and lengths blur.
+- ``objects`` (multi-label, 4 labels): a river or lake, a road, hedgerows, a farm track.
 - ``boundaries`` (segmentation, 2 classes): field boundaries (the pixels where two parcels meet).
 """
 
@@ -30,30 +38,36 @@ from mmearth_data.store import TaskStoreWriter
 TASKS: dict[str, dict[str, Any]] = {
     "fields": {
         "kind": "single-label",
-        "classes": ["no fields", "small fields", "medium fields", "large fields"],
+        "classes": ["small fields", "medium fields", "large fields", "very large fields"],
     },
-    "objects": {"kind": "multi-label", "classes": ["river or lake", "road", "hedgerows", "fields"]},
+    "objects": {"kind": "multi-label", "classes": ["river or lake", "road", "hedgerows", "farm track"]},
     "boundaries": {"kind": "segmentation", "classes": ["background", "field boundary"]},
 }
 TASK_SPLITS = (("train", 0.6), ("val", 0.2), ("test", 0.2))
+TASK_FIELD_SIZES = (6.0, 34.0)  # parcel width drawn log-uniformly in this range (10 m pixels)
+FIELD_SCALE_EDGES = (5.0, 7.3, 11.7)  # ``fields`` classes: field px per boundary px, quartiles
+MIN_FIELD_SHARE = 0.3  # a task tile is at least this share field parcels
+MAX_OBSCURED = 0.1  # and at most this share hidden by cloud, cloud shadow or snow
 
 
 class TaskError(ValueError):
     """A task store that cannot be built or read as asked."""
 
 
-def labels_of(structure: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The three tasks' labels of one tile from the objects the offline source drew it from."""
-    parcel = structure["parcel"]
-    field_share = float((parcel >= 0).mean())
-    size = float(structure["field_size_px"])
-    fields = 0 if field_share < 0.2 else (1 if size < 12 else (2 if size < 20 else 3))
+def labels_of(structure: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    """The three tasks' labels of one tile from the objects the offline source drew it from; None for a
+    tile with too little farmland, or too much of it hidden, to be a task tile."""
+    field = structure["parcel"] >= 0
+    if float(field.mean()) < MIN_FIELD_SHARE or float(structure["obscured"].mean()) > MAX_OBSCURED:
+        return None
+    scale = field.sum() / max(int(structure["field_boundary"].sum()), 1)
+    fields = int(np.searchsorted(FIELD_SCALE_EDGES, scale, side="right"))
     objects = np.array(
         [
             structure["river"].any(),
             structure["road"].any(),
             structure["hedge"].sum() > 20,
-            field_share >= 0.2,
+            structure["track"].sum() > 20,
         ],
         np.uint8,
     )
@@ -78,9 +92,9 @@ def build_tasks(
     out: str, n_tiles: int, tile_size: int = 64, seed: int = 0, years=DEFAULT_YEARS,
     balance: bool = True,
 ) -> dict:  # fmt: skip
-    """Build the task store at ``out`` (refused when something is there already). With ``balance`` the
-    held-out tiles are drawn in plan order until each ``fields`` class holds a quarter of them (tiles of
-    a full class are skipped), so that a single-label score is not a majority-class score."""
+    """Build the task store at ``out`` (refused when something is there already): the held-out farmland
+    tiles in plan order. With ``balance`` each ``fields`` class takes a quarter of them (tiles of a full
+    class are skipped), so that a single-label score is not a majority-class score."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(out)
@@ -104,7 +118,8 @@ def build_tasks(
     w.finish(
         labels,
         {"tasks": TASKS, "tile_size": tile_size, "n_tiles": n_tiles, "seed": seed, "source": "offline",
-         "held_out": held_out, "balanced": balance},
+         "held_out": held_out, "balanced": balance, "field_sizes": list(TASK_FIELD_SIZES),
+         "min_field_share": MIN_FIELD_SHARE, "max_obscured": MAX_OBSCURED},
     )  # fmt: skip
     return {
         "store": out,
@@ -119,13 +134,10 @@ def _candidates(
 ) -> tuple[list[TileRequest], np.ndarray]:
     """(held-out tiles in plan order, how many tiles each ``fields`` class may take)."""
     n_cls = len(TASKS["fields"]["classes"])
-    factor = 48 if balance else 12  # candidates per tile: held-out blocks are ~10 % of the plan
-    plan = primaries(sample_plan(SampleConfig(n_tiles * factor, tuple(years), seed + 1000, tile_size, 0)))
+    # candidates per tile: held-out blocks are ~10 % of the plan, and about a third of those are clear
+    # farmland; only as many are drawn as the classes need
+    plan = primaries(sample_plan(SampleConfig(n_tiles * 96, tuple(years), seed + 1000, tile_size, 0)))
     held = plan[plan["split"].isin(["val", "test"])]
-    if not balance:
-        held = held.head(n_tiles)
-        if len(held) < n_tiles:
-            raise TaskError(f"only {len(held)} held-out tiles found for {n_tiles}; ask for fewer `n_tiles`")
     candidates = [TileRequest.from_row(r, tile_size) for _, r in held.iterrows()]
     quota = np.full(n_cls, n_tiles // n_cls) + (np.arange(n_cls) < n_tiles % n_cls)
     return candidates, (quota if balance else np.full(n_cls, n_tiles))
@@ -138,7 +150,7 @@ def _pick_tiles(
     Sentinel-2 and boundaries 64 tiles at a time (chunk-aligned); (kept requests, fields, objects, L2A
     flags, tiles per class)."""
     mods = stored_modalities(["sentinel2"])
-    src = OfflineSource(seed=seed)
+    src = OfflineSource(seed=seed, field_sizes=TASK_FIELD_SIZES)
     fields, objects, level = np.zeros(n, np.uint8), np.zeros((n, 4), np.uint8), np.zeros(n, np.uint8)
     counts = np.zeros(len(quota), np.int64)
     reqs: list[TileRequest] = []
@@ -155,8 +167,8 @@ def _pick_tiles(
         batch = candidates[c : c + 64]
         for t, r in zip(batch, src.fetch(batch, mods), strict=True):
             lab = labels_of(r.extra["structure"])
-            k = int(lab["fields"])
-            if counts[k] >= quota[k] or len(reqs) == n:
+            k = int(lab["fields"]) if lab is not None else -1
+            if k < 0 or counts[k] >= quota[k] or len(reqs) == n:
                 continue
             counts[k] += 1
             i = len(reqs)

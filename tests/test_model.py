@@ -518,9 +518,11 @@ def test_downstream_tasks_come_from_held_out_blocks_and_evaluate(tmp_path, small
     from mmearth_data.sampling import split_of
 
     assert set(split_of(np.asarray(g["lat"][:]), np.asarray(g["lon"][:]))) <= {"val", "test"}
-    objects, boundaries = np.asarray(g["objects"][:]), np.asarray(g["boundaries"][:])
-    with_fields = objects[:, 3] == 1
-    assert boundaries[with_fields].mean() > 3 * boundaries[~with_fields].mean()  # boundaries are in fields
+    fields, boundaries = np.asarray(g["fields"][:]), np.asarray(g["boundaries"][:])
+    density = boundaries.mean((1, 2))
+    assert (density > 0).all()  # every task tile is farmland
+    per_class = [density[fields == k].mean() for k in range(4)]
+    assert per_class == sorted(per_class, reverse=True)  # larger parcels, fewer boundary pixels
     assert cli_main(["tasks", "build", "--out", tasks, "--tiles", "40"]) == 2  # never overwritten
     out = str(tmp_path / "p")
     assert _pretrain("--store", small_store, "--out", out, "--steps", "2") == 0
@@ -540,6 +542,29 @@ def test_downstream_tasks_come_from_held_out_blocks_and_evaluate(tmp_path, small
                           "--json", str(ft)]) == 0  # fmt: skip
     rows = json.loads(ft.read_text())["rows"]
     assert len(rows) == 3 and all(r["protocol"] == "finetune" and 0 <= r["mean"] <= 1 for r in rows)
+
+
+def test_task_labels_come_from_the_parcels_the_tile_shows():
+    from mmearth_data.sources import landscape
+    from mmearth_data.tasks import labels_of
+
+    S = 64
+    none = np.zeros((S, S), bool)
+
+    def structure(size: float, field_rows: int = S):
+        parcel, edge = landscape.fields(np.random.default_rng(0), S, size)
+        parcel[field_rows:] = -1
+        return {"parcel": parcel, "field_boundary": edge & (parcel >= 0), "field_size_px": 99.0,
+                "river": none, "road": none, "hedge": none, "track": none, "obscured": none}  # fmt: skip
+
+    classes = [int(labels_of(structure(w))["fields"]) for w in (4, 8, 14, 30)]
+    assert classes == sorted(classes) and classes[0] == 0 and classes[-1] == 3  # not the asked-for 99 px
+    assert labels_of(structure(10, field_rows=S // 5)) is None  # under 30 % farmland: not a task tile
+    snow = np.zeros((S, S), bool)
+    snow[: S // 5] = True
+    assert labels_of(structure(10) | {"obscured": snow}) is None  # a fifth under snow or cloud: left out
+    lab = labels_of(structure(10) | {"track": np.eye(S, dtype=bool)})
+    assert lab["objects"].tolist() == [0, 0, 0, 1] and lab["boundaries"].shape == (S, S)
 
 
 def test_layer_wise_lr_decay_depths():

@@ -235,3 +235,41 @@ def test_a_modality_the_offline_world_does_not_model_is_delivered_absent():
     assert res.present["soil_moisture"] is False and np.isnan(res.arrays["soil_moisture"]).all()
     assert res.arrays["soil_moisture"].shape == (1, 32, 32) and res.present["sentinel2"]
     assert payload_problem(res, mods, 32) is None
+
+
+def test_task_landscapes_draw_field_sizes_independent_of_the_biome():
+    """The pretraining world sizes parcels by biome; ``field_sizes`` (the downstream tasks' landscapes)
+    draws them in the given range wherever the tile is, and changes nothing else about the call."""
+    small, large = TileRequest.at(5.0, 20.0, 2019, 64, biome=1), TileRequest.at(45.0, -100.0, 2019, 64, biome=8)
+    mods = stored_modalities(["sentinel2"])
+
+    def sizes(src, t):
+        reqs = [TileRequest.at(t.lat + 0.01 * i, t.lon, 2019, 64, biome=t.biome) for i in range(40)]
+        return np.array([r.extra["structure"]["field_size_px"] for r in src.fetch(reqs, mods)])
+
+    world = OfflineSource(seed=5)
+    assert np.median(sizes(world, large)) > 2.5 * np.median(sizes(world, small))  # by biome
+    task = OfflineSource(seed=5, field_sizes=(6.0, 34.0))
+    a, b = sizes(task, small), sizes(task, large)
+    assert a.min() >= 6 and b.max() <= 34
+    assert abs(np.log(np.median(a) / np.median(b))) < 0.35  # the same draw in both biomes
+    assert task.describe()["field_sizes"] == [6.0, 34.0] and "field_sizes" not in world.describe()
+    with pytest.raises(ValueError, match="field_sizes"):
+        OfflineSource(field_sizes=(20.0, 10.0))
+
+
+def test_the_obscured_mask_holds_every_cloud_shadow_and_snow_pixel_the_scene_classification_shows(tiles):
+    """``structure["obscured"]`` (which the downstream tasks read to leave hidden tiles out) covers
+    every pixel that L2A's scene classification calls cloud shadow (3), cloud (8, 9) or snow (11)."""
+    n_snow = n_l2a = 0
+    for _, r in tiles:
+        obscured = r.extra["structure"]["obscured"]
+        assert obscured.dtype == bool and obscured.shape == (64, 64)
+        assert obscured.mean() >= r.extra["cloud_fraction"]  # opaque cloud is hidden ground
+        if r.s2_product != "L2A":
+            continue
+        scl = r.arrays["sentinel2_masks"][0]
+        assert obscured[np.isin(scl, [3, 8, 9, 11])].all()
+        n_l2a += 1
+        n_snow += int((scl == 11).mean() > 0.5)
+    assert n_l2a >= 50 and n_snow >= 3  # the check met snowy scenes

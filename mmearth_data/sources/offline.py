@@ -249,10 +249,19 @@ class OfflineSource:
     # clouds by climate, correlated speckle, terrain k^-3)
     version = "3"
 
-    def __init__(self, seed: int = 0, world: World | None = None, l2a_from: str = "2019-01-01"):
+    def __init__(
+        self, seed: int = 0, world: World | None = None, l2a_from: str = "2019-01-01",
+        field_sizes: tuple[float, float] | None = None,
+    ):  # fmt: skip
+        """``field_sizes`` (lo, hi): draw each tile's typical parcel width log-uniformly in that range of
+        10 m pixels, whatever the location (the downstream tasks' landscapes: their field-size label
+        must not be a function of the biome, a pretext target); by default it follows the biome."""
         self.seed = int(seed)
         self._world = world
         self.l2a_from = np.datetime64(l2a_from)
+        if field_sizes is not None and not 3 <= field_sizes[0] < field_sizes[1]:
+            raise ValueError(f"`field_sizes` {field_sizes}: need 3 <= lo < hi (10 m pixels)")
+        self.field_sizes = field_sizes
 
     @property
     def world(self) -> World:
@@ -261,12 +270,13 @@ class OfflineSource:
         return self._world
 
     def describe(self) -> dict[str, Any]:
-        return {
+        out = {
             "source": self.name,
             "seed": self.seed,
             "l2a_from": str(self.l2a_from),
             "world_inputs": {k: v["version"] for k, v in self.world.provenance["inputs"].items()},
         }
+        return out | ({"field_sizes": list(self.field_sizes)} if self.field_sizes else {})
 
     def fetch(
         self, tiles: list[TileRequest], modalities: tuple[Modality, ...]
@@ -404,7 +414,10 @@ class OfflineSource:
         tracks."""
         S, cls, frac, p_ann, rng, t, z = st.get("S cls frac p_ann rng t z")
         agri = float(frac[C["crops"]] + 0.3 * frac[C["grass"]])
-        size_px = FIELD_SIZE_PX.get(t.biome, 14) * float(rng.lognormal(0, 0.3))
+        if self.field_sizes is None:
+            size_px = FIELD_SIZE_PX.get(t.biome, 14) * float(rng.lognormal(0, 0.3))
+        else:
+            size_px = float(np.exp(rng.uniform(*np.log(self.field_sizes))))
         parcel, pedge = landscape.fields(rng, S, size_px)
         n_par = int(parcel.max()) + 1
         par_state = rng.random(n_par).astype(np.float32)  # growth stage of each parcel's crop
@@ -451,6 +464,7 @@ class OfflineSource:
             river_path=river_path,
             road=road,
             size_px=size_px,
+            track=track,
         )
 
     def _vegetation(self, st: _TileState) -> None:
@@ -672,11 +686,11 @@ class OfflineSource:
         """ERA5 and the tile's result: every requested modality, presence, provenance and structure."""
         (
             P12, P_m, S, T12, alpha, canopy, cls, dw_cls, fieldish, hedge, masks, orbits_present, parcel,
-            pedge, product, river, river_path, road, s1, s1_present, s2, s2_date, size_px, slope, t, wc_cls,
-            z
+            pedge, product, river, river_path, road, s1, s1_present, s2, s2_date, shadow, size_px, slope, snow,
+            t, track, wc_cls, z
         ) = st.get(
             "P12 P_m S T12 alpha canopy cls dw_cls fieldish hedge masks orbits_present parcel pedge "
-            "product river river_path road s1 s1_present s2 s2_date size_px slope t wc_cls z"
+            "product river river_path road s1 s1_present s2 s2_date shadow size_px slope snow t track wc_cls z"
         )  # fmt: skip
         era5 = self._era5(t, s2_date, T12, P12)
 
@@ -717,9 +731,12 @@ class OfflineSource:
                     "river_path": river_path,
                     "river": river,
                     "road": road,
+                    "track": track,
                     "hedge": hedge,
                     "field_boundary": pedge & fieldish,
                     "field_size_px": size_px,
+                    # pixels whose ground the scene hides: cloud, cloud shadow or snow
+                    "obscured": (alpha > 0.25) | (shadow > 0.3) | (snow > 0.3),
                     "scene_month_precip_mm": P_m,
                 },
             },
