@@ -107,6 +107,9 @@ def build_tasks(
     reqs, fields, objects, level, counts = _pick_tiles(w, candidates, quota, n_tiles, seed)
     if len(reqs) < n_tiles:
         fs.rm(path, recursive=True)
+        if not balance:
+            raise TaskError(f"the held-out blocks gave {len(reqs)} clear farmland tiles of {n_tiles}; ask for"
+                            " fewer `n_tiles`")  # fmt: skip
         raise TaskError(
             f"the held-out blocks gave {counts.tolist()} tiles per fields class, short of {quota.tolist()};"
             " ask for fewer `n_tiles`, or turn the class balance off (`balance`)"
@@ -167,8 +170,10 @@ def _pick_tiles(
         batch = candidates[c : c + 64]
         for t, r in zip(batch, src.fetch(batch, mods), strict=True):
             lab = labels_of(r.extra["structure"])
-            k = int(lab["fields"]) if lab is not None else -1
-            if k < 0 or counts[k] >= quota[k] or len(reqs) == n:
+            if lab is None:
+                continue
+            k = int(lab["fields"])
+            if counts[k] >= quota[k] or len(reqs) == n:
                 continue
             counts[k] += 1
             i = len(reqs)

@@ -240,7 +240,8 @@ def test_a_modality_the_offline_world_does_not_model_is_delivered_absent():
 def test_task_landscapes_draw_field_sizes_independent_of_the_biome():
     """The pretraining world sizes parcels by biome; ``field_sizes`` (the downstream tasks' landscapes)
     draws them in the given range wherever the tile is, and changes nothing else about the call."""
-    small, large = TileRequest.at(5.0, 20.0, 2019, 64, biome=1), TileRequest.at(45.0, -100.0, 2019, 64, biome=8)
+    small = TileRequest.at(5.0, 20.0, 2019, 64, biome=1)
+    large = TileRequest.at(45.0, -100.0, 2019, 64, biome=8)
     mods = stored_modalities(["sentinel2"])
 
     def sizes(src, t):

@@ -590,14 +590,16 @@ class OfflineSource:
         qa_opaque = _block_max(alpha > 0.5, 6)
         qa_cirrus = _block_max(cirrus > 0.01, 6)
         qa60 = np.where(qa_opaque, 1, np.where(qa_cirrus, 2, 0)).astype(np.uint8)
+        # the ground the scene hides (SCL 8-9, 3 and 11 below; the downstream tasks read it too)
+        cloudy, shadowed, snowy = alpha > 0.25, shadow > 0.3, snow > 0.3
         if product == "L2A":
             scl = np.where(VEG_CLASSES[cls] | (crop & (crop_state > 0.4)), 4, 5).astype(np.uint8)
             scl[cls == C["water"]] = 6
-            scl[snow > 0.3] = 11
+            scl[snowy] = 11
             scl[illum < 0.35] = 2
-            scl[shadow > 0.3] = 3
+            scl[shadowed] = 3
             scl[cirrus > 0.01] = 10
-            scl[alpha > 0.25] = 8
+            scl[cloudy] = 8
             scl[alpha > 0.6] = 9
             prob = alpha * 100 + rng.normal(0, 3, alpha.shape)
             cldprb = np.where(alpha > 0.02, np.clip(np.rint(prob), 0, 100), 0).astype(np.uint8)
@@ -605,7 +607,7 @@ class OfflineSource:
             scl = np.full((S, S), 255, np.uint8)
             cldprb = np.full((S, S), 255, np.uint8)
         masks = np.stack([scl, cldprb, qa60])
-        vars(st).update(masks=masks)
+        vars(st).update(masks=masks, obscured=cloudy | shadowed | snowy)
 
     def _sentinel1(self, st: _TileState) -> None:
         """Sentinel-1 backscatter of each orbit direction present: class, moisture, terrain,
@@ -686,11 +688,11 @@ class OfflineSource:
         """ERA5 and the tile's result: every requested modality, presence, provenance and structure."""
         (
             P12, P_m, S, T12, alpha, canopy, cls, dw_cls, fieldish, hedge, masks, orbits_present, parcel,
-            pedge, product, river, river_path, road, s1, s1_present, s2, s2_date, shadow, size_px, slope, snow,
-            t, track, wc_cls, z
+            obscured, pedge, product, river, river_path, road, s1, s1_present, s2, s2_date, size_px, slope, t,
+            track, wc_cls, z
         ) = st.get(
-            "P12 P_m S T12 alpha canopy cls dw_cls fieldish hedge masks orbits_present parcel pedge "
-            "product river river_path road s1 s1_present s2 s2_date shadow size_px slope snow t track wc_cls z"
+            "P12 P_m S T12 alpha canopy cls dw_cls fieldish hedge masks orbits_present parcel obscured pedge "
+            "product river river_path road s1 s1_present s2 s2_date size_px slope t track wc_cls z"
         )  # fmt: skip
         era5 = self._era5(t, s2_date, T12, P12)
 
@@ -735,8 +737,7 @@ class OfflineSource:
                     "hedge": hedge,
                     "field_boundary": pedge & fieldish,
                     "field_size_px": size_px,
-                    # pixels whose ground the scene hides: cloud, cloud shadow or snow
-                    "obscured": (alpha > 0.25) | (shadow > 0.3) | (snow > 0.3),
+                    "obscured": obscured,  # ground hidden by cloud, cloud shadow or snow
                     "scene_month_precip_mm": P_m,
                 },
             },
