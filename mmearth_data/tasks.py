@@ -12,7 +12,10 @@ target, so a field-size label there could be read off the biome), and only tiles
 :data:`MIN_FIELD_SHARE` field parcels are kept (whether a tile is farmland is a land-cover question,
 which the pretext maps answer). Tiles more than :data:`MAX_OBSCURED` hidden by cloud, cloud shadow or
 snow are left out, as BigEarthNet left out its snow- and cloud-covered patches: under snow the parcels
-do not show, and a label the image does not carry cannot tell encoders apart.
+do not show, and a label the image does not carry cannot tell encoders apart. Only scenes of the growing
+season (the month's greenness at least :data:`MIN_GREENNESS`) are kept, as field-boundary datasets pick
+their scenes: then each parcel's crop is at its own stage, from bare soil to full canopy, and the
+parcels differ; in the dormant months most of them are the same bare or frozen ground.
 
 - ``fields`` (single-label, 4 classes): the parcels' size as the tile shows it, field pixels per
   field-boundary pixel (about 0.6 of the parcels' typical width): under 5, 5-7.3, 7.3-11.7, 11.7 and
@@ -48,6 +51,7 @@ TASK_FIELD_SIZES = (6.0, 34.0)  # parcel width drawn log-uniformly in this range
 FIELD_SCALE_EDGES = (5.0, 7.3, 11.7)  # ``fields`` classes: field px per boundary px, quartiles
 MIN_FIELD_SHARE = 0.3  # a task tile is at least this share field parcels
 MAX_OBSCURED = 0.1  # and at most this share hidden by cloud, cloud shadow or snow
+MIN_GREENNESS = 0.5  # and on a scene of the growing season, when the parcels differ
 
 
 class TaskError(ValueError):
@@ -59,6 +63,8 @@ def labels_of(structure: dict[str, Any]) -> dict[str, np.ndarray] | None:
     tile with too little farmland, or too much of it hidden, to be a task tile."""
     field = structure["parcel"] >= 0
     if float(field.mean()) < MIN_FIELD_SHARE or float(structure["obscured"].mean()) > MAX_OBSCURED:
+        return None
+    if float(structure["greenness"]) < MIN_GREENNESS:
         return None
     scale = field.sum() / max(int(structure["field_boundary"].sum()), 1)
     fields = int(np.searchsorted(FIELD_SCALE_EDGES, scale, side="right"))
@@ -122,7 +128,8 @@ def build_tasks(
         labels,
         {"tasks": TASKS, "tile_size": tile_size, "n_tiles": n_tiles, "seed": seed, "source": "offline",
          "held_out": held_out, "balanced": balance, "field_sizes": list(TASK_FIELD_SIZES),
-         "min_field_share": MIN_FIELD_SHARE, "max_obscured": MAX_OBSCURED},
+         "min_field_share": MIN_FIELD_SHARE, "max_obscured": MAX_OBSCURED,
+         "min_greenness": MIN_GREENNESS},
     )  # fmt: skip
     return {
         "store": out,

@@ -555,7 +555,8 @@ def test_task_labels_come_from_the_parcels_the_tile_shows():
         parcel, edge = landscape.fields(np.random.default_rng(0), S, size)
         parcel[field_rows:] = -1
         return {"parcel": parcel, "field_boundary": edge & (parcel >= 0), "field_size_px": 99.0,
-                "river": none, "road": none, "hedge": none, "track": none, "obscured": none}  # fmt: skip
+                "river": none, "road": none, "hedge": none, "track": none, "obscured": none,
+                "greenness": 0.9}  # fmt: skip
 
     classes = [int(labels_of(structure(w))["fields"]) for w in (4, 8, 14, 30)]
     assert classes == sorted(classes) and classes[0] == 0 and classes[-1] == 3  # not the asked-for 99 px
@@ -563,6 +564,7 @@ def test_task_labels_come_from_the_parcels_the_tile_shows():
     snow = np.zeros((S, S), bool)
     snow[: S // 5] = True
     assert labels_of(structure(10) | {"obscured": snow}) is None  # a fifth under snow or cloud: left out
+    assert labels_of(structure(10) | {"greenness": 0.3}) is None  # a dormant scene: parcels hardly differ
     lab = labels_of(structure(10) | {"track": np.eye(S, dtype=bool)})
     assert lab["objects"].tolist() == [0, 0, 0, 1] and lab["boundaries"].shape == (S, S)
 

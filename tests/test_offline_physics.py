@@ -187,6 +187,22 @@ def test_parcels_are_edges_in_sentinel2_and_sentinel1(tiles):
     )
 
 
+def test_farmland_land_cover_follows_the_parcels(tiles):
+    """Crops or grass is decided per parcel: within one parcel every crop or grass pixel has one class,
+    so land-cover edges on farmland are parcel edges."""
+    from mmearth_data.sources.offline import C
+
+    n = 0
+    for req, r in tiles:
+        st = r.extra["structure"]
+        farm = np.isin(st["classes"], [C["crops"], C["grass"]]) & (st["parcel"] >= 0)
+        for p in np.unique(st["parcel"][farm]):
+            n += 1
+            assert len(np.unique(st["classes"][farm & (st["parcel"] == p)])) == 1, req.tile_id
+        assert 0.0 <= st["greenness"] <= 1.0
+    assert n > 100
+
+
 def test_rivers_run_downhill_on_the_dem(tiles):
     n = 0
     for _, r in tiles:

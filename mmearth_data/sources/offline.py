@@ -19,7 +19,9 @@ machines with the same numpy. What is grounded in real layers and what is modell
   classes (a fixed IGBP -> class table, :data:`IGBP_TO_CLASS`), perturbed per tile (Dirichlet), then
   placed with spatially smooth fields so that water sits in low terrain, crops on flat land, snow high,
   bare rock on steep slopes; then the landscape's objects (``landscape.py``): rectangular field
-  parcels sized by biome with their own crop, growth stage, brightness and within-field texture,
+  parcels sized by biome with their own crop (crops or grass for the whole parcel; spring-sown, from bare
+  soil to canopy with the season, or autumn-sown, green whenever it is mild), growth stage, brightness
+  and within-field texture,
   hedgerows, roads and tracks, a river down the DEM that ends in a lake at a pit, roof and canopy
   texture.
 - **Label products**: WorldCover as an independent 2020 map (crop rotation between the tile's year
@@ -246,8 +248,9 @@ class OfflineSource:
     years = YEARS
     # what a tile's arrays are for a given (tile, seed); changes whenever the generator's output does
     # (2: DEM on GLO-30's 30 m grid, relief scaled to real terrain; 3: landscape structure, label products,
-    # clouds by climate, correlated speckle, terrain k^-3)
-    version = "3"
+    # clouds by climate, correlated speckle, terrain k^-3; 4: farmland crop or grass per parcel, spring-
+    # and autumn-sown crop calendars)
+    version = "4"
 
     def __init__(
         self, seed: int = 0, world: World | None = None, l2a_from: str = "2019-01-01",
@@ -426,10 +429,17 @@ class OfflineSource:
         par_tex = rng.uniform(0.04, 0.12, n_par).astype(np.float32)  # within-field heterogeneity
         par_hedge = rng.random(n_par) < (0.45 if t.biome in (4, 5, 12) else 0.08)
         par_bright = rng.normal(0, 0.12, n_par).astype(np.float32)  # management, moisture, variety
+        par_winter = rng.random(n_par) < 0.35  # autumn-sown (winter cereals, rapeseed): green while mild
         river, river_path = np.zeros((S, S), bool), []
         if rng.random() < float(np.clip(p_ann / 1500.0, 0.05, 0.6)):
             river, river_path = landscape.river(rng, z, float(rng.uniform(1.0, 4.0)))
             cls[river & (cls != C["snow"])] = C["water"]
+        # farmland follows its parcels: crop or grass is one owner's decision per parcel, so where the
+        # land cover has crops and grass, each parcel takes the one most of its pixels have
+        farm = (cls == C["crops"]) | (cls == C["grass"])
+        n_crop = np.bincount(parcel[farm & (cls == C["crops"])], minlength=n_par)
+        n_grass = np.bincount(parcel[farm & (cls == C["grass"])], minlength=n_par)
+        cls[farm] = np.where((n_crop >= n_grass)[parcel[farm]], C["crops"], C["grass"])
         meadow = (cls == C["grass"]) & (agri > 0.15)
         fieldish = (cls == C["crops"]) | meadow
         hedge = pedge & par_hedge[parcel] & fieldish
@@ -454,6 +464,7 @@ class OfflineSource:
             meadow=meadow,
             n_par=n_par,
             par_bright=par_bright,
+            par_winter=par_winter,
             par_kind=par_kind,
             par_rough=par_rough,
             par_state=par_state,
@@ -470,15 +481,19 @@ class OfflineSource:
     def _vegetation(self, st: _TileState) -> None:
         """Greenness of the month (trees, crops) and snow cover from temperature and altitude."""
         (
-            P_m, P_prev, T_m, cls, elev0, mix, par_kind, par_state, parcel, z
+            P_m, P_prev, T_m, cls, elev0, mix, par_kind, par_state, par_winter, parcel, z
         ) = st.get(
-            "P_m P_prev T_m cls elev0 mix par_kind par_state parcel z"
+            "P_m P_prev T_m cls elev0 mix par_kind par_state par_winter parcel z"
         )  # fmt: skip
         g = float(_sigmoid((T_m - 5) / 2.5) * np.clip((P_m + P_prev) / 100.0, 0.15, 1.0))
         forest_mix = mix[1:6].sum()
         evergreen = float((mix[1] + mix[2]) / forest_mix) if forest_mix > 0 else 0.5
         g_tree = evergreen * (0.75 + 0.25 * g) + (1 - evergreen) * g
-        crop_state = np.clip(g * (0.25 + 0.75 * par_state[parcel]), 0, 1)
+        # each parcel on its own crop calendar: a spring-sown crop runs from bare soil (just sown) to
+        # full canopy with the season; an autumn-sown one keeps a canopy whenever it is not frozen
+        mild = float(_sigmoid(T_m / 2.0) * np.clip((P_m + P_prev) / 100.0, 0.15, 1.0))
+        winter_state = np.maximum(g, 0.7 * mild) * (0.5 + 0.5 * par_state)
+        crop_state = np.clip(np.where(par_winter, winter_state, g * par_state)[parcel], 0, 1)
         crop_state = np.where(par_kind[parcel] == 0, crop_state, 0.15 * crop_state)
         t_pix = T_m - 0.0065 * (z - elev0)
         snow = _sigmoid((-t_pix - 1.0) / 1.5).astype(np.float32)
@@ -738,6 +753,7 @@ class OfflineSource:
                     "field_boundary": pedge & fieldish,
                     "field_size_px": size_px,
                     "obscured": obscured,  # ground hidden by cloud, cloud shadow or snow
+                    "greenness": st.g,  # the month's greenness: 0 dormant, 1 the height of the season
                     "scene_month_precip_mm": P_m,
                 },
             },
