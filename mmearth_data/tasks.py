@@ -144,9 +144,9 @@ def _candidates(
 ) -> tuple[list[TileRequest], np.ndarray]:
     """(held-out tiles in plan order, how many tiles each ``fields`` class may take)."""
     n_cls = len(TASKS["fields"]["classes"])
-    # candidates per tile: held-out blocks are ~10 % of the plan, and about a third of those are clear
-    # farmland; only as many are drawn as the classes need
-    plan = primaries(sample_plan(SampleConfig(n_tiles * 96, tuple(years), seed + 1000, tile_size, 0)))
+    # candidates per tile: held-out blocks are ~10 % of the plan, and about a fifth of those are clear
+    # farmland in the growing season; only as many are drawn as the classes need
+    plan = primaries(sample_plan(SampleConfig(n_tiles * 160, tuple(years), seed + 1000, tile_size, 0)))
     held = plan[plan["split"].isin(["val", "test"])]
     candidates = [TileRequest.from_row(r, tile_size) for _, r in held.iterrows()]
     quota = np.full(n_cls, n_tiles // n_cls) + (np.arange(n_cls) < n_tiles % n_cls)
