@@ -102,8 +102,8 @@ def river(
     mask = np.zeros((S, S), bool)
     rows, cols = np.array(path).T
     mask[rows, cols] = True
-    if width > 1.5:
-        mask = gaussian_blur(mask.astype(np.float32), width / 2.5) > 0.15
+    if width > 1.5:  # widened around the path, which stays water where the blur thins at the tile edge
+        mask = (gaussian_blur(mask.astype(np.float32), width / 2.5) > 0.15) | mask
     end_r, end_c = path[-1]
     if 0 < end_r < S - 1 and 0 < end_c < S - 1:  # a pit: a lake fills it
         yy, xx = np.mgrid[0:S, 0:S]
