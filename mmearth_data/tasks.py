@@ -62,9 +62,11 @@ def labels_of(structure: dict[str, Any]) -> dict[str, np.ndarray] | None:
     """The three tasks' labels of one tile from the objects the offline source drew it from; None for a
     tile with too little farmland, or too much of it hidden, to be a task tile."""
     field = structure["parcel"] >= 0
-    if float(field.mean()) < MIN_FIELD_SHARE or float(structure["obscured"].mean()) > MAX_OBSCURED:
-        return None
-    if float(structure["greenness"]) < MIN_GREENNESS:
+    if (
+        float(field.mean()) < MIN_FIELD_SHARE
+        or float(structure["obscured"].mean()) > MAX_OBSCURED
+        or float(structure["greenness"]) < MIN_GREENNESS
+    ):
         return None
     scale = field.sum() / max(int(structure["field_boundary"].sum()), 1)
     fields = int(np.searchsorted(FIELD_SCALE_EDGES, scale, side="right"))

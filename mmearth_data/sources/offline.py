@@ -249,7 +249,7 @@ class OfflineSource:
     # what a tile's arrays are for a given (tile, seed); changes whenever the generator's output does
     # (2: DEM on GLO-30's 30 m grid, relief scaled to real terrain; 3: landscape structure, label products,
     # clouds by climate, correlated speckle, terrain k^-3; 4: farmland crop or grass per parcel, spring-
-    # and autumn-sown crop calendars)
+    # and autumn-sown crop calendars, a river's path always water)
     version = "4"
 
     def __init__(
@@ -436,9 +436,10 @@ class OfflineSource:
             cls[river & (cls != C["snow"])] = C["water"]
         # farmland follows its parcels: crop or grass is one owner's decision per parcel, so where the
         # land cover has crops and grass, each parcel takes the one most of its pixels have
-        farm = (cls == C["crops"]) | (cls == C["grass"])
-        n_crop = np.bincount(parcel[farm & (cls == C["crops"])], minlength=n_par)
-        n_grass = np.bincount(parcel[farm & (cls == C["grass"])], minlength=n_par)
+        crops, grass = cls == C["crops"], cls == C["grass"]
+        n_crop = np.bincount(parcel[crops], minlength=n_par)
+        n_grass = np.bincount(parcel[grass], minlength=n_par)
+        farm = crops | grass
         cls[farm] = np.where((n_crop >= n_grass)[parcel[farm]], C["crops"], C["grass"])
         meadow = (cls == C["grass"]) & (agri > 0.15)
         fieldish = (cls == C["crops"]) | meadow
@@ -485,13 +486,14 @@ class OfflineSource:
         ) = st.get(
             "P_m P_prev T_m cls elev0 mix par_kind par_state par_winter parcel z"
         )  # fmt: skip
-        g = float(_sigmoid((T_m - 5) / 2.5) * np.clip((P_m + P_prev) / 100.0, 0.15, 1.0))
+        wet = np.clip((P_m + P_prev) / 100.0, 0.15, 1.0)  # the last two months' rain
+        g = float(_sigmoid((T_m - 5) / 2.5) * wet)
         forest_mix = mix[1:6].sum()
         evergreen = float((mix[1] + mix[2]) / forest_mix) if forest_mix > 0 else 0.5
         g_tree = evergreen * (0.75 + 0.25 * g) + (1 - evergreen) * g
         # each parcel on its own crop calendar: a spring-sown crop runs from bare soil (just sown) to
         # full canopy with the season; an autumn-sown one keeps a canopy whenever it is not frozen
-        mild = float(_sigmoid(T_m / 2.0) * np.clip((P_m + P_prev) / 100.0, 0.15, 1.0))
+        mild = float(_sigmoid(T_m / 2.0) * wet)
         winter_state = np.maximum(g, 0.7 * mild) * (0.5 + 0.5 * par_state)
         crop_state = np.clip(np.where(par_winter, winter_state, g * par_state)[parcel], 0, 1)
         crop_state = np.where(par_kind[parcel] == 0, crop_state, 0.15 * crop_state)
