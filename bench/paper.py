@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,7 +67,7 @@ def tasks(args) -> str:
             import shutil
 
             shutil.rmtree(path)
-        build_tasks(str(path), args.task_tiles, args.tile_size)
+        build_tasks(str(path), args.task_tiles, args.tile_size, workers=os.cpu_count() or 1)
     return str(path)
 
 
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="data/paper", help="corpus, task store and runs (reused)")
     ap.add_argument("--out", default="docs/results")
-    ap.add_argument("--tiles", type=int, default=2048)
+    ap.add_argument("--tiles", type=int, default=8192)
     ap.add_argument("--tile-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--task-tiles", type=int, default=2000)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from rich.console import Console
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument(
         "--balance", action=argparse.BooleanOptionalAction, default=True,
         help="draw held-out tiles until each fields class holds a quarter of them (default)",
+    )  # fmt: skip
+    tb.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1,
+        help="processes generating candidate tiles (default: one per CPU; the store is the same for any)",
     )  # fmt: skip
 
     v = sub.add_parser("validate", help="check a store against the contract and summarise it")
@@ -195,7 +200,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     from mmearth_data.tasks import TaskError, build_tasks
 
     try:
-        res = build_tasks(args.out, args.tiles, args.tile_size, args.seed, balance=args.balance)
+        res = build_tasks(
+            args.out, args.tiles, args.tile_size, args.seed, balance=args.balance, workers=args.workers
+        )
     except TaskError as err:
         err_console.print(f"[bold red]error:[/] {cli_terms(err)}")
         return 2

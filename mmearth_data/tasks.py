@@ -28,6 +28,7 @@ parcels differ; in the dormant months most of them are the same bare or frozen g
 from __future__ import annotations
 
 import hashlib
+import itertools
 from typing import Any
 
 import numpy as np
@@ -98,11 +99,12 @@ def task_split(tile_id: str) -> str:
 
 def build_tasks(
     out: str, n_tiles: int, tile_size: int = 64, seed: int = 0, years=DEFAULT_YEARS,
-    balance: bool = True,
+    balance: bool = True, workers: int = 1,
 ) -> dict:  # fmt: skip
     """Build the task store at ``out`` (refused when something is there already): the held-out farmland
     tiles in plan order. With ``balance`` each ``fields`` class takes a quarter of them (tiles of a full
-    class are skipped), so that a single-label score is not a majority-class score."""
+    class are skipped), so that a single-label score is not a majority-class score. ``workers`` processes
+    generate the candidates (each tile is seeded by its id, so the store is the same for any number)."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(out)
@@ -112,7 +114,7 @@ def build_tasks(
         raise TaskError(f"`n_tiles` {n_tiles}: at least 30 tiles are needed for train, val and test splits")
     candidates, quota = _candidates(n_tiles, tile_size, seed, years, balance)
     w = TaskStoreWriter(out, n_tiles, tile_size)
-    reqs, fields, objects, level, counts = _pick_tiles(w, candidates, quota, n_tiles, seed)
+    reqs, fields, objects, level, counts = _pick_tiles(w, candidates, quota, n_tiles, seed, workers)
     if len(reqs) < n_tiles:
         fs.rm(path, recursive=True)
         if not balance:
@@ -155,14 +157,59 @@ def _candidates(
     return candidates, (quota if balance else np.full(n_cls, n_tiles))
 
 
+_WORKER_SOURCE: list[OfflineSource] = []  # a worker process's source, made once by _init_worker
+
+
+def _init_worker(seed: int) -> None:
+    _WORKER_SOURCE[:] = [OfflineSource(seed=seed, field_sizes=TASK_FIELD_SIZES)]
+
+
+def _generate(batch: list[TileRequest], src: OfflineSource | None = None) -> list[tuple]:
+    """(Sentinel-2, L2A flag, labels or None) of each candidate, in order."""
+    src = src or _WORKER_SOURCE[0]
+    out = []
+    for r in src.fetch(batch, stored_modalities(["sentinel2"])):
+        lab = labels_of(r.extra["structure"])
+        out.append((r.arrays["sentinel2"] if lab else None, r.s2_product == "L2A", lab))
+    return out
+
+
+def _generated(candidates: list[TileRequest], seed: int, workers: int):
+    """Yield each 64-candidate batch's :func:`_generate` output in plan order; with ``workers`` > 1 from
+    that many processes, a few batches ahead of the consumer (the rest are never generated once it
+    stops)."""
+    chunks = [candidates[c : c + 64] for c in range(0, len(candidates), 64)]
+    if workers <= 1:
+        src = OfflineSource(seed=seed, field_sizes=TASK_FIELD_SIZES)
+        for chunk in chunks:
+            yield _generate(chunk, src)
+        return
+    import multiprocessing as mp
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("spawn")  # never fork a process that may hold torch's or BLAS's threads
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(seed,)) as ex:
+        todo = iter(chunks)
+        ahead: deque = deque(ex.submit(_generate, c) for c in itertools.islice(todo, 2 * workers))
+        try:
+            while ahead:
+                done = ahead.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    ahead.append(ex.submit(_generate, nxt))
+                yield done
+        finally:
+            for f in ahead:
+                f.cancel()
+
+
 def _pick_tiles(
-    w: TaskStoreWriter, candidates: list[TileRequest], quota: np.ndarray, n: int, seed: int
+    w: TaskStoreWriter, candidates: list[TileRequest], quota: np.ndarray, n: int, seed: int, workers: int = 1
 ) -> tuple[list[TileRequest], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Generate candidates in order, keep those whose ``fields`` class has room, and write their
     Sentinel-2 and boundaries 64 tiles at a time (chunk-aligned); (kept requests, fields, objects, L2A
     flags, tiles per class)."""
-    mods = stored_modalities(["sentinel2"])
-    src = OfflineSource(seed=seed, field_sizes=TASK_FIELD_SIZES)
     fields, objects, level = np.zeros(n, np.uint8), np.zeros((n, 4), np.uint8), np.zeros(n, np.uint8)
     counts = np.zeros(len(quota), np.int64)
     reqs: list[TileRequest] = []
@@ -173,12 +220,11 @@ def _pick_tiles(
         w.write_images(a, np.stack([p[0] for p in pending]), np.stack([p[1]["boundaries"] for p in pending]))
         pending.clear()
 
-    for c in range(0, len(candidates), 64):
+    gen = _generated(candidates, seed, workers)
+    for c, results in zip(range(0, len(candidates), 64), gen, strict=False):
         if len(reqs) == n:
             break
-        batch = candidates[c : c + 64]
-        for t, r in zip(batch, src.fetch(batch, mods), strict=True):
-            lab = labels_of(r.extra["structure"])
+        for t, (s2, l2a, lab) in zip(candidates[c : c + 64], results, strict=True):
             if lab is None:
                 continue
             k = int(lab["fields"])
@@ -187,10 +233,11 @@ def _pick_tiles(
             counts[k] += 1
             i = len(reqs)
             reqs.append(t)
-            fields[i], objects[i], level[i] = k, lab["objects"], r.s2_product == "L2A"
-            pending.append((r.arrays["sentinel2"], lab))
+            fields[i], objects[i], level[i] = k, lab["objects"], l2a
+            pending.append((s2, lab))
             if len(pending) == 64:
                 write()
+    gen.close()
     if pending:
         write()
     return reqs, fields, objects, level, counts

@@ -18,6 +18,10 @@ tile, continuous (C values)     LayerNorm per position, pool, Linear    MSE
 tile, categorical (K classes)   LayerNorm per position, pool, Linear    cross-entropy
 ==============================  ======================================  ===============================
 
+Sentinel-2 is scored on the masked patches it was asked to reconstruct; the other pixel targets there
+too (``aux_loss_on="masked"``) or on every pixel (``"all"``), where they are dense supervision of the
+visible patches' features, which must then say where inside each patch the land cover changes.
+
 Missing values (NaN for continuous, -1 for categorical) never enter a loss, nor do opaque-cloud pixels
 (batch key ``cloud``, when ``cloud_aware``); a modality with nothing valid in the batch contributes
 zero (and does not move its uncertainty weight).
@@ -56,6 +60,7 @@ class Target:
 
 
 NORM_PIX = ("joint", "per-band")
+AUX_LOSS_ON = ("masked", "all")  # where the pixel targets other than Sentinel-2 are scored
 
 
 PRETEXT_GROUPS = ("all", "s2", "pixel", "image")
@@ -216,8 +221,11 @@ class MPMAE(nn.Module):
         drop_path: float = 0.0,
         norm_pix: str = "joint",
         cloud_aware: bool = True,
+        aux_loss_on: str = "masked",
     ):
         super().__init__()
+        if aux_loss_on not in AUX_LOSS_ON:
+            raise ValueError(f"`aux_loss_on` {aux_loss_on!r}: use {' or '.join(AUX_LOSS_ON)}")
         if decoder not in ("per-modality", "shared"):
             raise ValueError(f"`decoder` {decoder!r}: use per-modality or shared")
         if weighting not in ("uncertainty", "sum"):
@@ -228,6 +236,7 @@ class MPMAE(nn.Module):
             raise ValueError(f"`norm_pix` {norm_pix!r}: use {' or '.join(NORM_PIX)}")
         self.targets = [Target.of(m, norm_pix) for m in targets]
         self.cloud_aware = cloud_aware
+        self.aux_loss_on = aux_loss_on
         if in_chans is None:  # the Sentinel-2 bands the model reads (registry: model_bands)
             in_chans = self.targets[0].n_out
         self.mask_ratio = mask_ratio
@@ -260,13 +269,17 @@ class MPMAE(nn.Module):
         pix_mask = mask.repeat_interleave(self.patch_size, -2).repeat_interleave(self.patch_size, -1)
         total = feats.new_zeros((), dtype=torch.float32)
         logs: dict[str, torch.Tensor] = {}
-        for t in self.targets:
+        every_pixel = torch.ones_like(pix_mask)
+        for i, t in enumerate(self.targets):
             dec = shared if shared is not None else self.decoders[t.name](feats, mask)
             pred = self.heads[t.name](dec)
             target = batch[t.name]
             if t.pixel:
                 cloud = batch.get("cloud") if self.cloud_aware else None
-                loss, n = pixel_loss(t, pred, target, pix_mask, self.patch_size, cloud)
+                # Sentinel-2 (the first target) is reconstructed where it was masked; the other pixel maps
+                # are scored there too, or everywhere with ``aux_loss_on="all"``
+                where = every_pixel if i and self.aux_loss_on == "all" else pix_mask
+                loss, n = pixel_loss(t, pred, target, where, self.patch_size, cloud)
             else:
                 loss, n = tile_loss(t, pred, target)
             logs[t.name] = loss.detach()

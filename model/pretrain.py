@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave opaque-cloud pixels (stored masks) out of every pixel target's loss",
     )
     ap.add_argument(
+        "--aux-loss-on",
+        default="masked",
+        choices=["masked", "all"],
+        help="where the pixel targets other than Sentinel-2 (Sentinel-1, DEM, land cover, canopy height) "
+        "are scored: on the masked patches, as Sentinel-2's reconstruction, or on every pixel",
+    )
+    ap.add_argument(
         "--normalise",
         choices=["device", "loader"],
         default="device",
@@ -378,7 +385,7 @@ def _model(
     model = MPMAE(
         targets, args.model, args.patch_size, mask_ratio=args.mask_ratio, decoder=args.decoder,
         decoder_dim=args.decoder_dim, weighting=args.weighting, norm_pix=args.norm_pix,
-        cloud_aware=args.cloud_aware,
+        cloud_aware=args.cloud_aware, aux_loss_on=args.aux_loss_on,
     ).to(device)  # fmt: skip
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak, betas=(0.9, 0.95))
     if state is not None:

@@ -432,6 +432,34 @@ def test_cloud_aware_losses_leave_opaque_cloud_out():
     assert n_all == 32 and n_clear == 2 * int((~cloud).sum())
 
 
+def test_other_pixel_targets_are_scored_on_masked_patches_or_on_every_pixel():
+    torch.manual_seed(0)
+    targets = [get("sentinel2"), get("dynamic_world"), get("dem")]
+    mask = torch.zeros(2, 2, 2)
+    mask[:, 0, 0] = 1  # one masked patch of four
+    batch = {
+        "sentinel2": torch.randn(2, 12, 16, 16),
+        "dynamic_world": torch.randint(0, 9, (2, 16, 16)),
+        "dem": torch.randn(2, 2, 16, 16),
+    }
+    visible = torch.ones(16, 16, dtype=torch.bool)
+    visible[:8, :8] = False
+    changed = {
+        "sentinel2": batch["sentinel2"],  # the same input, so the same predictions
+        "dynamic_world": torch.where(visible, (batch["dynamic_world"] + 1) % 9, batch["dynamic_world"]),
+        "dem": torch.where(visible, batch["dem"] + 5.0, batch["dem"]),
+    }
+    for where in ("masked", "all"):
+        model = MPMAE(targets, "atto", 8, decoder_dim=32, aux_loss_on=where).eval()
+        with torch.no_grad():
+            _, a = model(batch, mask)
+            _, b = model(changed, mask)
+        for name in ("dynamic_world", "dem"):
+            assert torch.equal(a[name], b[name]) == (where == "masked"), (where, name)
+    with pytest.raises(ValueError, match="aux_loss_on"):
+        MPMAE(targets, "atto", 8, aux_loss_on="visible")
+
+
 def test_tile_heads_normalise_each_position_before_pooling():
     from model.mpmae import Head, Target
 
@@ -514,6 +542,12 @@ def test_downstream_tasks_come_from_held_out_blocks_and_evaluate(tmp_path, small
     assert g["sentinel2"].shape == (40, 13, 64, 64) and g["boundaries"].shape == (40, 64, 64)
     assert set(strings(g["split"][:])) == {"train", "val", "test"}
     assert np.bincount(np.asarray(g["fields"][:]), minlength=4).tolist() == [10, 10, 10, 10]  # balanced
+    # the candidates came from one process per CPU; one process draws the same store
+    one = str(tmp_path / "tasks_one_worker.zarr")
+    assert cli_main(["tasks", "build", "--out", one, "--tiles", "40", "--workers", "1"]) == 0
+    g1 = zarr.open_group(one, mode="r")
+    for name in ("sentinel2", "boundaries", "fields", "objects", "tile_id"):
+        assert np.array_equal(g1[name][...], g[name][...]), name
     # held out: no task tile lies in a 1-degree block that pretraining on --split train reads
     from mmearth_data.sampling import split_of
 
