@@ -90,7 +90,17 @@ def pretrain(args, store: str, pretext: str) -> str:
             "--pretext", pretext, "--device", args.device, "--workers", str(args.workers),
             "--seed", "0", "--no-progress"]  # fmt: skip
     if (out / "state.pt").exists():
-        if int(read_state(out / "state.pt")["step"]) >= args.steps:
+        state = read_state(out / "state.pt")
+        saved = json.loads(state["args"])
+        asked = {"store": store, "model": args.model, "img_size": args.img_size, "blr": args.blr,
+                 "batch_size": args.batch_size, "pretext": pretext}  # fmt: skip
+        differ = [f"{k}: {saved.get(k)} there, {v} asked" for k, v in asked.items() if saved.get(k) != v]
+        if differ:
+            raise SystemExit(
+                f"{out} holds a run of other settings ({'; '.join(differ)}); move it away or choose "
+                "another --work"
+            )
+        if int(state["step"]) >= args.steps:
             return str(out)
         argv.append("--resume")
     if pretrain_main(argv) != 0:

@@ -680,3 +680,22 @@ def test_device_normalisation_equals_the_loaders(tmp_path, small_store):
     assert _pretrain("--store", small_store, "--out", rb, "--steps", "2", "--normalise", "device") == 0
     wa, wb = load_file(f"{ra}/model.safetensors"), load_file(f"{rb}/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_paper_bench_refuses_a_run_of_another_corpus(tmp_path):
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_bench", "bench/paper.py")
+    paper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper)
+    run = tmp_path / "run_all_700"
+    run.mkdir()
+    saved = {"store": "work/corpus_2048_64_s1.zarr", "model": "atto", "img_size": 56, "blr": 0.01,
+             "batch_size": 32, "pretext": "all"}  # fmt: skip
+    torch.save({"step": torch.tensor(700), "args": json.dumps(saved)}, run / "state.pt")
+    args = argparse.Namespace(work=str(tmp_path), steps=700, model="atto", img_size=56, batch_size=32,
+                              blr=0.01, device="cpu", workers=0)  # fmt: skip
+    assert paper.pretrain(args, "work/corpus_2048_64_s1.zarr", "all") == str(run)  # the same: reused
+    with pytest.raises(SystemExit, match="store: work/corpus_2048_64_s1.zarr there, work/corpus_8192"):
+        paper.pretrain(args, "work/corpus_8192_64_s1.zarr", "all")
