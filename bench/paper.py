@@ -1,6 +1,6 @@
 """MMEarth's experiment on the offline world: random init vs Sentinel-2-only vs all-modality pretraining.
 
-    python bench/paper.py                       # CPU budget (documented below), about 50 minutes on 2 cores
+    python bench/paper.py                       # CPU budget (documented below), about an hour on 2 cores
     python bench/paper.py --device cuda --steps 6000 --batch-size 256 --out docs/results/gpu
     python bench/paper.py --runs s2=runs/a,all=runs/b   # evaluate existing runs instead of pretraining
 
