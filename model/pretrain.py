@@ -90,12 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave opaque-cloud pixels (stored masks) out of every pixel target's loss",
     )
     ap.add_argument(
-        "--aux-loss-on",
-        default="masked",
-        choices=["masked", "all"],
+        "--aux-loss-on", default="masked", choices=["masked", "all"],
         help="where the pixel targets other than Sentinel-2 (Sentinel-1, DEM, land cover, canopy height) "
         "are scored: on the masked patches, as Sentinel-2's reconstruction, or on every pixel",
-    )
+    )  # fmt: skip
     ap.add_argument(
         "--normalise",
         choices=["device", "loader"],
