@@ -175,14 +175,14 @@ def _generate(batch: list[TileRequest], src: OfflineSource | None = None) -> lis
 
 
 def _generated(candidates: list[TileRequest], seed: int, workers: int):
-    """Yield each 64-candidate batch's :func:`_generate` output in plan order; with ``workers`` > 1 from
-    that many processes, a few batches ahead of the consumer (the rest are never generated once it
-    stops)."""
+    """Yield (batch, :func:`_generate` output) for each 64-candidate batch in plan order; with ``workers``
+    > 1 from that many processes, a few batches ahead of the consumer (the rest are never generated once
+    it stops)."""
     chunks = [candidates[c : c + 64] for c in range(0, len(candidates), 64)]
     if workers <= 1:
         src = OfflineSource(seed=seed, field_sizes=TASK_FIELD_SIZES)
         for chunk in chunks:
-            yield _generate(chunk, src)
+            yield chunk, _generate(chunk, src)
         return
     import multiprocessing as mp
     from collections import deque
@@ -191,16 +191,16 @@ def _generated(candidates: list[TileRequest], seed: int, workers: int):
     ctx = mp.get_context("spawn")  # never fork a process that may hold torch's or BLAS's threads
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(seed,)) as ex:
         todo = iter(chunks)
-        ahead: deque = deque(ex.submit(_generate, c) for c in itertools.islice(todo, 2 * workers))
+        ahead: deque = deque((c, ex.submit(_generate, c)) for c in itertools.islice(todo, 2 * workers))
         try:
             while ahead:
-                done = ahead.popleft().result()
+                chunk, fut = ahead.popleft()
                 nxt = next(todo, None)
                 if nxt is not None:
-                    ahead.append(ex.submit(_generate, nxt))
-                yield done
+                    ahead.append((nxt, ex.submit(_generate, nxt)))
+                yield chunk, fut.result()
         finally:
-            for f in ahead:
+            for _, f in ahead:
                 f.cancel()
 
 
@@ -221,10 +221,8 @@ def _pick_tiles(
         pending.clear()
 
     gen = _generated(candidates, seed, workers)
-    for c, results in zip(range(0, len(candidates), 64), gen, strict=False):
-        if len(reqs) == n:
-            break
-        for t, (s2, l2a, lab) in zip(candidates[c : c + 64], results, strict=True):
+    for batch, results in gen:
+        for t, (s2, l2a, lab) in zip(batch, results, strict=True):
             if lab is None:
                 continue
             k = int(lab["fields"])
@@ -237,6 +235,8 @@ def _pick_tiles(
             pending.append((s2, lab))
             if len(pending) == 64:
                 write()
+        if len(reqs) == n:
+            break
     gen.close()
     if pending:
         write()

@@ -269,17 +269,16 @@ class MPMAE(nn.Module):
         pix_mask = mask.repeat_interleave(self.patch_size, -2).repeat_interleave(self.patch_size, -1)
         total = feats.new_zeros((), dtype=torch.float32)
         logs: dict[str, torch.Tensor] = {}
-        every_pixel = torch.ones_like(pix_mask)
+        # Sentinel-2 (the first target) is reconstructed where it was masked; the other pixel maps are
+        # scored there too, or on every pixel with ``aux_loss_on="all"``
+        aux_mask = torch.ones_like(pix_mask) if self.aux_loss_on == "all" else pix_mask
         for i, t in enumerate(self.targets):
             dec = shared if shared is not None else self.decoders[t.name](feats, mask)
             pred = self.heads[t.name](dec)
             target = batch[t.name]
             if t.pixel:
                 cloud = batch.get("cloud") if self.cloud_aware else None
-                # Sentinel-2 (the first target) is reconstructed where it was masked; the other pixel maps
-                # are scored there too, or everywhere with ``aux_loss_on="all"``
-                where = every_pixel if i and self.aux_loss_on == "all" else pix_mask
-                loss, n = pixel_loss(t, pred, target, where, self.patch_size, cloud)
+                loss, n = pixel_loss(t, pred, target, aux_mask if i else pix_mask, self.patch_size, cloud)
             else:
                 loss, n = tile_loss(t, pred, target)
             logs[t.name] = loss.detach()

@@ -175,7 +175,9 @@ def apply_recipe(args: argparse.Namespace, world: int, n_tiles: int) -> None:
 
 
 # run arguments that must match on --resume (the model and what it predicts)
-ARCH_KEYS = ("model", "patch_size", "pretext", "decoder", "decoder_dim", "weighting", "norm_pix")
+ARCH_KEYS = (
+    "model", "patch_size", "pretext", "decoder", "decoder_dim", "weighting", "norm_pix", "aux_loss_on"
+)  # fmt: skip
 # MMEarth's pretraining recipe (Nedungadi et al. 2024, ConvNeXt V2 FCMAE settings)
 PAPER_RECIPE = {"epochs": 200.0, "effective_batch": 4096, "blr": 1.5e-4, "warmup_epochs": 40.0}
 
@@ -280,10 +282,11 @@ def load_resume(out: Path, args: argparse.Namespace) -> dict | None:
         saved = json.loads(state["args"])
     except (CheckpointError, KeyError, TypeError, json.JSONDecodeError) as err:
         raise UsageError(f"--resume: {err}") from None
+    defaults = build_parser()  # a key a checkpoint predates had its default then
     diff = [
-        f"{k}: checkpoint {saved.get(k)!r}, now {getattr(args, k)!r}"
+        f"{k}: checkpoint {saved.get(k, defaults.get_default(k))!r}, now {getattr(args, k)!r}"
         for k in ARCH_KEYS
-        if saved.get(k) != getattr(args, k)
+        if saved.get(k, defaults.get_default(k)) != getattr(args, k)
     ]
     if diff:
         raise UsageError(f"--resume: the checkpoint in {out} is from another model ({'; '.join(diff)})")

@@ -279,6 +279,9 @@ def test_bad_input_exits_2(tmp_path, small_store, capsys):
     rc = _pretrain("--store", small_store, "--out", out, "--steps", "2", "--resume", model="femto")
     assert rc == 2
     assert "another model (model: checkpoint 'atto', now 'femto')" in capsys.readouterr().err
+    rc = _pretrain("--store", small_store, "--out", out, "--steps", "2", "--resume", "--aux-loss-on", "all")
+    assert rc == 2
+    assert "aux_loss_on: checkpoint 'masked', now 'all'" in capsys.readouterr().err
 
 
 def test_pretraining_from_python_options_equals_the_command_line(tmp_path, tiny_store):
