@@ -81,8 +81,8 @@ def _complete_tasks(path: Path) -> bool:
 
 
 def pretrain(args, store: str, pretext: str) -> str:
+    from model.pretrain import build_parser, read_state
     from model.pretrain import main as pretrain_main
-    from model.pretrain import read_state
 
     out = Path(args.work) / f"run_{pretext}_{args.steps}"
     argv = ["--store", store, "--out", str(out), "--model", args.model, "--img-size", str(args.img_size),
@@ -93,7 +93,8 @@ def pretrain(args, store: str, pretext: str) -> str:
         state = read_state(out / "state.pt")
         saved = json.loads(state["args"])
         asked = {"store": store, "model": args.model, "img_size": args.img_size, "blr": args.blr,
-                 "batch_size": args.batch_size, "pretext": pretext}  # fmt: skip
+                 "batch_size": args.batch_size, "pretext": pretext,
+                 "weight_lr": build_parser().get_default("weight_lr")}  # fmt: skip
         differ = [f"{k}: {saved.get(k)} there, {v} asked" for k, v in asked.items() if saved.get(k) != v]
         if differ:
             raise SystemExit(
@@ -120,11 +121,9 @@ def run(args) -> dict:
     timings = {"data_s": round(t_data, 1)}
     for enc in ("s2", "all"):
         if enc not in runs:
-            t = time.time()
             runs[enc] = pretrain(args, store, enc)
-            timings[f"pretrain_{enc}_s"] = round(time.time() - t, 1)
-        else:  # a reused run: the sum of its logged step times
-            timings[f"pretrain_{enc}_s"] = round(_logged_train_seconds(runs[enc]), 1)
+        # the sum of the run's logged step times: what it cost, also when it was reused or resumed
+        timings[f"pretrain_{enc}_s"] = round(_logged_train_seconds(runs[enc]), 1)
     rows = []
     t = time.time()
     for enc in ENCODERS:
@@ -231,6 +230,7 @@ def write(result: dict, out: Path, args) -> None:
     plot(result["rows"], out / "label_efficiency.png")
     b, c, tm = result["budget"], result["corpus"], result["timings"]
     total = sum(tm.values())
+    parts = [f"{k} {v:.0f}" + (" (stores reused)" if k == "data_s" and v < 5 else "") for k, v in tm.items()]
     text = f"""# MMEarth's experiment on the offline world
 
 `python bench/paper.py {" ".join(sys.argv[1:])}`: written by the script; do not edit by hand.
@@ -242,7 +242,7 @@ def write(result: dict, out: Path, args) -> None:
 - Protocol: frozen encoder, linear probe (L2 chosen on val, scored on test); mean ± standard deviation
   over {result["rows"][0]["seeds"]} seeds (a train subset per seed below 100 %, a bootstrap resample of
   the train split at 100 %, and for random init one initialisation per seed).
-- Wall time: {total / 60:.0f} min ({", ".join(f"{k} {v:.0f}" for k, v in tm.items())}).
+- Time: {total / 60:.0f} min ({", ".join(parts)}; pretraining as the sum of its logged steps).
 
 {table(result["rows"])}
 

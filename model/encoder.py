@@ -87,7 +87,9 @@ class MaskedConvNeXtV2(nn.Module):
     """ConvNeXt V2 encoder (``atto`` .. ``tiny``) for ``in_chans`` bands and patch size ``patch_size``.
 
     ``forward(x, mask)``: ``mask`` is ``(B, H/p, W/p)`` with 1 at masked patches, or None (no masking,
-    e.g. for probing). Returns ``(B, dims[-1], H/p, W/p)``; features at masked patches are zero.
+    e.g. for probing). Returns ``(B, dims[-1], H/p, W/p)``; features at masked patches are zero. With
+    ``stages=n`` only the first ``n`` stages run and their last output is returned (``dims[n-1]``
+    channels at ``2 ** (4 - n)`` times the patch grid), for probing what an earlier stage holds.
     """
 
     def __init__(self, size: str = "atto", in_chans: int = 13, patch_size: int = 16, drop_path: float = 0.0):
@@ -135,7 +137,9 @@ class MaskedConvNeXtV2(nn.Module):
     def out_dim(self) -> int:
         return self.dims[-1]
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, stages: int | None = None
+    ) -> torch.Tensor:
         H = x.shape[-1]
         if mask is None:
             mask = torch.zeros(x.shape[0], H // self.patch_size, H // self.patch_size, device=x.device)
@@ -146,7 +150,7 @@ class MaskedConvNeXtV2(nn.Module):
         res = x.shape[-1]
         keep = upsample_mask(mask, res).to(x.dtype)
         x = s["norm_dw"](x) * keep
-        for i, stage in enumerate(self.stages):
+        for i, stage in enumerate(self.stages[:stages]):
             if i > 0:
                 res //= 2
                 keep = upsample_mask(mask, res).to(x.dtype)

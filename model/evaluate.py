@@ -165,17 +165,18 @@ def _grid(n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def stream_features(enc: MaskedConvNeXtV2, source, batch: int = 32) -> dict:
+def stream_features(enc: MaskedConvNeXtV2, source, batch: int = 32, stage: int | None = None) -> dict:
     """Read ``source`` batch by batch through the frozen encoder; keep each sample's pooled features and
     labels, and for segmentation tasks the features bilinearly upsampled to a grid of pixels (sampled at
-    those pixels directly, never upsampled whole) with their labels."""
+    those pixels directly, never upsampled whole) with their labels. Features of the final stage, or of
+    ``stage`` (0-based)."""
     enc.eval()
     seg = [t for t in source.tasks if t.kind == "segmentation"]
     pooled, pix = [], []
     labels: dict[str, list] = {t.name: [] for t in source.tasks}
     for a in range(0, len(source), batch):
         x, y = source.read(np.arange(a, min(a + batch, len(source))))
-        f = enc(x)
+        f = enc(x, stages=None if stage is None else stage + 1)
         pooled.append(f.mean(dim=(-2, -1)))
         if seg:
             (gy, ry), (gx, rx) = _grid(x.shape[-2]), _grid(x.shape[-1])
@@ -378,10 +379,17 @@ def load_encoder(run: str | None, random_init: bool, seed: int = 0) -> tuple[Mas
 
 def evaluate(tasks: str, run: str, store: str | None = None, fractions=(1.0,), seeds: int = 3,
              random_init: bool = False, img: int | None = None, finetune: bool = False,
-             epochs: int = FINETUNE_RECIPE["epochs"], geobench_dir: str | None = None) -> dict:  # fmt: skip
+             epochs: int = FINETUNE_RECIPE["epochs"], geobench_dir: str | None = None,
+             stage: int | None = None) -> dict:  # fmt: skip
     """Every task of every source in ``tasks`` (comma-separated task stores and ``geobench:<name>``) at
-    every fraction, ``seeds`` times; rows of mean and standard deviation."""
+    every fraction, ``seeds`` times; rows of mean and standard deviation. ``stage``: probe that stage's
+    features instead of the final stage's (linear probing only)."""
     enc0, args = load_encoder(run, random_init)
+    if stage is not None and (finetune or not 0 <= stage < len(enc0.stages)):
+        raise CheckpointError(
+            f"stage {stage}: give a stage in 0..{len(enc0.stages) - 1} of this encoder, for linear probing "
+            "(fine-tuning trains the whole encoder)"
+        )
     img = img or args["img_size"]
 
     def stats_of():
@@ -407,12 +415,13 @@ def evaluate(tasks: str, run: str, store: str | None = None, fractions=(1.0,), s
                     else:
                         key = s if random_init else 0
                         if key not in feats:
-                            feats[key] = stream_features(encoder(s), source)
+                            feats[key] = stream_features(encoder(s), source, stage=stage)
                         vals.append(probe_task(feats[key], task, source.split, train, s))
                 rows.append(
                     {"task": task.name, "encoder": "random" if random_init else run, "fraction": frac,
                      "protocol": "finetune" if finetune else "linear", "metric": task.metric,
-                     "mean": float(np.mean(vals)), "std": float(np.std(vals)), "seeds": seeds}
+                     "mean": float(np.mean(vals)), "std": float(np.std(vals)), "seeds": seeds,
+                     "stage": len(enc0.stages) - 1 if stage is None else stage}
                 )  # fmt: skip
     return {"tasks": tasks, "run": run, "model": args["model"], "img_size": img, "rows": rows}
 
@@ -437,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         "--finetune", action="store_true", help="fine-tune the whole encoder (default: linear probe)"
     )
     ap.add_argument("--epochs", type=int, default=FINETUNE_RECIPE["epochs"], help="fine-tuning epochs")
+    ap.add_argument("--stage", type=int, help="probe this encoder stage's features (0-based; default: final)")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
     try:
@@ -451,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         out = evaluate(a.tasks, a.run, a.store, fractions, a.seeds, a.random_init, finetune=a.finetune,
-                       epochs=a.epochs, geobench_dir=a.geobench_dir)  # fmt: skip
+                       epochs=a.epochs, geobench_dir=a.geobench_dir, stage=a.stage)  # fmt: skip
     except (GeoBenchError, CheckpointError) as err:
         print(f"error: {cli_terms(err)}", file=sys.stderr)
         return 2

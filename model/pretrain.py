@@ -67,28 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 10%% of the steps)")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
+    ap.add_argument("--pretext", default="all", help="|".join(PRETEXT_GROUPS) + " or a list of modalities")
     ap.add_argument(
-        "--pretext", default="all", help=f"{'|'.join(PRETEXT_GROUPS)} or a comma list of modalities"
-    )
-    ap.add_argument(
-        "--decoder",
-        default="shared",
-        choices=["per-modality", "shared"],
+        "--decoder", default="shared", choices=["per-modality", "shared"],
         help="one decoder computed once for all targets (default), or one per target as in the paper",
-    )
+    )  # fmt: skip
     ap.add_argument("--decoder-dim", type=int, default=512)
     ap.add_argument(
-        "--norm-pix",
-        default="joint",
-        choices=["joint", "per-band"],
+        "--norm-pix", default="joint", choices=["joint", "per-band"],
         help="Sentinel-2 target normalised per patch over all its bands jointly (FCMAE, MMEarth) or per band",
-    )
+    )  # fmt: skip
     ap.add_argument(
-        "--cloud-aware",
-        action=argparse.BooleanOptionalAction,
-        default=True,
+        "--cloud-aware", action=argparse.BooleanOptionalAction, default=True,
         help="leave opaque-cloud pixels (stored masks) out of every pixel target's loss",
-    )
+    )  # fmt: skip
     ap.add_argument(
         "--aux-loss-on", default="masked", choices=["masked", "all"],
         help="where the pixel targets other than Sentinel-2 (Sentinel-1, DEM, land cover, canopy height) "
@@ -116,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
         "blr 1.5e-4, 40 warmup epochs); explicit --steps/--epochs/--accum/--blr/--warmup still win",
     )
     ap.add_argument("--weighting", default="uncertainty", choices=["uncertainty", "sum"])
+    ap.add_argument("--weight-lr", type=float, default=0.02,
+                    help="constant lr of the uncertainty weights (their log-variances), so that they reach "
+                    "their balance (weight = 1 / loss) within ~100 steps; 0: the encoder's schedule, under "
+                    "which a few hundred steps hold every weight within exp(+-0.5)")  # fmt: skip
     ap.add_argument("--split", default="train", help="tiles of this split (ignored with --tiles)")
     ap.add_argument("--tiles", help="text file of tile ids to train on (e.g. from `mmearth catalog search`)")
     ap.add_argument("--shuffle-buffer", type=int, default=256)
@@ -191,12 +187,24 @@ def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> floa
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+    """Decayed weights, undecayed ones (norms, biases, mask token) and the uncertainty weights'
+    log-variances (undecayed; :func:`set_lr` may give them their own learning rate)."""
+    decay, no_decay, log_vars = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.startswith("log_vars") or "mask_token" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if name.startswith("log_vars"):
+            log_vars.append(p)
+        else:
+            (no_decay if p.ndim <= 1 or "mask_token" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return groups + ([{"params": log_vars, "weight_decay": 0.0, "log_vars": True}] if log_vars else [])
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float, weight_lr: float) -> None:
+    """The schedule's ``lr`` for the model, a constant ``weight_lr`` (when > 0) for the log-variances."""
+    for gp in opt.param_groups:
+        gp["lr"] = weight_lr if gp.get("log_vars") and weight_lr > 0 else lr
 
 
 def setup_distributed(device_arg: str) -> tuple[int, int, int, torch.device]:
@@ -555,8 +563,7 @@ def run(args: argparse.Namespace) -> dict:
     t_prev = time.perf_counter()
     for step in range(s.start_step, end):
         lr = lr_at(step, s.total, s.warmup, s.peak, args.min_lr)
-        for gp in s.opt.param_groups:
-            gp["lr"] = lr
+        set_lr(s.opt, lr, args.weight_lr)
         sums, wait = train_step(s, step, log)
         now = time.perf_counter()
         sps = s.global_batch / max(now - t_prev, 1e-9)

@@ -376,6 +376,16 @@ def sparse_reference(enc: MaskedConvNeXtV2, x: torch.Tensor, mask: torch.Tensor)
     return t
 
 
+def test_an_encoder_stops_after_the_stages_asked():
+    enc = MaskedConvNeXtV2("atto", in_chans=12, patch_size=8).eval()
+    x = torch.randn(2, 12, 56, 56)
+    with torch.no_grad():
+        full = enc(x)
+        shapes = [tuple(enc(x, stages=n).shape) for n in range(1, 5)]
+        assert torch.equal(enc(x, stages=4), full)
+    assert shapes == [(2, d, 7 * 2 ** (3 - i), 7 * 2 ** (3 - i)) for i, d in enumerate(enc.dims)]
+
+
 @pytest.mark.parametrize("size", ["atto", "femto"])
 @pytest.mark.parametrize("patch,img", [(8, 56), (16, 112)])
 def test_masked_encoder_equals_the_sparse_reference_exactly(size, patch, img):
@@ -573,7 +583,16 @@ def test_downstream_tasks_come_from_held_out_blocks_and_evaluate(tmp_path, small
         ("boundaries", "miou"),
     }
     assert len(rows) == 6 and all(0.0 <= r["mean"] <= 1.0 and r["seeds"] == 2 for r in rows)
+    assert {r["stage"] for r in rows} == {3}  # the final stage
     assert evaluate_main(["--tasks", tasks, "--run", out, "--fraction", "2"]) == 2
+    early = tmp_path / "stage0.json"
+    assert (
+        evaluate_main(["--tasks", tasks, "--run", out, "--seeds", "1", "--stage", "0", "--json", str(early)])
+        == 0
+    )
+    assert [r["stage"] for r in json.loads(early.read_text())["rows"]] == [0, 0, 0]
+    assert evaluate_main(["--tasks", tasks, "--run", out, "--stage", "4"]) == 2
+    assert "give a stage in 0..3" in capsys.readouterr().err
     ft = tmp_path / "ft.json"
     assert evaluate_main(["--tasks", tasks, "--run", out, "--finetune", "--epochs", "1", "--seeds", "1",
                           "--json", str(ft)]) == 0  # fmt: skip
@@ -695,10 +714,39 @@ def test_paper_bench_refuses_a_run_of_another_corpus(tmp_path):
     run = tmp_path / "run_all_700"
     run.mkdir()
     saved = {"store": "work/corpus_2048_64_s1.zarr", "model": "atto", "img_size": 56, "blr": 0.01,
-             "batch_size": 32, "pretext": "all"}  # fmt: skip
+             "batch_size": 32, "pretext": "all", "weight_lr": 0.02}  # fmt: skip
     torch.save({"step": torch.tensor(700), "args": json.dumps(saved)}, run / "state.pt")
     args = argparse.Namespace(work=str(tmp_path), steps=700, model="atto", img_size=56, batch_size=32,
                               blr=0.01, device="cpu", workers=0)  # fmt: skip
     assert paper.pretrain(args, "work/corpus_2048_64_s1.zarr", "all") == str(run)  # the same: reused
     with pytest.raises(SystemExit, match="store: work/corpus_2048_64_s1.zarr there, work/corpus_8192"):
         paper.pretrain(args, "work/corpus_8192_64_s1.zarr", "all")
+    saved.pop("weight_lr")  # a run from before --weight-lr: its weights followed the encoder's lr
+    torch.save({"step": torch.tensor(700), "args": json.dumps(saved)}, run / "state.pt")
+    with pytest.raises(SystemExit, match="weight_lr: None there, 0.02 asked"):
+        paper.pretrain(args, "work/corpus_2048_64_s1.zarr", "all")
+
+
+def test_uncertainty_weights_reach_their_balance_at_their_own_learning_rate():
+    # exp(-s) L + s is smallest at s = log L: with its own constant lr each log-variance gets there within
+    # a hundred steps, where the encoder's lr (here 1e-3) would have moved it by at most 0.1
+    from model.pretrain import param_groups, set_lr
+
+    model = MPMAE(select_pretext("image"), "atto", 8, decoder_dim=32)
+    groups = param_groups(model, 0.05)
+    assert [len(g["params"]) for g in groups][2] == len(model.log_vars) and groups[2]["weight_decay"] == 0
+    losses = {name: 4.0 if i % 2 else 0.25 for i, name in enumerate(model.log_vars)}
+    for weight_lr, expect in ((0.03, losses), (0.0, None)):
+        for s in model.log_vars.values():
+            torch.nn.init.zeros_(s)
+        opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1.0, betas=(0.9, 0.95))
+        for _ in range(150):
+            set_lr(opt, 1e-3, weight_lr)
+            opt.zero_grad()
+            sum(torch.exp(-s) * losses[n] + s for n, s in model.log_vars.items()).backward()
+            opt.step()
+        w = {n: float(torch.exp(-s.detach())) for n, s in model.log_vars.items()}
+        if expect:  # weight = 1 / loss, each weighted loss 1
+            assert all(abs(w[n] * losses[n] - 1) < 0.1 for n in w), w
+        else:  # on the schedule's lr they barely move
+            assert all(abs(np.log(w[n])) < 0.16 for n in w), w
