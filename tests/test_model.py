@@ -730,17 +730,17 @@ def test_paper_bench_refuses_a_run_of_another_corpus(tmp_path):
 def test_uncertainty_weights_reach_their_balance_at_their_own_learning_rate():
     # exp(-s) L + s is smallest at s = log L: with its own constant lr each log-variance gets there within
     # a hundred steps, where the encoder's lr (here 1e-3) would have moved it by at most 0.1
-    from model.pretrain import param_groups, set_lr
+    from model.pretrain import build_parser, param_groups, set_lr
 
     model = MPMAE(select_pretext("image"), "atto", 8, decoder_dim=32)
     groups = param_groups(model, 0.05)
     assert [len(g["params"]) for g in groups][2] == len(model.log_vars) and groups[2]["weight_decay"] == 0
     losses = {name: 4.0 if i % 2 else 0.25 for i, name in enumerate(model.log_vars)}
-    for weight_lr, expect in ((0.03, losses), (0.0, None)):
+    for weight_lr, expect in ((build_parser().get_default("weight_lr"), losses), (0.0, None)):
         for s in model.log_vars.values():
             torch.nn.init.zeros_(s)
         opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1.0, betas=(0.9, 0.95))
-        for _ in range(150):
+        for _ in range(100):
             set_lr(opt, 1e-3, weight_lr)
             opt.zero_grad()
             sum(torch.exp(-s) * losses[n] + s for n, s in model.log_vars.items()).backward()
