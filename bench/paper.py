@@ -51,18 +51,37 @@ def corpus(args) -> str:
             done = bool(CorpusReader(store).statistics)
         except Exception:  # an interrupted build: resume it
             done = False
-    if not done:
+    if done:
+        built = CorpusReader(store).attrs["build"]["config"].get("source_version")
+        _same_world(store, built)
+    else:
         build_in_process(
             BuildConfig(store=store, n_tiles=args.tiles, tile_size=args.tile_size, seed=args.seed)
         )
     return store
 
 
+def _same_world(path: str | Path, built: str | None) -> None:
+    """Refuse a store in --work drawn by another version of the offline world than this code draws."""
+    from mmearth_data.sources import source_version
+
+    now = source_version("offline")
+    if built != now:
+        raise SystemExit(
+            f"{path} was drawn by offline world version {built}, this code draws version {now}; move it "
+            "away (or choose another --work) to build it again"
+        )
+
+
 def tasks(args) -> str:
     from mmearth_data.tasks import build_tasks
 
     path = Path(args.work) / f"tasks_{args.task_tiles}_{args.tile_size}.zarr"
-    if not (path / "zarr.json").exists() or not _complete_tasks(path):
+    if (path / "zarr.json").exists() and _complete_tasks(path):
+        import zarr
+
+        _same_world(path, zarr.open_group(str(path), mode="r").attrs.get("source_version"))
+    else:
         if path.exists():
             import shutil
 

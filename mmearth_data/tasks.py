@@ -131,6 +131,7 @@ def build_tasks(
     w.finish(
         labels,
         {"tasks": TASKS, "tile_size": tile_size, "n_tiles": n_tiles, "seed": seed, "source": "offline",
+         "source_version": OfflineSource.version,
          "held_out": held_out, "balanced": balance, "field_sizes": list(TASK_FIELD_SIZES),
          "min_field_share": MIN_FIELD_SHARE, "max_obscured": MAX_OBSCURED,
          "min_greenness": MIN_GREENNESS},

@@ -727,6 +727,32 @@ def test_paper_bench_refuses_a_run_of_another_corpus(tmp_path):
         paper.pretrain(args, "work/corpus_2048_64_s1.zarr", "all")
 
 
+def test_paper_bench_refuses_a_store_of_another_offline_world(tmp_path, tiny_store):
+    import argparse
+    import importlib.util
+    import shutil
+
+    import zarr
+
+    from mmearth_data.sources.offline import OfflineSource
+
+    spec = importlib.util.spec_from_file_location("paper_bench", "bench/paper.py")
+    paper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper)
+    n = zarr.open_group(tiny_store, mode="r").attrs["n_tiles"]
+    store = tmp_path / f"corpus_{n}_32_s1.zarr"
+    shutil.copytree(tiny_store, store)
+    args = argparse.Namespace(work=str(tmp_path), tiles=n, tile_size=32, seed=1)
+    assert paper.corpus(args) == str(store)  # drawn by this world: reused
+    g = zarr.open_group(str(store), mode="r+")
+    build = dict(g.attrs["build"])
+    build["config"] = {**build["config"], "source_version": "0"}
+    g.attrs["build"] = build
+    with pytest.raises(SystemExit, match=f"offline world version 0, this code draws version {OfflineSource.version}"):
+        paper.corpus(args)
+    assert store.exists()  # refused, not deleted
+
+
 def test_uncertainty_weights_reach_their_balance_at_their_own_learning_rate():
     # exp(-s) L + s is smallest at s = log L: with its own constant lr each log-variance gets there within
     # a hundred steps, where the encoder's lr (here 1e-3) would have moved it by at most 0.1

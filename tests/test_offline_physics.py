@@ -113,6 +113,24 @@ def test_sentinel1_vv_above_vh_and_sometimes_missing(tiles):
     assert 0 < missing_orbit < len(tiles) / 2
 
 
+def test_sentinel1_cross_polarisation_follows_each_parcels_canopy(tiles):
+    # in the growing season a parcel's VH rises with the biomass its NDVI shows (volume scattering), as
+    # crop monitoring with Sentinel-1 measures it; the soil's roughness per parcel blurs but does not hide it
+    corr = []
+    for _, r in tiles:
+        st = r.extra["structure"]
+        parcel, vh = st["parcel"], r.arrays["sentinel1"][1].astype(np.float32)
+        ok = clear(r) & (parcel >= 0)
+        if st["greenness"] < 0.5 or ok.mean() < 0.3 or not np.isfinite(vh).any():
+            continue
+        ids = [i for i in np.unique(parcel[ok]) if (ok & (parcel == i)).sum() >= 20]
+        if len(ids) >= 4:
+            pv = [(ndvi(r, ok & (parcel == i)), float(np.mean(vh[ok & (parcel == i)]))) for i in ids]
+            corr.append(np.corrcoef(np.array(pv).T)[0, 1])
+    assert len(corr) >= 5
+    assert np.median(corr) > 0.3, corr
+
+
 def test_era5_temperature_falls_with_latitude_and_elevation(tiles):
     lat = np.array([abs(q.lat) for q, _ in tiles])
     elev = np.array([np.mean(r.arrays["dem"][0]) for _, r in tiles])

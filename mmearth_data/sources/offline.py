@@ -39,7 +39,9 @@ machines with the same numpy. What is grounded in real layers and what is modell
 - **Sentinel-1**: per-class VV backscatter and VV-VH ratio (VV above VH), soil moisture from the
   month's rain, vegetation volume scattering from greenness, local incidence angle from terrain and the
   orbit's look direction, layover and radar shadow on slopes steeper than the incidence angle (or its
-  complement), each parcel its own roughness, roads dark; gamma speckle drawn at the sensor's 20 m
+  complement), each parcel its own roughness, and on farmland each parcel's biomass as its crop or grass
+  shows it in Sentinel-2 (VH up about 5 dB from bare soil to full canopy, VV a little, the soil's
+  roughness damped under the canopy, as crop monitoring with Sentinel-1 measures), roads dark; gamma speckle drawn at the sensor's 20 m
   resolution and interpolated to 10 m (lag-1 correlation about 0.8, as in real GRD patches).
   Ascending / descending scenes are each missing on some tiles, HH/HV replace VV/VH near the poles, as
   in the real archive.
@@ -250,7 +252,7 @@ class OfflineSource:
     # (2: DEM on GLO-30's 30 m grid, relief scaled to real terrain; 3: landscape structure, label products,
     # clouds by climate, correlated speckle, terrain k^-3; 4: farmland crop or grass per parcel, spring-
     # and autumn-sown crop calendars, a river's path always water)
-    version = "4"
+    version = "5"
 
     def __init__(
         self, seed: int = 0, world: World | None = None, l2a_from: str = "2019-01-01",
@@ -630,17 +632,25 @@ class OfflineSource:
         """Sentinel-1 backscatter of each orbit direction present: class, moisture, terrain,
         speckle."""
         (
-            P_m, P_prev, S, aridity, cls, crop, dzdx, dzdy, fieldish, g, par_rough, parcel, rng, road, t
+            P_m, P_prev, S, aridity, cls, crop, crop_state, dzdx, dzdy, fieldish, g, meadow, par_rough,
+            par_state, parcel, rng, road, t
         ) = st.get(
-            "P_m P_prev S aridity cls crop dzdx dzdy fieldish g par_rough parcel rng road t"
+            "P_m P_prev S aridity cls crop crop_state dzdx dzdy fieldish g meadow par_rough par_state parcel "
+            "rng road t"
         )  # fmt: skip
         smi = float(np.clip((P_m + P_prev) / 240.0, 0, 1))
         vv = S1_VV[cls] + np.where(cls == C["bare"], -3.0 * aridity, 0.0)
         moist = ~np.isin(cls, [C["water"], C["built"], C["snow"]])
         vv = vv + np.where(moist, 2.5 * (smi - 0.4), 0.0)
-        vv = vv + np.where(fieldish, par_rough[parcel], 0.0)  # each parcel its roughness and moisture
+        # farmland: each parcel's biomass, the canopy Sentinel-2 shows (crop state, the meadow's green),
+        # raises VH by volume scattering and VV a little, and hides the soil's roughness beneath it
+        bio = np.where(crop, crop_state, 0.0)
+        bio = np.where(meadow, g * (0.6 + 0.4 * par_state[parcel]), bio) * fieldish
+        rough = par_rough[parcel] * (1 - 0.6 * bio)
+        vv = vv + np.where(fieldish, rough + 1.0 * bio, 0.0)  # each parcel its roughness and moisture
         vv = np.where(road, -16.0, vv)  # smooth asphalt reflects away from the sensor
-        vh = vv - S1_RATIO[cls] + np.where(VEG_CLASSES[cls] | crop, 2.0 * g, 0.0)
+        vol = np.where(fieldish, 5.0 * bio - 3.0, np.where(VEG_CLASSES[cls] | crop, 2.0 * g, 0.0))
+        vh = vv - S1_RATIO[cls] + vol
         s1 = np.full((8, S, S), np.nan, np.float32)
         polar = rng.random() < (0.7 if abs(t.lat) >= 70 else 0.02)
         orbits_present = {}
