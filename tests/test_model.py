@@ -748,7 +748,8 @@ def test_paper_bench_refuses_a_store_of_another_offline_world(tmp_path, tiny_sto
     build = dict(g.attrs["build"])
     build["config"] = {**build["config"], "source_version": "0"}
     g.attrs["build"] = build
-    with pytest.raises(SystemExit, match=f"offline world version 0, this code draws version {OfflineSource.version}"):
+    expected = f"offline world version 0, this code draws version {OfflineSource.version}"
+    with pytest.raises(SystemExit, match=expected):
         paper.corpus(args)
     assert store.exists()  # refused, not deleted
 
