@@ -43,8 +43,8 @@ machines with the same numpy. What is grounded in real layers and what is modell
   shows it in Sentinel-2 (VH up about 5 dB from bare soil to full canopy, VV a little, the soil's
   roughness damped under the canopy, as crop monitoring with Sentinel-1 measures), roads dark; gamma
   speckle drawn at the sensor's 20 m resolution and interpolated to 10 m (lag-1 correlation about 0.8,
-  as in real GRD patches). Ascending / descending scenes are each missing on some tiles, HH/HV replace VV/VH near the poles, as
-  in the real archive.
+  as in real GRD patches). Ascending / descending scenes are each missing on some tiles, HH/HV replace
+  VV/VH near the poles, as in the real archive.
 - **Canopy height**: from tree cover with a biome-typical height, shrubs a few metres, water no data.
 - **ERA5**: the climatology for the S2 month, the month before and the 12 months ending with it,
   plus a year anomaly shared by all tiles of a 5 deg block; monthly min/max from a diurnal range that
