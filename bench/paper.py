@@ -52,13 +52,19 @@ def corpus(args) -> str:
         except Exception:  # an interrupted build: resume it
             done = False
     if done:
-        built = CorpusReader(store).attrs["build"]["config"].get("source_version")
-        _same_world(store, built)
+        _same_world(store, _world_version(store))
     else:
         build_in_process(
             BuildConfig(store=store, n_tiles=args.tiles, tile_size=args.tile_size, seed=args.seed)
         )
     return store
+
+
+def _world_version(store: str) -> str | None:
+    """The offline world version the corpus was drawn by (its build record)."""
+    from mmearth_data.store import CorpusReader
+
+    return CorpusReader(store).attrs["build"]["config"].get("source_version")
 
 
 def _same_world(path: str | Path, built: str | None) -> None:
@@ -157,6 +163,7 @@ def run(args) -> dict:
     return {
         "corpus": {
             "source": "offline",
+            "world_version": _world_version(store),
             "tiles": args.tiles,
             "tile_size": args.tile_size,
             "seed": args.seed,
@@ -254,8 +261,9 @@ def write(result: dict, out: Path, args) -> None:
 
 `python bench/paper.py {" ".join(sys.argv[1:])}`: written by the script; do not edit by hand.
 
-- Corpus: {c["tiles"]} offline tiles of {c["tile_size"]} px (world seed {c["seed"]}); downstream tasks from
-  {c["task_tiles"]} tiles of the held-out blocks (`fields` classes balanced).
+- Corpus: {c["tiles"]} offline tiles of {c["tile_size"]} px (world version {c.get("world_version", "?")}, seed
+  {c["seed"]}); downstream tasks from {c["task_tiles"]} tiles of the held-out blocks (`fields` classes
+  balanced).
 - Budget per pretrained encoder: {b["model"]}, {b["img_size"]} px crops, batch {b["batch_size"]},
   {b["steps"]} steps, blr {b["blr"]}, on {b["device"]}. Random init is the same encoder untrained.
 - Protocol: frozen encoder, linear probe (L2 chosen on val, scored on test); mean ± standard deviation
