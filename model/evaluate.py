@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,8 +341,9 @@ def finetune_task(
         return metric(task, torch.cat(zs), torch.cat(ys))
 
     step, best_val, best_test = 0, -1.0, 0.0
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = rng.permutation(train)
+        t0, losses = time.time(), []
         for a in range(0, len(order), r["batch"]):
             x, y = source.read(np.sort(order[a : a + r["batch"]]))
             cur = lr_at(step, total, warm, lr, r["min_lr"])
@@ -351,10 +353,14 @@ def finetune_task(
             opt.zero_grad()
             loss.backward()
             opt.step()
+            losses.append(float(loss))
             step += 1
         v = score(va)
         if v > best_val:
             best_val, best_test = v, score(te)
+        # fine-tuning takes minutes per epoch on a CPU: one line per epoch shows it moving
+        line = f"finetune {task.name} seed {seed}: epoch {epoch + 1}/{epochs} loss {np.mean(losses):.4f}"
+        print(f"{line} val {task.metric} {v:.3f} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     return best_test
 
 

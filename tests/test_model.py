@@ -598,6 +598,8 @@ def test_downstream_tasks_come_from_held_out_blocks_and_evaluate(tmp_path, small
                           "--json", str(ft)]) == 0  # fmt: skip
     rows = json.loads(ft.read_text())["rows"]
     assert len(rows) == 3 and all(r["protocol"] == "finetune" and 0 <= r["mean"] <= 1 for r in rows)
+    progress = capsys.readouterr().err
+    assert "finetune fields seed 0: epoch 1/1 loss" in progress and "val miou" in progress
 
 
 def test_task_labels_come_from_the_parcels_the_tile_shows():
