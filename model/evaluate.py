@@ -353,13 +353,14 @@ def finetune_task(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.detach())  # read once per epoch: no device sync per step
             step += 1
         v = score(va)
         if v > best_val:
             best_val, best_test = v, score(te)
         # fine-tuning takes minutes per epoch on a CPU: one line per epoch shows it moving
-        line = f"finetune {task.name} seed {seed}: epoch {epoch + 1}/{epochs} loss {np.mean(losses):.4f}"
+        mean_loss = float(torch.stack(losses).mean())
+        line = f"finetune {task.name} seed {seed}: epoch {epoch + 1}/{epochs} loss {mean_loss:.4f}"
         print(f"{line} val {task.metric} {v:.3f} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     return best_test
 

@@ -706,13 +706,20 @@ def test_device_normalisation_equals_the_loaders(tmp_path, small_store):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_paper_bench_refuses_a_run_of_another_corpus(tmp_path):
-    import argparse
+def _paper_bench():
+    """bench/paper.py as a module (bench/ is not a package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("paper_bench", "bench/paper.py")
     paper = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(paper)
+    return paper
+
+
+def test_paper_bench_refuses_a_run_of_another_corpus(tmp_path):
+    import argparse
+
+    paper = _paper_bench()
     run = tmp_path / "run_all_700"
     run.mkdir()
     saved = {"store": "work/corpus_2048_64_s1.zarr", "model": "atto", "img_size": 56, "blr": 0.01,
@@ -731,16 +738,13 @@ def test_paper_bench_refuses_a_run_of_another_corpus(tmp_path):
 
 def test_paper_bench_refuses_a_store_of_another_offline_world(tmp_path, tiny_store):
     import argparse
-    import importlib.util
     import shutil
 
     import zarr
 
     from mmearth_data.sources.offline import OfflineSource
 
-    spec = importlib.util.spec_from_file_location("paper_bench", "bench/paper.py")
-    paper = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(paper)
+    paper = _paper_bench()
     n = zarr.open_group(tiny_store, mode="r").attrs["n_tiles"]
     store = tmp_path / f"corpus_{n}_32_s1.zarr"
     shutil.copytree(tiny_store, store)

@@ -645,7 +645,7 @@ class OfflineSource:
         # farmland: each parcel's biomass, the canopy Sentinel-2 shows (crop state, the meadow's green),
         # raises VH by volume scattering and VV a little, and hides the soil's roughness beneath it
         bio = np.where(crop, crop_state, 0.0)
-        bio = np.where(meadow, g * (0.6 + 0.4 * par_state[parcel]), bio) * fieldish
+        bio = np.where(meadow, g * (0.6 + 0.4 * par_state[parcel]), bio)  # read on farmland only
         rough = par_rough[parcel] * (1 - 0.6 * bio)
         vv = vv + np.where(fieldish, rough + 1.0 * bio, 0.0)  # each parcel its roughness and moisture
         vv = np.where(road, -16.0, vv)  # smooth asphalt reflects away from the sensor
