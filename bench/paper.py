@@ -3,6 +3,7 @@
     python bench/paper.py                       # CPU budget (documented below), about an hour on 2 cores
     python bench/paper.py --device cuda --steps 6000 --batch-size 256 --out docs/results/gpu
     python bench/paper.py --runs s2=runs/a,all=runs/b   # evaluate existing runs instead of pretraining
+    python bench/paper.py --pretrain-seeds 2            # two pretraining runs per encoder (twice the cost)
 
 Data flow: an offline corpus (``--tiles`` tiles of ``--tile-size`` px, world seed ``--seed``; built once
 into ``--work``) -> two pretraining runs with the same budget (``--steps`` optimizer steps of
@@ -10,8 +11,10 @@ into ``--work``) -> two pretraining runs with the same budget (``--steps`` optim
 (``--pretext s2``) and one with every modality (``--pretext all``); the randomly initialised encoder
 of the same size is the third -> the downstream tasks of ``mmearth tasks build`` (``--task-tiles``
 held-out tiles, the ``fields`` classes balanced) -> ``model.evaluate``'s linear probe at 1, 5, 50 and
-100 % of the train labels with ``--seeds`` seeds -> ``paper.json``, a table in ``README.md`` and
-``label_efficiency.png`` in ``--out`` (default ``docs/results``).
+100 % of the train labels with ``--seeds`` seeds (with ``--pretrain-seeds K``, each pretrained encoder is
+K runs, seeds 0..K-1, whose probe results are pooled, so the spread covers the pretraining seed) ->
+``paper.json``, a table in ``README.md`` and ``label_efficiency.png`` in ``--out`` (default
+``docs/results``).
 
 Runs and stores in ``--work`` are reused when they are complete (a pretraining run resumes), so an
 interrupted benchmark picks up where it stopped.
@@ -105,21 +108,25 @@ def _complete_tasks(path: Path) -> bool:
         return False
 
 
-def pretrain(args, store: str, pretext: str) -> str:
+def pretrain(args, store: str, pretext: str, seed: int = 0) -> str:
+    """The run directory of ``pretext`` pretrained with pretraining seed ``seed`` (``run_<pretext>_<steps>``,
+    ``_seed<k>`` added for k > 0): reused when complete, resumed when not, refused when it holds other
+    settings."""
     from model.pretrain import build_parser, read_state
     from model.pretrain import main as pretrain_main
 
-    out = Path(args.work) / f"run_{pretext}_{args.steps}"
+    out = Path(args.work) / (f"run_{pretext}_{args.steps}" + (f"_seed{seed}" if seed else ""))
     argv = ["--store", store, "--out", str(out), "--model", args.model, "--img-size", str(args.img_size),
             "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--blr", str(args.blr),
             "--pretext", pretext, "--device", args.device, "--workers", str(args.workers),
-            "--seed", "0", "--no-progress"]  # fmt: skip
+            "--seed", str(seed), "--no-progress"]  # fmt: skip
     if (out / "state.pt").exists():
         state = read_state(out / "state.pt")
         saved = json.loads(state["args"])
+        saved.setdefault("seed", 0)
         asked = {"store": store, "model": args.model, "img_size": args.img_size, "blr": args.blr,
                  "batch_size": args.batch_size, "pretext": pretext,
-                 "weight_lr": build_parser().get_default("weight_lr")}  # fmt: skip
+                 "weight_lr": build_parser().get_default("weight_lr"), "seed": seed}  # fmt: skip
         differ = [f"{k}: {saved.get(k)} there, {v} asked" for k, v in asked.items() if saved.get(k) != v]
         if differ:
             raise SystemExit(
@@ -142,22 +149,27 @@ def run(args) -> dict:
     store = args.store or corpus(args)
     task_store = args.tasks or tasks(args)
     t_data = time.time() - t0
-    runs = dict(kv.split("=", 1) for kv in args.runs.split(",")) if args.runs else {}
+    pairs = [kv.split("=", 1) for kv in args.runs.split(",")] if args.runs else []
+    runs = {enc: dirs.split("+") for enc, dirs in pairs}
     timings = {"data_s": round(t_data, 1)}
     for enc in ("s2", "all"):
         if enc not in runs:
-            runs[enc] = pretrain(args, store, enc)
-        # the sum of the run's logged step times: what it cost, also when it was reused or resumed
-        timings[f"pretrain_{enc}_s"] = round(_logged_train_seconds(runs[enc]), 1)
+            runs[enc] = [pretrain(args, store, enc, seed) for seed in range(args.pretrain_seeds)]
+        # the sum of the runs' logged step times: what they cost, also when reused or resumed
+        timings[f"pretrain_{enc}_s"] = round(sum(_logged_train_seconds(r) for r in runs[enc]), 1)
+    n_runs = len(runs["s2"])
+    if len(runs["all"]) != n_runs:
+        raise SystemExit(f"--runs: {n_runs} S2-only run(s) but {len(runs['all'])} all-modality; give as many")
     rows = []
     t = time.time()
     for enc in ENCODERS:
-        res = evaluate(task_store, runs["all" if enc == "random" else enc], store=store,
-                       fractions=FRACTIONS, seeds=args.seeds, random_init=enc == "random")  # fmt: skip
-        for r in res["rows"]:
-            rows.append(
-                {k: r[k] for k in ("task", "fraction", "metric", "mean", "std", "seeds")} | {"encoder": enc}
-            )
+        if enc == "random":  # one initialisation per probe seed: as many as the pretrained encoders have
+            results = [evaluate(task_store, runs["all"][0], store=store, fractions=FRACTIONS,
+                                seeds=args.seeds * n_runs, random_init=True)]  # fmt: skip
+        else:
+            results = [evaluate(task_store, run, store=store, fractions=FRACTIONS, seeds=args.seeds)
+                       for run in runs[enc]]  # fmt: skip
+        rows += [r | {"encoder": enc} for r in pool([res["rows"] for res in results])]
         print(f"evaluated {enc} ({time.time() - t:.0f} s)", flush=True)
     timings["evaluate_s"] = round(time.time() - t, 1)
     return {
@@ -177,6 +189,7 @@ def run(args) -> dict:
             "steps": args.steps,
             "blr": args.blr,
             "device": args.device,
+            "pretrain_seeds": n_runs,
             "runs": runs,
         },  # fmt: skip
         "timings": timings,
@@ -196,6 +209,20 @@ def _logged_train_seconds(run: str) -> float:
         return sum(
             batch / float(r["samples_per_s"]) for r in csv.DictReader(f) if float(r["samples_per_s"]) > 0
         )
+
+
+def pool(row_sets: list[list[dict]]) -> list[dict]:
+    """Rows of several pretraining runs of one encoder (one list per run, the same tasks and fractions
+    in the same order) as one row each: mean and standard deviation over every run's probe seeds, so the
+    spread holds the pretraining seed's share as well as the probe's."""
+    out = []
+    for same in zip(*row_sets, strict=True):
+        vals = [v for r in same for v in r["values"]]
+        r0 = same[0]
+        out.append({k: r0[k] for k in ("task", "fraction", "metric")}
+                   | {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "seeds": len(vals),
+                      "runs": len(same)})  # fmt: skip
+    return out
 
 
 def margin(rows: list[dict], task: str = "fields") -> float:
@@ -256,6 +283,13 @@ def write(result: dict, out: Path, args) -> None:
     plot(result["rows"], out / "label_efficiency.png")
     b, c, tm = result["budget"], result["corpus"], result["timings"]
     total = sum(tm.values())
+    n_runs = b.get("pretrain_seeds", 1)
+    spread = (
+        f"; each pretrained encoder is {n_runs} pretraining runs of {args.seeds} probe seeds each, pooled, "
+        "so the spread covers the pretraining seed too"
+        if n_runs > 1
+        else "; one pretraining run per encoder, so the spread is the probe's alone"
+    )
     parts = [f"{k} {v:.0f}" + (" (stores reused)" if k == "data_s" and v < 5 else "") for k, v in tm.items()]
     text = f"""# MMEarth's experiment on the offline world
 
@@ -267,8 +301,8 @@ def write(result: dict, out: Path, args) -> None:
 - Budget per pretrained encoder: {b["model"]}, {b["img_size"]} px crops, batch {b["batch_size"]},
   {b["steps"]} steps, blr {b["blr"]}, on {b["device"]}. Random init is the same encoder untrained.
 - Protocol: frozen encoder, linear probe (L2 chosen on val, scored on test); mean ± standard deviation
-  over {result["rows"][0]["seeds"]} seeds (a train subset per seed below 100 %, a bootstrap resample of
-  the train split at 100 %, and for random init one initialisation per seed).
+  over {result["rows"][0]["seeds"]} values per cell (a train subset per probe seed below 100 %, a bootstrap
+  resample of the train split at 100 %, and for random init one initialisation per seed){spread}.
 - Time: {total / 60:.0f} min ({", ".join(parts)}; pretraining as the sum of its logged steps).
 
 {table(result["rows"])}
@@ -296,11 +330,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blr", type=float, default=0.01)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--runs", help="evaluate these runs instead of pretraining: s2=DIR,all=DIR")
+    ap.add_argument("--seeds", type=int, default=3, help="probe seeds per pretrained encoder")
+    ap.add_argument("--pretrain-seeds", type=int, default=1,
+                    help="pretraining runs per encoder (seeds 0..K-1); the spread then covers them too, and "
+                    "pretraining costs K times as much")  # fmt: skip
+    ap.add_argument(
+        "--runs", help="evaluate these runs instead of pretraining: s2=DIR[+DIR..],all=DIR[+DIR..]"
+    )
     ap.add_argument("--store", help="an existing corpus instead of building one in --work")
     ap.add_argument("--tasks", help="an existing task store instead of building one in --work")
     args = ap.parse_args(argv)
+    if args.pretrain_seeds < 1 or args.seeds < 1:
+        ap.error("--seeds and --pretrain-seeds take a positive number")
     result = run(args)
     write(result, Path(args.out), args)
     print(table(result["rows"]))

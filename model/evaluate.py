@@ -389,8 +389,8 @@ def evaluate(tasks: str, run: str, store: str | None = None, fractions=(1.0,), s
              epochs: int = FINETUNE_RECIPE["epochs"], geobench_dir: str | None = None,
              stage: int | None = None) -> dict:  # fmt: skip
     """Every task of every source in ``tasks`` (comma-separated task stores and ``geobench:<name>``) at
-    every fraction, ``seeds`` times; rows of mean and standard deviation. ``stage``: probe that stage's
-    features instead of the final stage's (linear probing only)."""
+    every fraction, ``seeds`` times; rows of mean, standard deviation and the seeds' values. ``stage``:
+    probe that stage's features instead of the final stage's (linear probing only)."""
     enc0, args = load_encoder(run, random_init)
     if stage is not None and (finetune or not 0 <= stage < len(enc0.stages)):
         raise CheckpointError(
@@ -428,6 +428,7 @@ def evaluate(tasks: str, run: str, store: str | None = None, fractions=(1.0,), s
                     {"task": task.name, "encoder": "random" if random_init else run, "fraction": frac,
                      "protocol": "finetune" if finetune else "linear", "metric": task.metric,
                      "mean": float(np.mean(vals)), "std": float(np.std(vals)), "seeds": seeds,
+                     "values": [float(v) for v in vals],
                      "stage": len(enc0.stages) - 1 if stage is None else stage}
                 )  # fmt: skip
     return {"tasks": tasks, "run": run, "model": args["model"], "img_size": img, "rows": rows}

@@ -583,6 +583,9 @@ def test_downstream_tasks_come_from_held_out_blocks_and_evaluate(tmp_path, small
         ("boundaries", "miou"),
     }
     assert len(rows) == 6 and all(0.0 <= r["mean"] <= 1.0 and r["seeds"] == 2 for r in rows)
+    for r in rows:  # each seed's score kept, so that runs can be pooled (bench/paper.py --pretrain-seeds)
+        assert len(r["values"]) == 2 and r["mean"] == pytest.approx(np.mean(r["values"]))
+        assert r["std"] == pytest.approx(np.std(r["values"]))
     assert {r["stage"] for r in rows} == {3}  # the final stage
     assert evaluate_main(["--tasks", tasks, "--run", out, "--fraction", "2"]) == 2
     early = tmp_path / "stage0.json"
@@ -783,3 +786,33 @@ def test_uncertainty_weights_reach_their_balance_at_their_own_learning_rate():
             assert all(abs(w[n] * losses[n] - 1) < 0.1 for n in w), w
         else:  # on the schedule's lr they barely move
             assert all(abs(np.log(w[n])) < 0.16 for n in w), w
+
+
+def test_paper_bench_pools_pretraining_seeds_and_names_their_runs(tmp_path):
+    import argparse
+
+    paper = _paper_bench()
+    a = [{"task": "fields", "fraction": 1.0, "metric": "accuracy", "values": [0.30, 0.32, 0.31]}]
+    b = [{"task": "fields", "fraction": 1.0, "metric": "accuracy", "values": [0.26, 0.28, 0.27]}]
+    (row,) = paper.pool([a, b])
+    vals = [0.30, 0.32, 0.31, 0.26, 0.28, 0.27]
+    assert row["seeds"] == 6 and row["runs"] == 2
+    assert row["mean"] == pytest.approx(np.mean(vals)) and row["std"] == pytest.approx(np.std(vals))
+    # the runs' spread is in the pooled one: wider than either run's own
+    assert row["std"] > max(np.std(a[0]["values"]), np.std(b[0]["values"]))
+    with pytest.raises(ValueError):  # runs evaluated on different tasks or fractions
+        paper.pool([a, a + b])
+
+    saved = {"store": "s.zarr", "model": "atto", "img_size": 56, "blr": 0.01, "batch_size": 32,
+             "pretext": "s2", "weight_lr": 0.02}  # fmt: skip
+    args = argparse.Namespace(work=str(tmp_path), steps=700, model="atto", img_size=56, batch_size=32,
+                              blr=0.01, device="cpu", workers=0)  # fmt: skip
+    for seed, name in ((0, "run_s2_700"), (1, "run_s2_700_seed1")):
+        (tmp_path / name).mkdir()
+        torch.save({"step": torch.tensor(700), "args": json.dumps(saved | {"seed": seed})},
+                   tmp_path / name / "state.pt")  # fmt: skip
+        assert paper.pretrain(args, "s.zarr", "s2", seed) == str(tmp_path / name)
+    torch.save({"step": torch.tensor(700), "args": json.dumps(saved | {"seed": 0})},
+               tmp_path / "run_s2_700_seed1" / "state.pt")  # fmt: skip
+    with pytest.raises(SystemExit, match="seed: 0 there, 1 asked"):
+        paper.pretrain(args, "s.zarr", "s2", 1)
