@@ -217,8 +217,10 @@ def pool(row_sets: list[list[dict]]) -> list[dict]:
     spread holds the pretraining seed's share as well as the probe's."""
     out = []
     for same in zip(*row_sets, strict=True):
-        vals = [v for r in same for v in r["values"]]
         r0 = same[0]
+        if any((r["task"], r["fraction"]) != (r0["task"], r0["fraction"]) for r in same):
+            raise ValueError(f"runs evaluated on different tasks or fractions: {[r['task'] for r in same]}")
+        vals = [v for r in same for v in r["values"]]
         out.append({k: r0[k] for k in ("task", "fraction", "metric")}
                    | {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "seeds": len(vals),
                       "runs": len(same)})  # fmt: skip

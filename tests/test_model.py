@@ -802,6 +802,8 @@ def test_paper_bench_pools_pretraining_seeds_and_names_their_runs(tmp_path):
     assert row["std"] > max(np.std(a[0]["values"]), np.std(b[0]["values"]))
     with pytest.raises(ValueError):  # runs evaluated on different tasks or fractions
         paper.pool([a, a + b])
+    with pytest.raises(ValueError, match="different tasks or fractions"):  # same length, other fraction
+        paper.pool([a, [b[0] | {"fraction": 0.5}]])
 
     saved = {"store": "s.zarr", "model": "atto", "img_size": 56, "blr": 0.01, "batch_size": 32,
              "pretext": "s2", "weight_lr": 0.02}  # fmt: skip
