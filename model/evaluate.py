@@ -28,7 +28,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -387,10 +387,11 @@ def load_encoder(run: str | None, random_init: bool, seed: int = 0) -> tuple[Mas
 def evaluate(tasks: str, run: str, store: str | None = None, fractions=(1.0,), seeds: int = 3,
              random_init: bool = False, img: int | None = None, finetune: bool = False,
              epochs: int = FINETUNE_RECIPE["epochs"], geobench_dir: str | None = None,
-             stage: int | None = None) -> dict:  # fmt: skip
+             stage: int | None = None, only: Sequence[str] | None = None) -> dict:  # fmt: skip
     """Every task of every source in ``tasks`` (comma-separated task stores and ``geobench:<name>``) at
     every fraction, ``seeds`` times; rows of mean, standard deviation and the seeds' values. ``stage``:
-    probe that stage's features instead of the final stage's (linear probing only)."""
+    probe that stage's features instead of the final stage's (linear probing only). ``only``: the
+    names of the tasks to evaluate (default: every task of each source)."""
     enc0, args = load_encoder(run, random_init)
     if stage is not None and (finetune or not 0 <= stage < len(enc0.stages)):
         raise CheckpointError(
@@ -408,8 +409,13 @@ def evaluate(tasks: str, run: str, store: str | None = None, fractions=(1.0,), s
     rows = []
     for spec in [s for s in tasks.split(",") if s]:
         source = open_source(spec, stats_of, img, enc0.in_chans, geobench_dir)
+        names = [t.name for t in source.tasks]
+        if only and not set(only) & set(names):
+            raise CheckpointError(
+                f"--only {','.join(only)}: {spec} has the tasks {', '.join(names)}; name one or more of them"
+            )
         feats: dict[int, dict] = {}
-        for task in source.tasks:
+        for task in [t for t in source.tasks if not only or t.name in only]:
             for frac in fractions:
                 vals = []
                 for s in range(seeds):
@@ -455,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--epochs", type=int, default=FINETUNE_RECIPE["epochs"], help="fine-tuning epochs")
     ap.add_argument("--stage", type=int, help="probe this encoder stage's features (0-based; default: final)")
+    ap.add_argument("--only", help="evaluate only these tasks, comma-separated (default: every task)")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
     try:
@@ -469,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         out = evaluate(a.tasks, a.run, a.store, fractions, a.seeds, a.random_init, finetune=a.finetune,
-                       epochs=a.epochs, geobench_dir=a.geobench_dir, stage=a.stage)  # fmt: skip
+                       epochs=a.epochs, geobench_dir=a.geobench_dir, stage=a.stage,
+                       only=[t for t in (a.only or "").split(",") if t])  # fmt: skip
     except (GeoBenchError, CheckpointError) as err:
         print(f"error: {cli_terms(err)}", file=sys.stderr)
         return 2

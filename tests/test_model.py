@@ -596,6 +596,16 @@ def test_downstream_tasks_come_from_held_out_blocks_and_evaluate(tmp_path, small
     assert [r["stage"] for r in json.loads(early.read_text())["rows"]] == [0, 0, 0]
     assert evaluate_main(["--tasks", tasks, "--run", out, "--stage", "4"]) == 2
     assert "give a stage in 0..3" in capsys.readouterr().err
+    one = tmp_path / "fields.json"
+    assert (
+        evaluate_main(
+            ["--tasks", tasks, "--run", out, "--seeds", "1", "--only", "fields", "--json", str(one)]
+        )
+        == 0
+    )
+    assert [r["task"] for r in json.loads(one.read_text())["rows"]] == ["fields"]
+    assert evaluate_main(["--tasks", tasks, "--run", out, "--only", "crops"]) == 2
+    assert "has the tasks fields, objects, boundaries" in capsys.readouterr().err
     ft = tmp_path / "ft.json"
     assert evaluate_main(["--tasks", tasks, "--run", out, "--finetune", "--epochs", "1", "--seeds", "1",
                           "--json", str(ft)]) == 0  # fmt: skip
