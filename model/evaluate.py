@@ -166,15 +166,18 @@ def _grid(n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def stream_features(enc: MaskedConvNeXtV2, source, batch: int = 32, stage: int | None = None) -> dict:
+def stream_features(
+    enc: MaskedConvNeXtV2, source, batch: int = 32, stage: int | None = None, tasks: list[Task] | None = None
+) -> dict:
     """Read ``source`` batch by batch through the frozen encoder; keep each sample's pooled features and
-    labels, and for segmentation tasks the features bilinearly upsampled to a grid of pixels (sampled at
-    those pixels directly, never upsampled whole) with their labels. Features of the final stage, or of
-    ``stage`` (0-based)."""
+    the labels of ``tasks`` (default: the source's), and for segmentation tasks the features bilinearly
+    upsampled to a grid of pixels (sampled at those pixels directly, never upsampled whole) with their
+    labels. Features of the final stage, or of ``stage`` (0-based)."""
     enc.eval()
-    seg = [t for t in source.tasks if t.kind == "segmentation"]
+    tasks = source.tasks if tasks is None else tasks
+    seg = [t for t in tasks if t.kind == "segmentation"]
     pooled, pix = [], []
-    labels: dict[str, list] = {t.name: [] for t in source.tasks}
+    labels: dict[str, list] = {t.name: [] for t in tasks}
     for a in range(0, len(source), batch):
         x, y = source.read(np.arange(a, min(a + batch, len(source))))
         f = enc(x, stages=None if stage is None else stage + 1)
@@ -185,7 +188,7 @@ def stream_features(enc: MaskedConvNeXtV2, source, batch: int = 32, stage: int |
             pix.append(
                 F.grid_sample(f, grid, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
             )
-        for t in source.tasks:
+        for t in tasks:
             labels[t.name].append(
                 y[t.name][:, ry][:, :, rx].flatten(1) if t.kind == "segmentation" else y[t.name]
             )
@@ -406,16 +409,20 @@ def evaluate(tasks: str, run: str, store: str | None = None, fractions=(1.0,), s
     def encoder(seed: int) -> MaskedConvNeXtV2:  # random init: one initialisation per seed
         return load_encoder(run, True, seed)[0] if random_init else enc0
 
+    sources = [
+        open_source(spec, stats_of, img, enc0.in_chans, geobench_dir) for spec in tasks.split(",") if spec
+    ]
+    names = [t.name for src in sources for t in src.tasks]
+    unknown = [n for n in only or () if n not in names]
+    if unknown:  # checked before any work, against every source
+        raise CheckpointError(
+            f"--only {','.join(unknown)}: no such task; the sources have {', '.join(names)}"
+        )
     rows = []
-    for spec in [s for s in tasks.split(",") if s]:
-        source = open_source(spec, stats_of, img, enc0.in_chans, geobench_dir)
-        names = [t.name for t in source.tasks]
-        if only and not set(only) & set(names):
-            raise CheckpointError(
-                f"--only {','.join(only)}: {spec} has the tasks {', '.join(names)}; name one or more of them"
-            )
+    for source in sources:
+        chosen = [t for t in source.tasks if not only or t.name in only]
         feats: dict[int, dict] = {}
-        for task in [t for t in source.tasks if not only or t.name in only]:
+        for task in chosen:
             for frac in fractions:
                 vals = []
                 for s in range(seeds):
@@ -428,7 +435,7 @@ def evaluate(tasks: str, run: str, store: str | None = None, fractions=(1.0,), s
                     else:
                         key = s if random_init else 0
                         if key not in feats:
-                            feats[key] = stream_features(encoder(s), source, stage=stage)
+                            feats[key] = stream_features(encoder(s), source, stage=stage, tasks=chosen)
                         vals.append(probe_task(feats[key], task, source.split, train, s))
                 rows.append(
                     {"task": task.name, "encoder": "random" if random_init else run, "fraction": frac,

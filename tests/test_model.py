@@ -604,8 +604,10 @@ def test_downstream_tasks_come_from_held_out_blocks_and_evaluate(tmp_path, small
         == 0
     )
     assert [r["task"] for r in json.loads(one.read_text())["rows"]] == ["fields"]
-    assert evaluate_main(["--tasks", tasks, "--run", out, "--only", "crops"]) == 2
-    assert "has the tasks fields, objects, boundaries" in capsys.readouterr().err
+    assert evaluate_main(["--tasks", tasks, "--run", out, "--only", "fields,crops"]) == 2  # one misspelt
+    assert (
+        "--only crops: no such task; the sources have fields, objects, boundaries" in capsys.readouterr().err
+    )
     ft = tmp_path / "ft.json"
     assert evaluate_main(["--tasks", tasks, "--run", out, "--finetune", "--epochs", "1", "--seeds", "1",
                           "--json", str(ft)]) == 0  # fmt: skip
