@@ -111,7 +111,9 @@ for _igbp, _fr in {
 # reflectance spectra, bands B1 B2 B3 B4 B5 B6 B7 B8 B8A B9 B10 B11 B12
 SPEC = {
     "water": [0.070, 0.060, 0.050, 0.035, 0.025, 0.018, 0.015, 0.012, 0.010, 0.006, 0.001, 0.004, 0.003],
-    "green": [0.030, 0.035, 0.058, 0.034, 0.085, 0.200, 0.245, 0.270, 0.285, 0.255, 0.001, 0.160, 0.075],
+    # full canopy: the median of eodal's L2A farmland pixels with NDVI above 0.85 (Swiss plateau, May;
+    # B1 and B9, not in that stack, from B2 and from B8A less water-vapour absorption)
+    "green": [0.025, 0.027, 0.052, 0.026, 0.088, 0.300, 0.385, 0.420, 0.410, 0.350, 0.001, 0.140, 0.065],
     "dryveg": [0.050, 0.060, 0.082, 0.105, 0.138, 0.165, 0.178, 0.190, 0.205, 0.175, 0.001, 0.265, 0.190],
     "soil": [0.058, 0.072, 0.096, 0.120, 0.142, 0.158, 0.170, 0.182, 0.192, 0.175, 0.001, 0.275, 0.230],
     "sand": [0.140, 0.180, 0.240, 0.320, 0.360, 0.380, 0.400, 0.410, 0.420, 0.380, 0.002, 0.480, 0.420],
@@ -131,6 +133,9 @@ TRANS = np.array([0.75, 0.8, 0.85, 0.9, 0.92, 0.93, 0.94, 0.95, 0.95, 0.5, 0.05,
 S2_NOISE = np.array(
     [0.0015, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.002, 0.001, 0.0015, 0.0015], np.float32
 )
+
+# a crop's ground cover against its development (0 sown, 1 ripe): logistic, half cover at MID
+CROP_COVER_MID, CROP_COVER_WIDTH = 0.3, 0.08
 
 # native pixel size of the DEM (Copernicus GLO-30) in 10 m pixels
 DEM_NATIVE_FACTOR = 3
@@ -251,8 +256,9 @@ class OfflineSource:
     # what a tile's arrays are for a given (tile, seed); changes whenever the generator's output does
     # (2: DEM on GLO-30's 30 m grid, relief scaled to real terrain; 3: landscape structure, label products,
     # clouds by climate, correlated speckle, terrain k^-3; 4: farmland crop or grass per parcel, spring-
-    # and autumn-sown crop calendars, a river's path always water)
-    version = "5"
+    # and autumn-sown crop calendars, a river's path always water; 5: Sentinel-1 sees each parcel's
+    # biomass; 6: full canopy's spectrum measured on real farmland, crop cover logistic in development)
+    version = "6"
 
     def __init__(
         self, seed: int = 0, world: World | None = None, l2a_from: str = "2019-01-01",
@@ -497,7 +503,13 @@ class OfflineSource:
         # full canopy with the season; an autumn-sown one keeps a canopy whenever it is not frozen
         mild = float(_sigmoid(T_m / 2.0) * wet)
         winter_state = np.maximum(g, 0.7 * mild) * (0.5 + 0.5 * par_state)
-        crop_state = np.clip(np.where(par_winter, winter_state, g * par_state)[parcel], 0, 1)
+        dev = np.where(par_winter, winter_state, g * par_state)  # each parcel's development, 0-1
+        # the canopy's ground cover grows logistically with development: most parcels are bare or
+        # closed, few in between (real farmland's NDVI is bimodal in spring: eodal's May scene has a
+        # quarter of its pixels below 0.5 and half above 0.76)
+        lo, hi = _sigmoid(-CROP_COVER_MID / CROP_COVER_WIDTH), _sigmoid((1 - CROP_COVER_MID) / CROP_COVER_WIDTH)
+        cover = (_sigmoid((dev - CROP_COVER_MID) / CROP_COVER_WIDTH) - lo) / (hi - lo)
+        crop_state = np.clip(cover, 0, 1)[parcel].astype(np.float32)
         crop_state = np.where(par_kind[parcel] == 0, crop_state, 0.15 * crop_state)
         t_pix = T_m - 0.0065 * (z - elev0)
         snow = _sigmoid((-t_pix - 1.0) / 1.5).astype(np.float32)
