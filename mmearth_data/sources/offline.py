@@ -507,8 +507,9 @@ class OfflineSource:
         # the canopy's ground cover grows logistically with development: most parcels are bare or
         # closed, few in between (real farmland's NDVI is bimodal in spring: eodal's May scene has a
         # quarter of its pixels below 0.5 and half above 0.76)
-        lo, hi = _sigmoid(-CROP_COVER_MID / CROP_COVER_WIDTH), _sigmoid((1 - CROP_COVER_MID) / CROP_COVER_WIDTH)
-        cover = (_sigmoid((dev - CROP_COVER_MID) / CROP_COVER_WIDTH) - lo) / (hi - lo)
+        mid, width = CROP_COVER_MID, CROP_COVER_WIDTH
+        lo, hi = _sigmoid(-mid / width), _sigmoid((1 - mid) / width)
+        cover = (_sigmoid((dev - mid) / width) - lo) / (hi - lo)
         crop_state = np.clip(cover, 0, 1)[parcel].astype(np.float32)
         crop_state = np.where(par_kind[parcel] == 0, crop_state, 0.15 * crop_state)
         t_pix = T_m - 0.0065 * (z - elev0)
