@@ -271,6 +271,27 @@ def test_a_modality_the_offline_world_does_not_model_is_delivered_absent():
     assert payload_problem(res, mods, 32) is None
 
 
+def test_crop_parcels_are_bare_or_closed_canopy_in_the_growing_season(tiles):
+    # a crop's ground cover grows logistically: in season most parcels are bare soil or closed canopy,
+    # few in between, and a closed canopy is as green as real farmland's (NDVI above 0.85, the median
+    # full-canopy spectrum of a real May L2A scene); a linear cover would spread them evenly
+    from mmearth_data.sources.offline import C
+
+    per_parcel = []
+    for _, r in tiles:
+        st = r.extra["structure"]
+        if st["greenness"] < 0.5 or r.s2_product != "L2A":
+            continue
+        ok = clear(r) & (st["parcel"] >= 0) & (st["classes"] == C["crops"])
+        for i in np.unique(st["parcel"][ok]):
+            if (ok & (st["parcel"] == i)).sum() >= 20:
+                per_parcel.append(ndvi(r, ok & (st["parcel"] == i)))
+    v = np.array(per_parcel)
+    assert len(v) >= 50
+    assert ((v > 0.45) & (v < 0.75)).mean() < 0.25, np.percentile(v, [10, 50, 90])
+    assert (v > 0.85).mean() > 0.08 and (v < 0.4).mean() > 0.25, np.percentile(v, [10, 50, 90])
+
+
 def test_task_landscapes_draw_field_sizes_independent_of_the_biome():
     """The pretraining world sizes parcels by biome; ``field_sizes`` (the downstream tasks' landscapes)
     draws them in the given range wherever the tile is, and changes nothing else about the call."""

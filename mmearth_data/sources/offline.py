@@ -20,15 +20,17 @@ machines with the same numpy. What is grounded in real layers and what is modell
   placed with spatially smooth fields so that water sits in low terrain, crops on flat land, snow high,
   bare rock on steep slopes; then the landscape's objects (``landscape.py``): rectangular field
   parcels sized by biome with their own crop (crops or grass for the whole parcel; spring-sown, from bare
-  soil to canopy with the season, or autumn-sown, green whenever it is mild), growth stage, brightness
-  and within-field texture,
+  soil to canopy with the season, or autumn-sown, green whenever it is mild; the ground cover logistic in
+  the crop's development, so that most parcels are bare or closed, as on real farmland), growth stage,
+  brightness and within-field texture,
   hedgerows, roads and tracks, a river down the DEM that ends in a lake at a pit, roof and canopy
   texture.
 - **Label products**: WorldCover as an independent 2020 map (crop rotation between the tile's year
   and 2020, patchy classification errors at about its documented accuracy, a 3 x 3 majority filter);
   Dynamic World as the mode of six per-date classifications with confusion (crops bare, snow on the
   winter dates). They agree on about two thirds of the pixels, as the real products do.
-- **Sentinel-2**: class spectra (water dark in NIR and SWIR, vegetation red edge, snow bright in the
+- **Sentinel-2**: class spectra (water dark in NIR and SWIR, vegetation red edge with a full canopy's
+  spectrum measured on real L2A farmland, snow bright in the
   visible and dark in SWIR) mixed by a greenness that follows the month's temperature and rain,
   seasonal snow below -1 C (lapse-corrected per pixel), Lambertian terrain illumination for the scene's
   sun position, the MSI's point spread (mixed pixels at boundaries), sensor noise from its SNR; clouds
