@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(PY) bench/catalog.py
 	$(PY) bench/ee_sim.py
 	$(PY) bench/realism.py
+	$(PY) bench/farmland.py
 	$(PY) bench/scale.py
 
 ## regenerate the committed offline world layers (maintainers; needs the network to PyPI)
