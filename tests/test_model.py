@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -615,6 +616,16 @@ def test_downstream_tasks_come_from_held_out_blocks_and_evaluate(tmp_path, small
     assert len(rows) == 3 and all(r["protocol"] == "finetune" and 0 <= r["mean"] <= 1 for r in rows)
     progress = capsys.readouterr().err
     assert "finetune fields seed 0: epoch 1/1 loss" in progress and "val miou" in progress
+    # bench/ceiling.py: a supervised network from scratch beside the linear probes, on the probes' inputs
+    ceiling = _bench("ceiling")
+    assert ceiling.main(["--tasks", tasks, "--run", out, "--epochs", "2", "--seeds", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "input (12, 56, 56)" in printed and "| plain CNN, from scratch | supervised, 2 epochs" in printed
+    assert "| atto, random init" in printed and "| atto, pretrained" in printed
+    assert re.search(r"^bench: ceiling fields_headroom=-?[0-9.]+ target=0.1 .* (ok|short)$", printed, re.M)
+    with pytest.raises(SystemExit):
+        ceiling.main(["--tasks", str(tmp_path / "none.zarr"), "--run", out])
+    assert "no task store there" in capsys.readouterr().err
 
 
 def test_task_labels_come_from_the_parcels_the_tile_shows():
@@ -721,14 +732,18 @@ def test_device_normalisation_equals_the_loaders(tmp_path, small_store):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def _paper_bench():
-    """bench/paper.py as a module (bench/ is not a package)."""
+def _bench(name: str):
+    """bench/<name>.py as a module (bench/ is not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("paper_bench", "bench/paper.py")
-    paper = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(paper)
-    return paper
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", f"bench/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _paper_bench():
+    return _bench("paper")
 
 
 def test_paper_bench_refuses_a_run_of_another_corpus(tmp_path):
