@@ -620,7 +620,7 @@ def test_downstream_tasks_come_from_held_out_blocks_and_evaluate(tmp_path, small
     ceiling = _bench("ceiling")
     assert ceiling.main(["--tasks", tasks, "--run", out, "--epochs", "2", "--seeds", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "input (12, 56, 56)" in printed and "| plain CNN, from scratch | supervised, 2 epochs" in printed
+    assert "input (12, 32, 32)" in printed and "| plain CNN, from scratch | supervised, 2 epochs" in printed
     assert "| atto, random init" in printed and "| atto, pretrained" in printed
     assert re.search(r"^bench: ceiling fields_headroom=-?[0-9.]+ target=0.1 .* (ok|short)$", printed, re.M)
     with pytest.raises(SystemExit):

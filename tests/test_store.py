@@ -405,6 +405,38 @@ def test_the_committed_tiny_store_is_valid_and_what_its_script_writes(tiny_store
     assert fresh.array_names == committed.array_names, stale
     for name in sorted(fresh.array_names):
         a, b = fresh.read([name], 0, None)[name], committed.read([name], 0, None)[name]
-        assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), f"{name}: {stale}"
-    assert fresh.statistics == committed.statistics, stale
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{name}: {stale}"
+        if name == "checksum":  # of the arrays below; the committed ones are verified by validate_store
+            continue
+        assert _same_but_rounding(name, a, b), f"{name}: {stale}"
+    assert _flat(fresh.statistics).keys() == _flat(committed.statistics).keys(), stale
+    assert _flat(fresh.statistics) == pytest.approx(_flat(committed.statistics), rel=1e-6, nan_ok=True), stale
     assert fresh.modalities == committed.modalities, stale
+
+
+def _same_but_rounding(name: str, a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal, except where the offline world's floating point may round differently on another CPU:
+    numpy picks its exp/log/sin kernels by instruction set (AVX2, AVX-512), whose results can differ in
+    the last bit. So float rasters may differ by a few of their own rounding steps (in a derived band
+    such as the DEM's slope, relative to the array's largest value), quantised Sentinel-2 by one count;
+    NaN patterns, classes, masks, flags and strings must match exactly."""
+    if a.dtype.kind == "f":
+        if not np.array_equal(np.isnan(a), np.isnan(b)):
+            return False
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        ok = ~np.isnan(b64)
+        eps = float(np.finfo(a.dtype).eps)
+        tol = 4 * eps * np.abs(b64[ok]) + 1e-6 * float(np.abs(b64[ok]).max(initial=0.0))
+        return bool((np.abs(a64[ok] - b64[ok]) <= tol).all())
+    if name == "sentinel2":
+        return bool((np.abs(a.astype(np.int32) - b.astype(np.int32)) <= 1).all())
+    return bool(np.array_equal(a, b))
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    """A nested dict of statistics as {"a/b/c": number}."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}/{key}").items()}
+    if isinstance(tree, list):
+        return {k: v for i, sub in enumerate(tree) for k, v in _flat(sub, f"{prefix}[{i}]").items()}
+    return {prefix: tree}
