@@ -368,6 +368,11 @@ def finetune_task(
     return best_test
 
 
+class EvaluationError(ValueError):
+    """A request ``evaluate`` cannot carry out as given (a stage the encoder lacks, a task no source has);
+    raised before any work."""
+
+
 def load_encoder(run: str | None, random_init: bool, seed: int = 0) -> tuple[MaskedConvNeXtV2, dict]:
     state = read_state(Path(run) / "state.pt")
     try:
@@ -397,7 +402,7 @@ def evaluate(tasks: str, run: str, store: str | None = None, fractions=(1.0,), s
     names of the tasks to evaluate (default: every task of each source)."""
     enc0, args = load_encoder(run, random_init)
     if stage is not None and (finetune or not 0 <= stage < len(enc0.stages)):
-        raise CheckpointError(
+        raise EvaluationError(
             f"stage {stage}: give a stage in 0..{len(enc0.stages) - 1} of this encoder, for linear probing "
             "(fine-tuning trains the whole encoder)"
         )
@@ -415,7 +420,7 @@ def evaluate(tasks: str, run: str, store: str | None = None, fractions=(1.0,), s
     names = [t.name for src in sources for t in src.tasks]
     unknown = [n for n in only or () if n not in names]
     if unknown:  # checked before any work, against every source
-        raise CheckpointError(
+        raise EvaluationError(
             f"--only {','.join(unknown)}: no such task; the sources have {', '.join(names)}"
         )
     rows = []
@@ -485,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         out = evaluate(a.tasks, a.run, a.store, fractions, a.seeds, a.random_init, finetune=a.finetune,
                        epochs=a.epochs, geobench_dir=a.geobench_dir, stage=a.stage,
                        only=[t for t in (a.only or "").split(",") if t])  # fmt: skip
-    except (GeoBenchError, CheckpointError) as err:
+    except (GeoBenchError, CheckpointError, EvaluationError) as err:
         print(f"error: {cli_terms(err)}", file=sys.stderr)
         return 2
     print("| task | metric | protocol | encoder | fraction | mean | std | seeds |")

@@ -548,6 +548,7 @@ def test_downstream_tasks_come_from_held_out_blocks_and_evaluate(tmp_path, small
 
     from flows.cli import main as cli_main
     from mmearth_data.store import strings
+    from model.evaluate import EvaluationError, evaluate
     from model.evaluate import main as evaluate_main
 
     tasks = str(tmp_path / "tasks.zarr")
@@ -609,6 +610,8 @@ def test_downstream_tasks_come_from_held_out_blocks_and_evaluate(tmp_path, small
     assert (
         "--only crops: no such task; the sources have fields, objects, boundaries" in capsys.readouterr().err
     )
+    with pytest.raises(EvaluationError, match="stage 7"):  # a bad request, not a bad checkpoint
+        evaluate(tasks, out, stage=7)
     ft = tmp_path / "ft.json"
     assert evaluate_main(["--tasks", tasks, "--run", out, "--finetune", "--epochs", "1", "--seeds", "1",
                           "--json", str(ft)]) == 0  # fmt: skip
