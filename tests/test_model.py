@@ -408,6 +408,21 @@ def test_masked_encoder_equals_the_sparse_reference_exactly(size, patch, img):
     assert not torch.equal(other, want)
 
 
+def test_pretext_bench_splits_a_patch_into_spectral_and_spatial_parts():
+    split_parts = _bench("pretext").split_parts
+    t = torch.randn(2, 12, 3, 4, 3, 4)
+    spectral, spatial = split_parts(t)
+    assert spectral.shape == (2, 3, 3)
+    assert torch.allclose(spectral + spatial, (t**2).mean(dim=(1, 3, 5)), atol=1e-6)  # an exact split
+    flat = t.mean(dim=(3, 5), keepdim=True).expand_as(t)  # each band constant within its patch
+    assert torch.allclose(split_parts(flat)[1], torch.zeros(2, 3, 3), atol=1e-6)
+    edge = torch.zeros(1, 12, 1, 4, 1, 4)
+    edge[..., :2] = 1.0
+    edge[..., 2:] = -1.0  # the same edge in every band: no spectral shape at all
+    spectral, spatial = split_parts(edge)
+    assert float(spectral) == 0.0 and float(spatial) == 1.0
+
+
 def test_sentinel2_target_is_normalised_per_patch_jointly_over_its_bands():
     from model.mpmae import Target, pixel_loss
 
@@ -629,6 +644,19 @@ def test_downstream_tasks_come_from_held_out_blocks_and_evaluate(tmp_path, small
     with pytest.raises(SystemExit):
         ceiling.main(["--tasks", str(tmp_path / "none.zarr"), "--run", out])
     assert "no task store there" in capsys.readouterr().err
+    # bench/pretext.py: the Sentinel-2 reconstruction split into its spectral and spatial parts
+    pretext = _bench("pretext")
+    assert pretext.main(["--runs", f"{out},{out}", "--batches", "1", "--refit-decoder", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        printed.count("| p | all |") == 2
+        and "| p, frozen encoder + fresh S2 decoder (2 steps) | all |" in printed
+    )
+    rows = [line for line in printed.splitlines() if line.startswith("| p | all |")]
+    assert rows[0] == rows[1]  # the same run twice on the same batches and masks: the same numbers
+    assert re.search(r"^bench: pretext spatial_explained_ratio=\S+ target=0.8 .* (ok|short)$", printed, re.M)
+    with pytest.raises(SystemExit, match="no run at"):
+        pretext.main(["--runs", str(tmp_path / "none")])
 
 
 def test_task_labels_come_from_the_parcels_the_tile_shows():
