@@ -34,7 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.data import StreamingCorpus, make_loader  # noqa: E402
 from model.encoder import _init_weights  # noqa: E402
-from model.mpmae import MPMAE, Decoder, Head, pixel_loss, random_mask, select_pretext  # noqa: E402
+from model.mpmae import (  # noqa: E402
+    MPMAE,
+    Decoder,
+    Head,
+    normalise_patches,
+    pixel_loss,
+    random_mask,
+    select_pretext,
+)
 from model.pretrain import read_state, read_weights  # noqa: E402
 
 TARGET_RATIO = 0.8
@@ -100,10 +108,7 @@ def measure(model: MPMAE, batches: list[dict[str, torch.Tensor]], masks: list[to
         feats = model.encoder(x, mask)
         dec = model.decoders["shared"] if model.decoder_mode == "shared" else model.decoders["sentinel2"]
         pred = model.heads["sentinel2"](dec(feats, mask)).reshape(B, C, h, p, w, p)
-        y = x.reshape(B, C, h, p, w, p)
-        y = (y - y.mean(dim=(1, 3, 5), keepdim=True)) / (
-            y.var(dim=(1, 3, 5), keepdim=True, unbiased=False) + 1e-6
-        ).sqrt()
+        y = normalise_patches(s2, p, "joint").reshape(B, C, h, p, w, p)  # the pretraining target
         bad = ~torch.isfinite(s2).all(1)
         if "cloud" in b:
             bad = bad | b["cloud"].bool()

@@ -147,6 +147,22 @@ def _zero(pred: torch.Tensor) -> torch.Tensor:
     return pred.sum() * 0.0
 
 
+def normalise_patches(target: torch.Tensor, p: int, how: str = "joint") -> torch.Tensor:
+    """(B, C, H, W) with NaN where there is no data -> each p x p patch as (x - mean) / std over its valid
+    values, all bands jointly (``joint``: FCMAE's and MMEarth's norm_pix_loss, the patch keeps its
+    spectral shape) or each band alone (``per-band``, for ablation); NaN positions hold finite junk."""
+    y = torch.nan_to_num(target)
+    B, C, H, W = y.shape
+    h, w = H // p, W // p
+    yp = y.reshape(B, C, h, p, w, p)
+    vp = torch.isfinite(target).reshape(B, C, h, p, w, p).float()
+    dims = (1, 3, 5) if how == "joint" else (3, 5)
+    cnt = vp.sum(dim=dims, keepdim=True).clamp(min=1)
+    mean = (yp * vp).sum(dim=dims, keepdim=True) / cnt
+    var = (((yp - mean) * vp) ** 2).sum(dim=dims, keepdim=True) / cnt
+    return ((yp - mean) / (var + 1e-6).sqrt()).reshape(B, C, H, W)
+
+
 def pixel_loss(
     t: Target,
     pred: torch.Tensor,
@@ -166,19 +182,7 @@ def pixel_loss(
             return _zero(pred), 0
         return F.cross_entropy(pred.float(), y, ignore_index=-1, reduction="sum") / n, n
     valid = torch.isfinite(target) & pix_mask.bool()[:, None]
-    y = torch.nan_to_num(target)
-    if t.norm_pix:
-        # per patch: (x - mean) / std over the patch's valid values, all bands jointly (FCMAE's and
-        # MMEarth's norm_pix_loss: the patch keeps its spectral shape), or per band (ablation)
-        B, C, H, W = y.shape
-        h, w = H // p, W // p
-        yp = y.reshape(B, C, h, p, w, p)
-        vp = (torch.isfinite(target)).reshape(B, C, h, p, w, p).float()
-        dims = (1, 3, 5) if t.norm_pix == "joint" else (3, 5)
-        cnt = vp.sum(dim=dims, keepdim=True).clamp(min=1)
-        mean = (yp * vp).sum(dim=dims, keepdim=True) / cnt
-        var = (((yp - mean) * vp) ** 2).sum(dim=dims, keepdim=True) / cnt
-        y = ((yp - mean) / (var + 1e-6).sqrt()).reshape(B, C, H, W)
+    y = normalise_patches(target, p, t.norm_pix) if t.norm_pix else torch.nan_to_num(target)
     n = int(valid.sum())
     if n == 0:
         return _zero(pred), 0
