@@ -4,9 +4,10 @@
     python bench/train.py --device cuda --batch-size 256 --workers 8
 
 Each configuration trains on a store built for it (64 px tiles for 56 px crops, 128 px tiles for 112 px
-crops) through the real loader (``model.data.StreamingCorpus`` + DataLoader), and reports the median
-step time, samples/s and the share of the step spent waiting for data. On CUDA it uses bf16 autocast;
-the target there is that the loader keeps the GPU busy >= 90 % of the time with at most 8 workers.
+crops) through the real loader (``model.data.StreamingCorpus`` + DataLoader), and reports the step time
+(min, median, max), samples/s and the share of the step spent waiting for data, under each
+``--precision`` (default: bf16 autocast on CUDA; fp32 and bf16 side by side on CPU). On CUDA the target
+is that the loader keeps the GPU busy >= 90 % of the time with at most 8 workers.
 On CPU the baseline runs in the same process on the same batches, steps interleaved with ours
 (112 px, patch 16): our MP-MAE configured the way MMEarth-train computes (:class:`MMEarthTrainStyle`:
 the input masked once and the encoder run dense, the shared decoder evaluated once per target), and
@@ -103,8 +104,9 @@ def build(tile_size: int, n: int) -> str:
 
 
 def measure(
-    store, img, patch, batch, steps, device, workers, decoder, channels_last=False, compile=False
-) -> dict:
+    store, img, patch, batch, steps, device, workers, decoder,
+    channels_last=False, compile=False, precision="fp32",
+) -> dict:  # fmt: skip
     targets = select_pretext("all")
     torch.manual_seed(0)
     model = MPMAE(targets, "atto", patch, decoder=decoder).to(device)
@@ -124,11 +126,10 @@ def measure(
     )
     it = iter(dl)
     cuda = device.type == "cuda"
-    ctx = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-        if cuda
-        else (lambda: torch.autocast("cpu", enabled=False))
-    )
+
+    def ctx():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
     times, waits = [], []
     for step in range(steps + 2):  # two warm-up steps
         t0 = time.perf_counter()
@@ -153,7 +154,8 @@ def measure(
             times.append(t2 - t0)
             waits.append(t1 - t0)
     step_s = statistics.median(times)
-    return {"step_s": step_s, "samples_s": batch / step_s, "wait": sum(waits) / sum(times)}
+    return {"step_s": step_s, "min_s": min(times), "max_s": max(times), "samples_s": batch / step_s,
+            "wait": sum(waits) / sum(times)}  # fmt: skip
 
 
 def main() -> None:
@@ -166,6 +168,11 @@ def main() -> None:
     )
     ap.add_argument("--channels-last", action="store_true", help="model and inputs in channels-last layout")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument(
+        "--precision", default=None,
+        help="autocast of the forward pass, a comma list of bf16 and fp32 (default: bf16 on CUDA, fp32,bf16 "
+        "on CPU: bf16 pays on CPUs with native bf16 instructions, AVX512-BF16 or AMX)",
+    )  # fmt: skip
     ap.add_argument("--tiles", type=int, default=None, help="tiles per store (default: 128 CPU, 2048 CUDA)")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -177,23 +184,26 @@ def main() -> None:
     configs = [(64, 56, 8, "shared"), (128, 112, 16, "shared"), (128, 112, 16, "per-modality")]
     stores = {}
     rows = []
+    precisions = (args.precision or ("bf16" if cuda else "fp32,bf16")).split(",")
     for workers in worker_list:
         for tile, img, patch, decoder in configs:
             if tile not in stores:
                 stores[tile] = build(tile, tiles)
-            r = measure(stores[tile], img, patch, batch, args.steps, device, workers, decoder,
-                        args.channels_last, args.compile)  # fmt: skip
-            rows.append((workers, img, patch, decoder, r))
-    extras = ", ".join(x for x, on in (("bf16 autocast", cuda), ("channels-last", args.channels_last),
-                                       ("torch.compile", args.compile)) if on) or "fp32"  # fmt: skip
+            for precision in precisions:
+                r = measure(stores[tile], img, patch, batch, args.steps, device, workers, decoder,
+                            args.channels_last, args.compile, precision)  # fmt: skip
+                rows.append((workers, img, patch, decoder, precision, r))
+    extras = ", ".join(x for x, on in (("channels-last", args.channels_last),
+                                       ("torch.compile", args.compile)) if on)  # fmt: skip
     print(
-        f"| {name}: atto, all targets, batch {batch}, {extras} | workers | step s | samples/s | data wait |"
+        f"| {name}: atto, all targets, batch {batch}{', ' + extras if extras else ''} | precision | workers "
+        "| min | median | max step s | samples/s | data wait |"
     )
-    print("|---|---:|---:|---:|---:|")
-    for workers, img, patch, decoder, r in rows:
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for workers, img, patch, decoder, precision, r in rows:
         print(
-            f"| {img} px, patch {patch}, {decoder} decoder | {workers} | {r['step_s']:.3f} | "
-            f"{r['samples_s']:.1f} | {100 * r['wait']:.0f} % |"
+            f"| {img} px, patch {patch}, {decoder} decoder | {precision} | {workers} | {r['min_s']:.3f} | "
+            f"{r['step_s']:.3f} | {r['max_s']:.3f} | {r['samples_s']:.1f} | {100 * r['wait']:.0f} % |"
         )
     if cuda:
         most = max(worker_list)

@@ -3,8 +3,10 @@ dataset's coverage and crops, and the training CLI (resume, bad input)."""
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
+import math
 import os
 import re
 import subprocess
@@ -263,6 +265,21 @@ def test_resume_continues_exactly(tmp_path, small_store, capsys):
     assert [ln.split(",")[0] for ln in lines[1:]] == ["1", "2", "3", "4"]
     assert os.path.getsize(f"{b}/loss_curves.png") > 10_000
     assert "encoder.stages.3.blocks.1.mlp.grn.weight" in wa  # timm's parameter names
+
+
+def test_bf16_autocast_on_cpu_changes_the_arithmetic_not_the_run(tmp_path, small_store):
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        argv = ["--store", small_store, "--out", str(out), "--steps", "2", "--precision", precision]
+        assert _pretrain(*argv) == 0
+        with open(out / "metrics.csv") as f:
+            runs[precision] = [float(r["loss/sentinel2"]) for r in csv.DictReader(f)]
+        assert json.loads(torch.load(out / "state.pt", weights_only=True)["args"])["precision"] == precision
+    # step 1: the same batch, masks and weights; only the forward pass's precision differs
+    a, b = runs["fp32"][0], runs["bf16"][0]
+    assert a != b and abs(a - b) < 0.02 * a
+    assert all(math.isfinite(v) for v in runs["bf16"])
 
 
 def test_bad_input_exits_2(tmp_path, small_store, capsys):
@@ -787,7 +804,7 @@ def test_paper_bench_refuses_a_run_of_another_corpus(tmp_path):
              "batch_size": 32, "pretext": "all", "weight_lr": 0.02}  # fmt: skip
     torch.save({"step": torch.tensor(700), "args": json.dumps(saved)}, run / "state.pt")
     args = argparse.Namespace(work=str(tmp_path), steps=700, model="atto", img_size=56, batch_size=32,
-                              blr=0.01, device="cpu", workers=0)  # fmt: skip
+                              blr=0.01, device="cpu", workers=0, precision="bf16")  # fmt: skip
     assert paper.pretrain(args, "work/corpus_2048_64_s1.zarr", "all") == str(run)  # the same: reused
     with pytest.raises(SystemExit, match="store: work/corpus_2048_64_s1.zarr there, work/corpus_8192"):
         paper.pretrain(args, "work/corpus_8192_64_s1.zarr", "all")
@@ -866,7 +883,7 @@ def test_paper_bench_pools_pretraining_seeds_and_names_their_runs(tmp_path):
     saved = {"store": "s.zarr", "model": "atto", "img_size": 56, "blr": 0.01, "batch_size": 32,
              "pretext": "s2", "weight_lr": 0.02}  # fmt: skip
     args = argparse.Namespace(work=str(tmp_path), steps=700, model="atto", img_size=56, batch_size=32,
-                              blr=0.01, device="cpu", workers=0)  # fmt: skip
+                              blr=0.01, device="cpu", workers=0, precision="bf16")  # fmt: skip
     for seed, name in ((0, "run_s2_700"), (1, "run_s2_700_seed1")):
         (tmp_path / name).mkdir()
         torch.save({"step": torch.tensor(700), "args": json.dumps(saved | {"seed": seed})},
