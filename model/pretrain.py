@@ -120,12 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
     ap.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N steps in this call")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    ap.add_argument(
-        "--precision", default="auto", choices=PRECISIONS,
-        help="autocast of the forward pass: bf16 (weights, optimizer and losses stay float32) or fp32; "
-        "auto: bf16 on CUDA, fp32 on CPU (bf16 is worth asking for on CPUs with native bf16 "
-        "instructions, AVX512-BF16 or AMX)",
-    )  # fmt: skip
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     ap.add_argument("--log-tiles", action="store_true", help="write the tile indices each rank saw")
     ap.add_argument("--no-progress", action="store_true")
     return ap
@@ -181,6 +176,10 @@ ARCH_KEYS = (
     "model", "patch_size", "pretext", "decoder", "decoder_dim", "weighting", "norm_pix", "aux_loss_on"
 )  # fmt: skip
 PRECISIONS = ("auto", "bf16", "fp32")
+PRECISION_HELP = (
+    "autocast of the forward pass: bf16 (weights, optimizer and losses stay float32) or fp32; auto: bf16 "
+    "on CUDA, fp32 on CPU (bf16 pays on CPUs with native bf16 instructions, AVX512-BF16 or AMX)"
+)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

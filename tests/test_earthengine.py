@@ -329,15 +329,29 @@ def test_limiter_counts_under_threads():
     for t in threads:
         t.join()
     assert max(seen) <= 3 and lim.peak == 3 and lim.requests == 20
-    # one at a time: once queued, lower priorities go first
+    # one at a time: once queued, lower priorities go first (the slot is held until all seven are queued,
+    # so the order does not depend on how fast the threads start)
     lim = Limiter(1)
     order.clear()
-    threads = [threading.Thread(target=work, args=(20 - k,)) for k in range(8)]
+    release = threading.Event()
+
+    def holder():
+        with lim.slot((0,)):
+            order.append(0)
+            release.wait(10)
+
+    first = threading.Thread(target=holder)
+    first.start()
+    threads = [threading.Thread(target=work, args=(20 - k,)) for k in range(7)]
     for t in threads:
         t.start()
-    for t in threads:
+    deadline = time.monotonic() + 10
+    while len(lim._waiting) < 7 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    release.set()
+    for t in [first, *threads]:
         t.join()
-    assert order[1:] == sorted(order[1:]) and len(order) == 8
+    assert order == [0, 14, 15, 16, 17, 18, 19, 20]
 
 
 def test_cli_keeps_the_key_path_out_of_the_flow_parameters(monkeypatch):
