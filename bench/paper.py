@@ -336,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--precision", default="bf16", choices=["bf16", "fp32"],
-        help="pretraining's autocast: bf16 (1.8x the fp32 step rate on an AVX512-BF16 CPU, the default "
-        "on CUDA anyway); fp32 on CPUs without native bf16",
+        help="pretraining's autocast: bf16 (1.2-1.6x the fp32 step rate on an AVX512-BF16 CPU, see "
+        "bench/README.md; the default on CUDA anyway); fp32 on CPUs without native bf16",
     )  # fmt: skip
     ap.add_argument("--seeds", type=int, default=3, help="probe seeds per pretrained encoder")
     ap.add_argument("--pretrain-seeds", type=int, default=1,

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from mmearth_data.build import BuildConfig, build_in_process
 from model.data import BatchNormaliser, StreamingCorpus
 from model.mpmae import MPMAE, select_pretext
+from model.pretrain import autocast
 
 TARGET_RATIO = 0.55  # our default step time over MMEarth-train's
 
@@ -126,10 +127,6 @@ def measure(
     )
     it = iter(dl)
     cuda = device.type == "cuda"
-
-    def ctx():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
     times, waits = [], []
     for step in range(steps + 2):  # two warm-up steps
         t0 = time.perf_counter()
@@ -142,7 +139,7 @@ def measure(
             b = {
                 k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in b.items()
             }
-        with ctx():
+        with autocast(precision, device):
             loss, _ = step_model(b)
         loss.backward()
         opt.step()

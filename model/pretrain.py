@@ -1,7 +1,7 @@
 """Pretrain MP-MAE on a corpus store: ``python -m model.pretrain --store data/demo.zarr --out runs/demo``.
 
-Runs on CPU or CUDA (bf16 autocast on GPU); under ``torchrun`` it uses DDP (NCCL on GPU, gloo on CPU)
-with no extra flag. Writes into ``--out``:
+Runs on CPU or CUDA (bf16 autocast on GPU by default, on CPU with ``--precision bf16``); under
+``torchrun`` it uses DDP (NCCL on GPU, gloo on CPU) with no extra flag. Writes into ``--out``:
 
 - ``model.safetensors``  the MP-MAE weights (encoder under ``encoder.``), safetensors
 - ``state.pt``           step, optimizer state and the run's arguments (plain tensors and numbers, loaded
@@ -187,6 +187,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
+
+
+def autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The forward pass's autocast context for ``--precision`` on ``device``."""
+    bf16 = resolve_precision(precision, device) == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 # MMEarth's pretraining recipe (Nedungadi et al. 2024, ConvNeXt V2 FCMAE settings)
@@ -378,11 +384,6 @@ class Session:
     def ddp(self) -> bool:
         return self.world > 1
 
-    @property
-    def bf16(self) -> bool:
-        """Whether the forward pass runs under bf16 autocast (``--precision``)."""
-        return resolve_precision(self.args.precision, self.device) == "bf16"
-
 
 def _dataset(args: argparse.Namespace, targets: list, start_step: int) -> StreamingCorpus:
     """The training stream of the store: the split, or the tile list of ``--tiles``."""
@@ -537,7 +538,7 @@ def train_step(s: Session, step: int, log: RunLog) -> tuple[dict[str, float], fl
     """One optimizer step of ``--accum`` micro-batches: (mean losses over the job, seconds spent
     waiting for data). Masks are a function of (seed, step, micro-batch, rank)."""
     args = s.args
-    autocast = torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.bf16)
+    forward_precision = autocast(args.precision, s.device)
     sums: dict[str, float] = {}
     wait = 0.0
     for micro in range(args.accum):
@@ -551,7 +552,7 @@ def train_step(s: Session, step: int, log: RunLog) -> tuple[dict[str, float], fl
         gen = torch.Generator().manual_seed(((args.seed * 1_000_003 + step) * 131 + micro) * 65_537 + s.rank)
         sync = (not s.ddp) or micro == args.accum - 1
         ctx = s.net.no_sync() if not sync else contextlib.nullcontext()
-        with ctx, autocast:
+        with ctx, forward_precision:
             loss, logs = s.net(batch, generator=gen)
         (loss / args.accum).backward()
         sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / args.accum
