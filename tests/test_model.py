@@ -657,7 +657,11 @@ def test_downstream_tasks_come_from_held_out_blocks_and_evaluate(tmp_path, small
     printed = capsys.readouterr().out
     assert "input (12, 32, 32)" in printed and "| plain CNN, from scratch | supervised, 2 epochs" in printed
     assert "| atto, random init" in printed and "| atto, pretrained" in printed
+    assert "| hand-made statistics (band means, stds, gradient / std at 1, 2, 4 px) | linear probe" in printed
     assert re.search(r"^bench: ceiling fields_headroom=-?[0-9.]+ target=0.1 .* (ok|short)$", printed, re.M)
+    assert ceiling.main(["--tasks", tasks, "--run", out, "--epochs", "0", "--seeds", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "plain CNN" not in printed and "(hand-made statistics' probe " in printed
     with pytest.raises(SystemExit):
         ceiling.main(["--tasks", str(tmp_path / "none.zarr"), "--run", out])
     assert "no task store there" in capsys.readouterr().err
@@ -778,6 +782,23 @@ def test_device_normalisation_equals_the_loaders(tmp_path, small_store):
     assert _pretrain("--store", small_store, "--out", rb, "--steps", "2", "--normalise", "device") == 0
     wa, wb = load_file(f"{ra}/model.safetensors"), load_file(f"{rb}/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_hand_statistics_read_the_parcels_scale():
+    """bench/ceiling.py's hand-made statistics: a band's mean and std, and gradient / std falling with the
+    size of the blocks that make the image (small parcels put the variation at the finest scale)."""
+    ceiling = _bench("ceiling")
+
+    def blocks(size: int) -> torch.Tensor:  # a 32 px checkerboard of size x size squares, values 1 and 3
+        i = torch.arange(32) // size
+        return (1.0 + 2.0 * ((i[:, None] + i[None, :]) % 2)).float()[None, None]
+
+    small, large = ceiling.hand_statistics(blocks(2)), ceiling.hand_statistics(blocks(8))
+    assert small.shape == (1, 5)
+    assert torch.allclose(small[0, :2], torch.tensor([2.0, 1.0]), atol=0.02)  # mean 2, std 1
+    assert small[0, 2] > 2 * large[0, 2] > 0  # gradient / std at 1 px
+    flat = ceiling.hand_statistics(torch.full((1, 2, 8, 8), 5.0))
+    assert torch.equal(flat[0, 4:], torch.zeros(6))  # no variation at any scale
 
 
 def _bench(name: str):
