@@ -115,18 +115,22 @@ def pretrain(args, store: str, pretext: str, seed: int = 0) -> str:
     from model.pretrain import build_parser, read_state
     from model.pretrain import main as pretrain_main
 
-    out = Path(args.work) / (f"run_{pretext}_{args.steps}" + (f"_seed{seed}" if seed else ""))
+    tag = "_perband" if args.norm_pix == "per-band" else ""
+    out = Path(args.work) / (f"run_{pretext}_{args.steps}{tag}" + (f"_seed{seed}" if seed else ""))
     argv = ["--store", store, "--out", str(out), "--model", args.model, "--img-size", str(args.img_size),
             "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--blr", str(args.blr),
             "--pretext", pretext, "--device", args.device, "--workers", str(args.workers),
-            "--seed", str(seed), "--precision", args.precision, "--no-progress"]  # fmt: skip
+            "--seed", str(seed), "--precision", args.precision, "--norm-pix", args.norm_pix,
+            "--no-progress"]  # fmt: skip
     if (out / "state.pt").exists():
         state = read_state(out / "state.pt")
         saved = json.loads(state["args"])
         saved.setdefault("seed", 0)
+        saved.setdefault("norm_pix", "joint")
         asked = {"store": store, "model": args.model, "img_size": args.img_size, "blr": args.blr,
                  "batch_size": args.batch_size, "pretext": pretext,
-                 "weight_lr": build_parser().get_default("weight_lr"), "seed": seed}  # fmt: skip
+                 "weight_lr": build_parser().get_default("weight_lr"), "seed": seed,
+                 "norm_pix": args.norm_pix}  # fmt: skip
         differ = [f"{k}: {saved.get(k)} there, {v} asked" for k, v in asked.items() if saved.get(k) != v]
         if differ:
             raise SystemExit(
@@ -190,6 +194,7 @@ def run(args) -> dict:
             "blr": args.blr,
             "device": args.device,
             "precision": args.precision,
+            "norm_pix": args.norm_pix,
             "pretrain_seeds": n_runs,
             "runs": runs,
         },  # fmt: skip
@@ -302,8 +307,8 @@ def write(result: dict, out: Path, args) -> None:
   {c["seed"]}); downstream tasks from {c["task_tiles"]} tiles of the held-out blocks (`fields` classes
   balanced).
 - Budget per pretrained encoder: {b["model"]}, {b["img_size"]} px crops, batch {b["batch_size"]},
-  {b["steps"]} steps, blr {b["blr"]}, on {b["device"]} ({b.get("precision", "fp32")} autocast). Random init
-  is the same encoder untrained.
+  {b["steps"]} steps, blr {b["blr"]}, on {b["device"]} ({b.get("precision", "fp32")} autocast), Sentinel-2
+  target normalised {b.get("norm_pix", "joint")} per patch. Random init is the same encoder untrained.
 - Protocol: frozen encoder, linear probe (L2 chosen on val, scored on test); mean ± standard deviation
   over {result["rows"][0]["seeds"]} values per cell (a train subset per probe seed below 100 %, a bootstrap
   resample of the train split at 100 %, and for random init one initialisation per seed){spread}.
@@ -338,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         "--precision", default="bf16", choices=["bf16", "fp32"],
         help="pretraining's autocast: bf16 (1.2-1.6x the fp32 step rate on an AVX512-BF16 CPU, see "
         "bench/README.md; the default on CUDA anyway); fp32 on CPUs without native bf16",
+    )  # fmt: skip
+    ap.add_argument(
+        "--norm-pix", default="joint", choices=["joint", "per-band"],
+        help="the Sentinel-2 target's per-patch normalisation in both pretraining runs: joint (the paper's) "
+        "or per-band (the ablation; runs named run_<pretext>_<steps>_perband)",
     )  # fmt: skip
     ap.add_argument("--seeds", type=int, default=3, help="probe seeds per pretrained encoder")
     ap.add_argument("--pretrain-seeds", type=int, default=1,

@@ -825,8 +825,14 @@ def test_paper_bench_refuses_a_run_of_another_corpus(tmp_path):
              "batch_size": 32, "pretext": "all", "weight_lr": 0.02}  # fmt: skip
     torch.save({"step": torch.tensor(700), "args": json.dumps(saved)}, run / "state.pt")
     args = argparse.Namespace(work=str(tmp_path), steps=700, model="atto", img_size=56, batch_size=32,
-                              blr=0.01, device="cpu", workers=0, precision="bf16")  # fmt: skip
+                              blr=0.01, device="cpu", workers=0, precision="bf16",
+                              norm_pix="joint")  # fmt: skip
     assert paper.pretrain(args, "work/corpus_2048_64_s1.zarr", "all") == str(run)  # the same: reused
+    perband = tmp_path / "run_all_700_perband"  # the ablation's run lives beside it, not in it
+    perband.mkdir()
+    torch.save({"step": torch.tensor(700), "args": json.dumps(saved)}, perband / "state.pt")  # a joint run
+    with pytest.raises(SystemExit, match="norm_pix: joint there, per-band asked"):
+        paper.pretrain(argparse.Namespace(**vars(args) | {"norm_pix": "per-band"}), saved["store"], "all")
     with pytest.raises(SystemExit, match="store: work/corpus_2048_64_s1.zarr there, work/corpus_8192"):
         paper.pretrain(args, "work/corpus_8192_64_s1.zarr", "all")
     saved.pop("weight_lr")  # a run from before --weight-lr: its weights followed the encoder's lr
@@ -904,7 +910,8 @@ def test_paper_bench_pools_pretraining_seeds_and_names_their_runs(tmp_path):
     saved = {"store": "s.zarr", "model": "atto", "img_size": 56, "blr": 0.01, "batch_size": 32,
              "pretext": "s2", "weight_lr": 0.02}  # fmt: skip
     args = argparse.Namespace(work=str(tmp_path), steps=700, model="atto", img_size=56, batch_size=32,
-                              blr=0.01, device="cpu", workers=0, precision="bf16")  # fmt: skip
+                              blr=0.01, device="cpu", workers=0, precision="bf16",
+                              norm_pix="joint")  # fmt: skip
     for seed, name in ((0, "run_s2_700"), (1, "run_s2_700_seed1")):
         (tmp_path / name).mkdir()
         torch.save({"step": torch.tensor(700), "args": json.dumps(saved | {"seed": seed})},
