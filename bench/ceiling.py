@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntime {time.perf_counter() - t0:.0f} s (supervised {t_sup:.0f} s)")
     print(f"bench: ceiling fields_headroom={headroom:.3f} target={TARGET_HEADROOM} ({what} {top:.3f} "
           f"against the baseline, a linear probe of random-init atto {probes['random init']['mean']:.3f}, "
-          f"same inputs, in-process; hand-made statistics {hand.mean():.3f}) "
+          f"same inputs, in-process{f'; hand-made statistics {hand.mean():.3f}' if sup else ''}) "
           f"{'ok' if headroom >= TARGET_HEADROOM else 'short'}")  # fmt: skip
     return 0
 
