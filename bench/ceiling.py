@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         probes[name] = res["rows"][0]
     print(f"\n`fields` accuracy on test, 100 % of the labels, {args.seeds} seeds (chance 0.25)\n")
     print("| model | protocol | mean | std | values |\n|---|---|---:|---:|---|")
+    test = np.array([b["test"] for b in sup])
     if sup:
-        test = np.array([b["test"] for b in sup])
         print(f"| plain CNN, from scratch | supervised, {args.epochs} epochs, epoch chosen on val (epochs "
               f"{', '.join(str(b['epoch'] + 1) for b in sup)}) | {test.mean():.3f} | {test.std():.3f} | "
               f"{', '.join(f'{v:.3f}' for v in test)} |")  # fmt: skip

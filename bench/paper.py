@@ -325,6 +325,8 @@ random, each minus the sum of the two spreads; positive when the paper's orderin
 
 
 def main(argv: list[str] | None = None) -> int:
+    from model.mpmae import NORM_PIX
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="data/paper", help="corpus, task store and runs (reused)")
     ap.add_argument("--out", default="docs/results")
@@ -345,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench/README.md; the default on CUDA anyway); fp32 on CPUs without native bf16",
     )  # fmt: skip
     ap.add_argument(
-        "--norm-pix", default="joint", choices=["joint", "per-band"],
+        "--norm-pix", default="joint", choices=NORM_PIX,
         help="the Sentinel-2 target's per-patch normalisation in both pretraining runs: joint (the paper's) "
         "or per-band (the ablation; runs named run_<pretext>_<steps>_perband)",
     )  # fmt: skip

@@ -39,7 +39,7 @@ from mmearth_data.argtypes import cli_terms
 from mmearth_data.store import StoreError
 from model.data import BatchNormaliser, DataError, StreamingCorpus, make_loader, read_tile_list
 from model.encoder import SIZES, check_geometry
-from model.mpmae import MPMAE, PRETEXT_GROUPS, select_pretext
+from model.mpmae import MPMAE, NORM_PIX, PRETEXT_GROUPS, select_pretext
 
 log = logging.getLogger("model.pretrain")
 
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     ap.add_argument("--decoder-dim", type=int, default=512)
     ap.add_argument(
-        "--norm-pix", default="joint", choices=["joint", "per-band"],
+        "--norm-pix", default="joint", choices=NORM_PIX,
         help="Sentinel-2 target normalised per patch over all its bands jointly (FCMAE, MMEarth) or per band",
     )  # fmt: skip
     ap.add_argument(
