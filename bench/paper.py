@@ -4,6 +4,7 @@
     python bench/paper.py --device cuda --steps 6000 --batch-size 256 --out docs/results/gpu
     python bench/paper.py --runs s2=runs/a,all=runs/b   # evaluate existing runs instead of pretraining
     python bench/paper.py --pretrain-seeds 2            # two pretraining runs per encoder (twice the cost)
+    python bench/paper.py --weighting balanced          # the all-modality losses at equal gradient norms
 
 Data flow: an offline corpus (``--tiles`` tiles of ``--tile-size`` px, world seed ``--seed``; built once
 into ``--work``) -> two pretraining runs with the same budget (``--steps`` optimizer steps of
@@ -40,6 +41,11 @@ from pathlib import Path
 import numpy as np
 
 ENCODERS = ("random", "s2", "all")
+WEIGHTING_TEXT = {
+    "uncertainty": "by learned uncertainty (the paper's)",
+    "balanced": "to equal gradient norms on the encoder's last layer (`--weighting balanced`)",
+    "sum": "equally (a plain sum)",
+}
 FRACTIONS = (0.01, 0.05, 0.5, 1.0)
 
 
@@ -115,22 +121,28 @@ def pretrain(args, store: str, pretext: str, seed: int = 0) -> str:
     from model.pretrain import build_parser, read_state
     from model.pretrain import main as pretrain_main
 
-    tag = "_perband" if args.norm_pix == "per-band" else ""
+    # the weighting applies to the all-modality run; S2-only has one target, whose weight only rescales
+    # its loss, which Adam's update does not see
+    weighting = args.weighting if pretext == "all" else "uncertainty"
+    tag = ("_perband" if args.norm_pix == "per-band" else "") + (
+        "" if weighting == "uncertainty" else f"_{weighting}"
+    )
     out = Path(args.work) / (f"run_{pretext}_{args.steps}{tag}" + (f"_seed{seed}" if seed else ""))
     argv = ["--store", store, "--out", str(out), "--model", args.model, "--img-size", str(args.img_size),
             "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--blr", str(args.blr),
             "--pretext", pretext, "--device", args.device, "--workers", str(args.workers),
             "--seed", str(seed), "--precision", args.precision, "--norm-pix", args.norm_pix,
-            "--no-progress"]  # fmt: skip
+            "--weighting", weighting, "--no-progress"]  # fmt: skip
     if (out / "state.pt").exists():
         state = read_state(out / "state.pt")
         saved = json.loads(state["args"])
         saved.setdefault("seed", 0)
         saved.setdefault("norm_pix", "joint")
+        saved.setdefault("weighting", "uncertainty")
         asked = {"store": store, "model": args.model, "img_size": args.img_size, "blr": args.blr,
                  "batch_size": args.batch_size, "pretext": pretext,
                  "weight_lr": build_parser().get_default("weight_lr"), "seed": seed,
-                 "norm_pix": args.norm_pix}  # fmt: skip
+                 "norm_pix": args.norm_pix, "weighting": weighting}  # fmt: skip
         differ = [f"{k}: {saved.get(k)} there, {v} asked" for k, v in asked.items() if saved.get(k) != v]
         if differ:
             raise SystemExit(
@@ -195,6 +207,7 @@ def run(args) -> dict:
             "device": args.device,
             "precision": args.precision,
             "norm_pix": args.norm_pix,
+            "weighting": args.weighting,
             "pretrain_seeds": n_runs,
             "runs": runs,
         },  # fmt: skip
@@ -308,7 +321,8 @@ def write(result: dict, out: Path, args) -> None:
   balanced).
 - Budget per pretrained encoder: {b["model"]}, {b["img_size"]} px crops, batch {b["batch_size"]},
   {b["steps"]} steps, blr {b["blr"]}, on {b["device"]} ({b.get("precision", "fp32")} autocast), Sentinel-2
-  target normalised {b.get("norm_pix", "joint")} per patch. Random init is the same encoder untrained.
+  target normalised {b.get("norm_pix", "joint")} per patch, all-modality losses weighted
+  {WEIGHTING_TEXT[b.get("weighting", "uncertainty")]}. Random init is the same encoder untrained.
 - Protocol: frozen encoder, linear probe (L2 chosen on val, scored on test); mean ± standard deviation
   over {result["rows"][0]["seeds"]} values per cell (a train subset per probe seed below 100 %, a bootstrap
   resample of the train split at 100 %, and for random init one initialisation per seed){spread}.
@@ -325,7 +339,7 @@ random, each minus the sum of the two spreads; positive when the paper's orderin
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model.mpmae import NORM_PIX
+    from model.mpmae import NORM_PIX, WEIGHTINGS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="data/paper", help="corpus, task store and runs (reused)")
@@ -350,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         "--norm-pix", default="joint", choices=NORM_PIX,
         help="the Sentinel-2 target's per-patch normalisation in both pretraining runs: joint (the paper's) "
         "or per-band (the ablation; runs named run_<pretext>_<steps>_perband)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--weighting", default="uncertainty", choices=WEIGHTINGS,
+        help="the all-modality run's loss weighting: uncertainty (the paper's) or balanced (each target the "
+        "same gradient norm on the encoder's last layer; runs named run_all_<steps>[_perband]_balanced)",
     )  # fmt: skip
     ap.add_argument("--seeds", type=int, default=3, help="probe seeds per pretrained encoder")
     ap.add_argument("--pretrain-seeds", type=int, default=1,

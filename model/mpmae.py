@@ -3,7 +3,7 @@
 Data flow: batch from :mod:`model.data` -> random patch mask -> :class:`~model.encoder.MaskedConvNeXtV2`
 on normalised Sentinel-2 -> decoder(s) (1x1 projection, learned mask token, one ConvNeXt V2 block) ->
 one head per pretext modality -> losses on masked patches, no-data excluded -> total (learned
-uncertainty weights, Kendall et al. 2018: ``exp(-s) L + s``, or a plain sum).
+uncertainty weights, Kendall et al. 2018: ``exp(-s) L + s``; gradient-balanced weights; or a plain sum).
 
 Heads and losses come from the modality registry, never from per-modality code:
 
@@ -25,6 +25,18 @@ visible patches' features, which must then say where inside each patch the land 
 Missing values (NaN for continuous, -1 for categorical) never enter a loss, nor do opaque-cloud pixels
 (batch key ``cloud``, when ``cloud_aware``); a modality with nothing valid in the batch contributes
 zero (and does not move its uncertainty weight).
+
+Weighting. ``uncertainty`` (the paper's) balances the targets' loss values. It leaves their gradients
+where the heads put them: at initialisation the tile-level targets (month, location, ERA5, biome,
+ecoregion) send the encoder's last layer gradients 80-180 times Sentinel-2's reconstruction's and 15-70
+times the other pixel maps' (measured on the offline corpus, bench/README.md), so in a short
+pretraining the encoder learns little but them.
+``balanced`` scales each target's loss by ``mean_j(G_j) / G_i``, where ``G_i`` is a running mean (momentum
+:data:`BALANCE_MOMENTUM`) of the norm of the target's gradient on the weights of the encoder's last layer
+(the last block's second 1x1 convolution), measured every :data:`BALANCE_EVERY` training steps (one
+backward pass per target through its head, its decoder and that layer, not the rest of the encoder):
+every target then moves the encoder with the same gradient norm, GradNorm's measure (Chen et al. 2018:
+the last shared layer's weights) with equal shares instead of its learned rates.
 """
 
 from __future__ import annotations
@@ -61,6 +73,9 @@ class Target:
 
 NORM_PIX = ("joint", "per-band")
 AUX_LOSS_ON = ("masked", "all")  # where the pixel targets other than Sentinel-2 are scored
+WEIGHTINGS = ("uncertainty", "balanced", "sum")
+BALANCE_MOMENTUM = 0.7  # running mean of each target's gradient norm (``weighting="balanced"``) ...
+BALANCE_EVERY = 10  # ... measured every this many training steps
 
 
 PRETEXT_GROUPS = ("all", "s2", "pixel", "image")
@@ -209,7 +224,7 @@ class MPMAE(nn.Module):
 
     ``targets``: registry entries to predict (Sentinel-2 first, reconstructed from itself). ``decoder``:
     ``per-modality`` (one decoder per target, as in the paper) or ``shared`` (computed once per step).
-    ``weighting``: ``uncertainty`` or ``sum``.
+    ``weighting``: ``uncertainty``, ``balanced`` or ``sum`` (module docstring).
     """
 
     def __init__(
@@ -232,8 +247,8 @@ class MPMAE(nn.Module):
             raise ValueError(f"`aux_loss_on` {aux_loss_on!r}: use {' or '.join(AUX_LOSS_ON)}")
         if decoder not in ("per-modality", "shared"):
             raise ValueError(f"`decoder` {decoder!r}: use per-modality or shared")
-        if weighting not in ("uncertainty", "sum"):
-            raise ValueError(f"weighting {weighting!r}: use uncertainty or sum")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting {weighting!r}: use {', '.join(WEIGHTINGS)}")
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"`mask_ratio` {mask_ratio}: must be between 0 and 1 (exclusive)")
         if norm_pix not in NORM_PIX:
@@ -255,6 +270,9 @@ class MPMAE(nn.Module):
             self.decoders = nn.ModuleDict({t.name: Decoder(enc, decoder_dim) for t in self.targets})
         self.heads = nn.ModuleDict({t.name: Head(t, decoder_dim, patch_size) for t in self.targets})
         self.log_vars = nn.ParameterDict({t.name: nn.Parameter(torch.zeros(())) for t in self.targets})
+        if weighting == "balanced":  # running gradient norms at the encoder's output (0: not seen yet)
+            self.register_buffer("grad_norms", torch.zeros(len(self.targets)))
+            self.register_buffer("balance_calls", torch.zeros((), dtype=torch.int64))
         self.decoders.apply(_init_weights)
         self.heads.apply(_init_weights)
 
@@ -276,6 +294,7 @@ class MPMAE(nn.Module):
         # Sentinel-2 (the first target) is reconstructed where it was masked; the other pixel maps are
         # scored there too, or on every pixel with ``aux_loss_on="all"``
         aux_mask = torch.ones_like(pix_mask) if self.aux_loss_on == "all" else pix_mask
+        losses = []
         for i, t in enumerate(self.targets):
             dec = shared if shared is not None else self.decoders[t.name](feats, mask)
             pred = self.heads[t.name](dec)
@@ -286,11 +305,43 @@ class MPMAE(nn.Module):
             else:
                 loss, n = tile_loss(t, pred, target)
             logs[t.name] = loss.detach()
-            if self.weighting == "uncertainty":
+            if self.weighting == "balanced":
+                losses.append((t.name, loss, n))
+            elif self.weighting == "uncertainty":
                 s = self.log_vars[t.name]
                 logs[f"w/{t.name}"] = torch.exp(-s).detach()
                 # an empty modality adds 0 but keeps its weight in the graph (DDP needs every gradient)
                 total = total + (torch.exp(-s) * loss + s if n else s * 0.0)
             else:
                 total = total + loss
+        if losses:
+            total = self._balanced(losses, feats, logs)
         return total, logs
+
+    def _balanced(self, losses: list, feats: torch.Tensor, logs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``weighting="balanced"``: the sum of the losses, each scaled by ``mean_j(G_j) / G_i`` (running
+        gradient norms on the encoder's last layer, measured every :data:`BALANCE_EVERY` training calls)."""
+        if self.training and torch.is_grad_enabled() and feats.requires_grad:
+            if int(self.balance_calls) % BALANCE_EVERY == 0:
+                self._measure_gradients(losses)
+            self.balance_calls += 1
+        seen = self.grad_norms > 0
+        mean = self.grad_norms[seen].mean() if seen.any() else self.grad_norms.new_ones(())
+        total = losses[0][1].new_zeros((), dtype=torch.float32)
+        for i, (name, loss, n) in enumerate(losses):
+            w = (mean / self.grad_norms[i]) if seen[i] else mean.new_ones(())
+            logs[f"w/{name}"] = w.detach()
+            # the log-variances are not used here: added at zero, as DDP needs every parameter's gradient
+            total = total + (w * loss if n else loss * 0.0) + self.log_vars[name] * 0.0
+        return total
+
+    @torch.no_grad()
+    def _measure_gradients(self, losses: list) -> None:
+        last = self.encoder.stages[-1].blocks[-1].mlp.fc2.weight
+        for i, (_, loss, n) in enumerate(losses):
+            if not n:
+                continue
+            (g,) = torch.autograd.grad(loss, last, retain_graph=True)
+            old = self.grad_norms[i]
+            mom = BALANCE_MOMENTUM if old > 0 else 0.0
+            self.grad_norms[i] = mom * old + (1 - mom) * g.float().norm()

@@ -39,7 +39,7 @@ from mmearth_data.argtypes import cli_terms
 from mmearth_data.store import StoreError
 from model.data import BatchNormaliser, DataError, StreamingCorpus, make_loader, read_tile_list
 from model.encoder import SIZES, check_geometry
-from model.mpmae import MPMAE, NORM_PIX, PRETEXT_GROUPS, select_pretext
+from model.mpmae import MPMAE, NORM_PIX, PRETEXT_GROUPS, WEIGHTINGS, select_pretext
 
 log = logging.getLogger("model.pretrain")
 
@@ -107,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="paper: MMEarth's pretraining recipe (200 epochs, effective batch 4096 by accumulation, "
         "blr 1.5e-4, 40 warmup epochs); explicit --steps/--epochs/--accum/--blr/--warmup still win",
     )
-    ap.add_argument("--weighting", default="uncertainty", choices=["uncertainty", "sum"])
+    ap.add_argument(
+        "--weighting", default="uncertainty", choices=WEIGHTINGS,
+        help="uncertainty (learned, the paper's), balanced (each target the same gradient norm at its head's "
+        "input) or sum",
+    )  # fmt: skip
     ap.add_argument("--weight-lr", type=float, default=0.02,
                     help="constant lr of the uncertainty weights (their log-variances), so that they reach "
                     "their balance (weight = 1 / loss) within ~100 steps; 0: the encoder's schedule, under "
@@ -494,7 +498,7 @@ class RunLog:
                 rows_kept = [r for r in csv.DictReader(f) if int(r["step"]) <= s.start_step]
         names = [t.name for t in s.model.targets]
         fields = ["step", "lr", "loss", "samples_per_s", "data_wait_s"] + [f"loss/{n}" for n in names]
-        fields += [f"w/{n}" for n in names] if args.weighting == "uncertainty" else []
+        fields += [f"w/{n}" for n in names] if args.weighting != "sum" else []
         self.csv_file = open(csv_path, "w", newline="")
         self.rows = csv.DictWriter(self.csv_file, fieldnames=fields)
         self.rows.writeheader()

@@ -246,13 +246,15 @@ def _pretrain(*args, model: str = "atto") -> int:
     return pretrain_main(["--no-progress", "--model", model, *TINY, *args])
 
 
-def test_resume_continues_exactly(tmp_path, small_store, capsys):
+@pytest.mark.parametrize("weighting", ["uncertainty", "balanced"])
+def test_resume_continues_exactly(tmp_path, small_store, capsys, weighting):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    assert _pretrain("--store", small_store, "--out", a, "--steps", "4") == 0
-    assert _pretrain("--store", small_store, "--out", b, "--steps", "4", "--stop-after", "2") == 0
+    w = ("--weighting", weighting)
+    assert _pretrain("--store", small_store, "--out", a, "--steps", "4", *w) == 0
+    assert _pretrain("--store", small_store, "--out", b, "--steps", "4", "--stop-after", "2", *w) == 0
     state = torch.load(f"{b}/state.pt", weights_only=True)
     assert int(state["step"]) == 2
-    assert _pretrain("--store", small_store, "--out", b, "--steps", "4", "--resume") == 0
+    assert _pretrain("--store", small_store, "--out", b, "--steps", "4", "--resume", *w) == 0
     wa, wb = load_file(f"{a}/model.safetensors"), load_file(f"{b}/model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -265,6 +267,8 @@ def test_resume_continues_exactly(tmp_path, small_store, capsys):
     assert [ln.split(",")[0] for ln in lines[1:]] == ["1", "2", "3", "4"]
     assert os.path.getsize(f"{b}/loss_curves.png") > 10_000
     assert "encoder.stages.3.blocks.1.mlp.grn.weight" in wa  # timm's parameter names
+    assert ("grad_norms" in wa) == (weighting == "balanced")  # the running norms resume with the run
+    assert "w/sentinel2" in lines[0]
 
 
 def test_bf16_autocast_on_cpu_changes_the_arithmetic_not_the_run(tmp_path, small_store):
@@ -504,6 +508,68 @@ def test_other_pixel_targets_are_scored_on_masked_patches_or_on_every_pixel():
             assert torch.equal(a[name], b[name]) == (where == "masked"), (where, name)
     with pytest.raises(ValueError, match="aux_loss_on"):
         MPMAE(targets, "atto", 8, aux_loss_on="visible")
+
+
+def _last_layer_gradients(model: MPMAE, batch: dict, mask: torch.Tensor) -> dict[str, float]:
+    """Each target's gradient norm on the encoder's last layer, from whole backward passes of a plain
+    sum: Sentinel-2 alone (every other target blanked), then Sentinel-2 plus one target, minus the first."""
+    last = model.encoder.stages[-1].blocks[-1].mlp.fc2.weight
+
+    def grad(keep: set[str]) -> torch.Tensor:
+        b = {k: v for k, v in batch.items()}
+        for t in model.targets[1:]:
+            if t.name not in keep:
+                b[t.name] = (
+                    torch.full_like(b[t.name], -1)
+                    if t.categorical
+                    else torch.full_like(b[t.name], float("nan"))
+                )
+        model.zero_grad(set_to_none=True)
+        loss, _ = model(b, mask)
+        loss.backward()
+        return last.grad.clone()
+
+    g_s2 = grad(set())
+    return {"sentinel2": float(g_s2.norm())} | {
+        t.name: float((grad({t.name}) - g_s2).norm()) for t in model.targets[1:]
+    }
+
+
+def test_balanced_weighting_gives_every_target_the_same_gradient_on_the_encoder(small_store):
+    from model.mpmae import BALANCE_EVERY
+
+    torch.manual_seed(0)
+    targets = select_pretext("s2,dynamic_world,dem,era5,biome,time")  # pixel and tile-level targets
+    batch = _batch(_dataset(small_store, targets, img_size=32, epochs=1), 2)
+    mask = random_mask(2, 4, 0.5, torch.Generator().manual_seed(1))
+    model = MPMAE(targets, "atto", 8, decoder_dim=32, weighting="balanced").train()
+    _, logs = model(batch, mask)  # the first training call measures the norms
+    w = {t.name: float(logs[f"w/{t.name}"]) for t in model.targets}
+    plain = MPMAE(targets, "atto", 8, decoder_dim=32, weighting="sum").train()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k in plain.state_dict()})
+    g = _last_layer_gradients(plain, batch, mask)
+    # unweighted, the targets' gradients differ by orders of magnitude (the tile-level ones largest) ...
+    assert max(g.values()) / min(g.values()) > 20, g
+    assert g["time"] > 20 * g["sentinel2"], g
+    # ... weighted, each moves the encoder's last layer equally
+    weighted = np.array([w[n] * g[n] for n in g])
+    assert weighted.max() / weighted.min() < 1.01, dict(zip(g, weighted.round(5), strict=True))
+    # measured every BALANCE_EVERY training calls, not in evaluation or without gradients
+    norms = model.grad_norms.clone()
+    for _ in range(BALANCE_EVERY - 1):
+        model(batch, mask)
+    assert torch.equal(model.grad_norms, norms) and int(model.balance_calls) == BALANCE_EVERY
+    with torch.no_grad():
+        model(batch, mask)
+    model.eval()
+    _, logs_eval = model(batch, mask)
+    assert torch.equal(model.grad_norms, norms) and int(model.balance_calls) == BALANCE_EVERY
+    assert float(logs_eval["w/time"]) == pytest.approx(w["time"])
+    model.train()
+    model(batch, random_mask(2, 4, 0.5, torch.Generator().manual_seed(2)))  # the next measurement ...
+    assert not torch.equal(model.grad_norms, norms)  # ... moves the running mean
+    with pytest.raises(ValueError, match="balanced"):
+        MPMAE(select_pretext("s2"), "atto", 8, weighting="gradnorm")
 
 
 def test_tile_heads_normalise_each_position_before_pooling():
@@ -826,13 +892,24 @@ def test_paper_bench_refuses_a_run_of_another_corpus(tmp_path):
     torch.save({"step": torch.tensor(700), "args": json.dumps(saved)}, run / "state.pt")
     args = argparse.Namespace(work=str(tmp_path), steps=700, model="atto", img_size=56, batch_size=32,
                               blr=0.01, device="cpu", workers=0, precision="bf16",
-                              norm_pix="joint")  # fmt: skip
+                              norm_pix="joint", weighting="uncertainty")  # fmt: skip
     assert paper.pretrain(args, "work/corpus_2048_64_s1.zarr", "all") == str(run)  # the same: reused
     perband = tmp_path / "run_all_700_perband"  # the ablation's run lives beside it, not in it
     perband.mkdir()
     torch.save({"step": torch.tensor(700), "args": json.dumps(saved)}, perband / "state.pt")  # a joint run
     with pytest.raises(SystemExit, match="norm_pix: joint there, per-band asked"):
         paper.pretrain(argparse.Namespace(**vars(args) | {"norm_pix": "per-band"}), saved["store"], "all")
+    balanced = argparse.Namespace(**vars(args) | {"weighting": "balanced"})
+    (tmp_path / "run_all_700_balanced").mkdir()  # the balanced all-modality run has a name of its own
+    torch.save(
+        {"step": torch.tensor(700), "args": json.dumps(saved)}, tmp_path / "run_all_700_balanced" / "state.pt"
+    )
+    with pytest.raises(SystemExit, match="weighting: uncertainty there, balanced asked"):
+        paper.pretrain(balanced, saved["store"], "all")
+    s2 = tmp_path / "run_s2_700"  # S2-only has one target: any weighting reuses its run
+    s2.mkdir()
+    torch.save({"step": torch.tensor(700), "args": json.dumps(saved | {"pretext": "s2"})}, s2 / "state.pt")
+    assert paper.pretrain(balanced, saved["store"], "s2") == str(s2)
     with pytest.raises(SystemExit, match="store: work/corpus_2048_64_s1.zarr there, work/corpus_8192"):
         paper.pretrain(args, "work/corpus_8192_64_s1.zarr", "all")
     saved.pop("weight_lr")  # a run from before --weight-lr: its weights followed the encoder's lr
@@ -911,7 +988,7 @@ def test_paper_bench_pools_pretraining_seeds_and_names_their_runs(tmp_path):
              "pretext": "s2", "weight_lr": 0.02}  # fmt: skip
     args = argparse.Namespace(work=str(tmp_path), steps=700, model="atto", img_size=56, batch_size=32,
                               blr=0.01, device="cpu", workers=0, precision="bf16",
-                              norm_pix="joint")  # fmt: skip
+                              norm_pix="joint", weighting="uncertainty")  # fmt: skip
     for seed, name in ((0, "run_s2_700"), (1, "run_s2_700_seed1")):
         (tmp_path / name).mkdir()
         torch.save({"step": torch.tensor(700), "args": json.dumps(saved | {"seed": seed})},
