@@ -548,6 +548,9 @@ def test_balanced_weighting_gives_every_target_the_same_gradient_on_the_encoder(
     plain = MPMAE(targets, "atto", 8, decoder_dim=32, weighting="sum").train()
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if k in plain.state_dict()})
     g = _last_layer_gradients(plain, batch, mask)
+    bench = _bench("gradients").target_gradients(plain.eval(), batch, mask)  # one pass per head
+    assert {n: v[1] for n, v in bench.items()} == pytest.approx(g, rel=1e-3)
+    plain.train()
     # unweighted, the targets' gradients differ by orders of magnitude (the tile-level ones largest) ...
     assert max(g.values()) / min(g.values()) > 20, g
     assert g["time"] > 20 * g["sentinel2"], g
