@@ -280,9 +280,12 @@ def test_bf16_autocast_on_cpu_changes_the_arithmetic_not_the_run(tmp_path, small
         with open(out / "metrics.csv") as f:
             runs[precision] = [float(r["loss/sentinel2"]) for r in csv.DictReader(f)]
         assert json.loads(torch.load(out / "state.pt", weights_only=True)["args"])["precision"] == precision
-    # step 1: the same batch, masks and weights; only the forward pass's precision differs
+    # step 1: the same batch, masks and weights; only the forward pass's precision differs. The logged
+    # loss (6 digits) is dominated by the target at initialisation, so the weights show the difference
     a, b = runs["fp32"][0], runs["bf16"][0]
-    assert a != b and abs(a - b) < 0.02 * a
+    assert abs(a - b) < 0.02 * a
+    wa, wb = (load_file(str(tmp_path / p / "model.safetensors")) for p in ("fp32", "bf16"))
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
     assert all(math.isfinite(v) for v in runs["bf16"])
 
 
