@@ -270,7 +270,7 @@ class MPMAE(nn.Module):
             self.decoders = nn.ModuleDict({t.name: Decoder(enc, decoder_dim) for t in self.targets})
         self.heads = nn.ModuleDict({t.name: Head(t, decoder_dim, patch_size) for t in self.targets})
         self.log_vars = nn.ParameterDict({t.name: nn.Parameter(torch.zeros(())) for t in self.targets})
-        if weighting == "balanced":  # running gradient norms at the encoder's output (0: not seen yet)
+        if weighting == "balanced":  # running gradient norms on the encoder's last layer (0: not seen yet)
             self.register_buffer("grad_norms", torch.zeros(len(self.targets)))
             self.register_buffer("balance_calls", torch.zeros((), dtype=torch.int64))
         self.decoders.apply(_init_weights)

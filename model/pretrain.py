@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--weighting", default="uncertainty", choices=WEIGHTINGS,
-        help="uncertainty (learned, the paper's), balanced (each target the same gradient norm at its head's "
-        "input) or sum",
+        help="uncertainty (learned, the paper's), balanced (each target the same gradient norm on the "
+        "encoder's last layer) or sum",
     )  # fmt: skip
     ap.add_argument("--weight-lr", type=float, default=0.02,
                     help="constant lr of the uncertainty weights (their log-variances), so that they reach "
